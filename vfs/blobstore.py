@@ -1,0 +1,219 @@
+"""Reading and writing blobs through packs, deduplicated by the local index.
+
+:class:`BlobStore` reads one blob (ranged get of its pack, decompress, verify) and
+keeps decoded trees and manifests in a small LRU. :class:`BlobWriter` packs new
+blobs: it skips blobs the index or the current session already has, seals a pack
+when it reaches the store's target size, and uploads sealed packs in background
+threads (at most ``max_inflight`` at once, which bounds memory). A pack is
+recorded in the index only after the store confirmed both the pack and its index
+object (step 1 of the commit protocol), so the index never names a missing pack.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from vfs.blobs import (
+    BlobCodec,
+    BlobKind,
+    EncodedBlob,
+    PackBuilder,
+    SealedPack,
+    index_key,
+    pack_key,
+)
+from vfs.config import StoreConfig
+from vfs.errors import Corruption, ObjectNotFound
+from vfs.index import Index
+from vfs.objstore.base import ObjectStore
+
+_METADATA_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class BlobStore:
+    """Blob-level access to a store: read by hash, write through :class:`BlobWriter`."""
+
+    def __init__(self, objects: ObjectStore, index: Index, config: StoreConfig) -> None:
+        self.objects = objects
+        self.index = index
+        self.config = config
+        self.codec = BlobCodec(config.compression_level)
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
+
+    def has(self, digest: bytes) -> bool:
+        return self.index.blob_location(digest) is not None
+
+    def read(self, digest: bytes, *, cache: bool = False) -> bytes:
+        """Return a blob's verified bytes.
+
+        Args:
+            digest: the blob's hash.
+            cache: keep the result in the in-memory LRU (trees and manifests).
+
+        Raises:
+            Corruption: the blob is unknown, its pack is missing, or its bytes are damaged.
+        """
+        if cache:
+            with self._cache_lock:
+                hit = self._cache.get(digest)
+                if hit is not None:
+                    self._cache.move_to_end(digest)
+                    return hit
+        location = self.index.blob_location(digest)
+        if location is None:
+            raise Corruption(
+                f"blob {digest.hex()} is not in the local index: the store lost data or the "
+                "index is stale (run 'vfsctl index rebuild', then 'vfsctl fsck')"
+            )
+        try:
+            stored = self.objects.get_range(
+                pack_key(location.pack_id), location.offset, location.stored_len
+            )
+        except ObjectNotFound:
+            raise Corruption(
+                f"pack {location.pack_id.hex()} holding blob {digest.hex()} is missing "
+                "from the store (run 'vfsctl fsck')"
+            ) from None
+        data = self.codec.decode(digest, location, stored)
+        if cache:
+            self._remember(digest, data)
+        return data
+
+    def _remember(self, digest: bytes, data: bytes) -> None:
+        with self._cache_lock:
+            if digest in self._cache:
+                return
+            self._cache[digest] = data
+            self._cache_bytes += len(data)
+            while self._cache_bytes > _METADATA_CACHE_BYTES and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= len(old)
+
+    def writer(self, *, max_inflight: int = 2) -> BlobWriter:
+        return BlobWriter(self, max_inflight=max_inflight)
+
+
+class BlobWriter:
+    """Packs new blobs and uploads them; use as a context manager or call close().
+
+    ``sealed_seq`` counts packs sealed so far and ``durable_seq`` those stored and
+    indexed: a blob added while ``sealed_seq == n`` is durable once
+    ``durable_seq > n`` (callers use this to stage files only when their data is
+    safe).
+    """
+
+    def __init__(self, blobs: BlobStore, *, max_inflight: int = 2) -> None:
+        self.blobs = blobs
+        self._builder = PackBuilder()
+        self._target = blobs.config.pack_target_size
+        self._pool = ThreadPoolExecutor(max_inflight, thread_name_prefix="vfs-upload")
+        self._slots = threading.Semaphore(max_inflight)
+        self._inflight: list[Future[None]] = []
+        self._pending: set[bytes] = set()  # in a sealed pack not yet indexed
+        self._lock = threading.Lock()
+        self._done: set[int] = set()
+        self.sealed_seq = 0
+        self.durable_seq = 0
+        self.bytes_written = 0
+        self.on_durable: Callable[[int], None] | None = None
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(flush=exc[0] is None)
+
+    def has(self, digest: bytes) -> bool:
+        """True if the blob is stored, in flight, or in the current pack."""
+        if digest in self._builder:
+            return True
+        with self._lock:
+            if digest in self._pending:
+                return True
+        return self.blobs.has(digest)
+
+    def add(self, blob: EncodedBlob) -> bool:
+        """Add an encoded blob unless it is already stored; return True if added."""
+        self._raise_failed_upload()
+        if self.has(blob.hash):
+            return False
+        self._builder.add(blob)
+        if len(self._builder) >= self._target:
+            self._seal()
+        return True
+
+    def add_bytes(self, kind: BlobKind, data: bytes) -> bytes:
+        """Encode and add one blob in the calling thread; return its hash."""
+        blob = self.blobs.codec.encode(kind, data)
+        self.add(blob)
+        return blob.hash
+
+    def flush(self) -> None:
+        """Seal the current pack and wait until every pack is stored and indexed."""
+        if self._builder.blob_count:
+            self._seal()
+        for future in list(self._inflight):
+            future.result()
+        self._inflight.clear()
+
+    def close(self, *, flush: bool = True) -> None:
+        try:
+            if flush:
+                self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _raise_failed_upload(self) -> None:
+        for future in self._inflight:
+            if future.done() and future.exception() is not None:
+                future.result()
+
+    def _seal(self) -> None:
+        sealed = self._builder.seal()
+        self._builder = PackBuilder()
+        self.sealed_seq += 1
+        seq = self.sealed_seq
+        with self._lock:
+            self._pending.update(e.hash for e in sealed.entries)
+        self._inflight = [f for f in self._inflight if not f.done() or f.exception()]
+        self._slots.acquire()  # bound the packs held in memory
+        try:
+            self._inflight.append(self._pool.submit(self._upload, sealed, seq))
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _upload(self, sealed: SealedPack, seq: int) -> None:
+        try:
+            objects = self.blobs.objects
+            try:
+                objects.put(pack_key(sealed.pack_id), sealed.data)
+                objects.put(index_key(sealed.pack_id), sealed.index)
+            except BaseException:
+                # Nothing of this pack may count as stored: later writers re-add its blobs.
+                with self._lock:
+                    self._pending.difference_update(e.hash for e in sealed.entries)
+                raise
+            self.blobs.index.add_pack(
+                sealed.pack_id,
+                len(sealed.data),
+                [e.location(sealed.pack_id) for e in sealed.entries],
+                [e.hash for e in sealed.entries],
+            )
+            with self._lock:
+                self._pending.difference_update(e.hash for e in sealed.entries)
+                self.bytes_written += len(sealed.data)
+                self._done.add(seq)
+                while self.durable_seq + 1 in self._done:
+                    self.durable_seq += 1
+                    self._done.discard(self.durable_seq)
+                durable = self.durable_seq
+            if self.on_durable is not None:
+                self.on_durable(durable)
+        finally:
+            self._slots.release()

@@ -1,0 +1,321 @@
+"""The node-local LMDB index: the only module that opens LMDB.
+
+The index makes every lookup local: which pack holds a blob, the commit objects
+already read, the branch heads last seen, the open commits (staging) of this
+node and the files cache. Everything except the open commits and the files cache
+can be rebuilt from the object store (:meth:`Index.clear_rebuildable` followed
+by loading every ``index/<pack>`` object); see ``vfsctl index rebuild``.
+
+This docstring is the canonical reference for the on-disk schema. One LMDB
+environment per store lives at ``<cache dir>/<store id>/index.lmdb``. Named
+databases, their keys and values:
+
+``meta``
+    ASCII key -> value. ``store_id`` -> the store's id (ASCII); guards against
+    pointing a cache directory at another store. ``format`` -> b"1".
+
+``blobs``
+    blob hash (32 bytes) -> blob location, 46 bytes:
+    ``pack_id:32 kind:u8 compression:u8 offset:u32 stored_len:u32 plain_len:u32``
+    (little-endian). Invariant: the pack exists in the store and its index lists
+    the blob at that offset. Written only after the pack and its index are stored.
+
+``packs``
+    pack id (32 bytes) -> ``size:u64 blob_count:u32`` (little-endian): every pack
+    this node knows, for gc and fsck.
+
+``commits``
+    commit id (32 bytes) -> the commit object's bytes exactly as stored at
+    ``commits/<id>``. A cache of immutable objects; also lets a unique id prefix
+    be resolved with a cursor range scan.
+
+``staging``
+    ``repo NUL branch NUL path`` (UTF-8; path relative, no leading slash, "" for
+    the root) -> a staged change, JSON: a tree entry (see :mod:`vfs.tree`) or
+    ``{"deleted": true}``. The open commit of each branch on this node. Not
+    rebuildable: it lives only here until it is sealed into a commit.
+
+``staging_base``
+    ``repo NUL branch`` -> the commit id (hex, or empty) the open commit was
+    started on, so a commit notices when the branch moved under it.
+
+``sealing``
+    ``repo NUL branch`` -> commit id (hex) being sealed: set after the commit
+    object is stored and before the ref's compare-and-swap, cleared with the open
+    commit. Finding it at start-up means a commit was interrupted; if the branch
+    head is that commit, the seal completed and the open commit is dropped.
+
+``files``
+    absolute source path (UTF-8) -> JSON ``[size, mtime_ns, ctime_ns, inode, entry]``:
+    the files cache of ``put``. A file whose stat matches is not read again.
+
+A write transaction never spans I/O to the object store: callers upload first,
+then record in one short transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import lmdb
+
+from vfs.blobs import BlobKind, BlobLocation, Compression
+from vfs.errors import Locked, StoreError
+
+_LOCATION = struct.Struct("<32sBBIII")
+_PACK = struct.Struct("<QI")
+_DATABASES = (
+    b"meta", b"blobs", b"packs", b"commits", b"staging", b"staging_base", b"sealing", b"files"
+)
+_REBUILDABLE = (b"blobs", b"packs", b"commits")
+_MAP_SIZE = 1 << 40  # address space only; the file grows as needed
+
+
+def encode_location(loc: BlobLocation) -> bytes:
+    return _LOCATION.pack(
+        loc.pack_id, loc.kind, loc.compression, loc.offset, loc.stored_len, loc.plain_len
+    )
+
+
+def decode_location(value: bytes) -> BlobLocation:
+    pack_id, kind, comp, offset, stored_len, plain_len = _LOCATION.unpack(value)
+    return BlobLocation(
+        pack_id, BlobKind(kind), Compression(comp), offset, stored_len, plain_len
+    )
+
+
+def staging_key(repo: str, branch: str, path: str) -> bytes:
+    return f"{repo}\0{branch}\0{path}".encode()
+
+
+def staging_prefix(repo: str, branch: str) -> bytes:
+    return f"{repo}\0{branch}\0".encode()
+
+
+class Index:
+    """The LMDB environment of one store on this node."""
+
+    def __init__(self, directory: str, store_id: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, "index.lmdb")
+        try:
+            self.env = lmdb.open(
+                self.path,
+                map_size=_MAP_SIZE,
+                max_dbs=len(_DATABASES) + 2,
+                subdir=True,
+                max_readers=256,
+            )
+        except lmdb.LockError as exc:
+            raise Locked(f"the index at {self.path} is locked: {exc}") from exc
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the index at {self.path}: {exc}") from exc
+        self.db = {name.decode(): self.env.open_db(name) for name in _DATABASES}
+        with self.env.begin(write=True) as txn:
+            meta = self.db["meta"]
+            existing = txn.get(b"store_id", db=meta)
+            if existing is None:
+                txn.put(b"store_id", store_id.encode(), db=meta)
+                txn.put(b"format", b"1", db=meta)
+            elif existing.decode() != store_id:
+                raise StoreError(
+                    f"the index at {self.path} belongs to store {existing.decode()}, "
+                    f"not {store_id}: use another --cache directory"
+                )
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """One write transaction; it must not span object store I/O or an ``await``."""
+        with self.env.begin(write=True) as txn:
+            yield txn
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        with self.env.begin(buffers=False) as txn:
+            yield txn
+
+    # -- blobs and packs ---------------------------------------------------------
+
+    def blob_location(self, digest: bytes) -> BlobLocation | None:
+        with self.env.begin() as txn:
+            value = txn.get(digest, db=self.db["blobs"])
+        return decode_location(value) if value is not None else None
+
+    def has_blobs(self, digests: Iterable[bytes]) -> set[bytes]:
+        """Return the subset of ``digests`` that the index knows."""
+        db = self.db["blobs"]
+        with self.env.begin() as txn:
+            return {d for d in digests if txn.get(d, db=db) is not None}
+
+    def add_pack(self, pack_id: bytes, size: int, locations: Iterable[BlobLocation],
+                 hashes: Iterable[bytes]) -> None:
+        """Record a stored pack and all its blobs (after the store confirmed both)."""
+        with self.write() as txn:
+            self.add_pack_txn(txn, pack_id, size, locations, hashes)
+
+    def add_pack_txn(self, txn: lmdb.Transaction, pack_id: bytes, size: int,
+                     locations: Iterable[BlobLocation], hashes: Iterable[bytes]) -> None:
+        blobs = self.db["blobs"]
+        count = 0
+        for digest, loc in zip(hashes, locations, strict=True):
+            txn.put(digest, encode_location(loc), db=blobs)
+            count += 1
+        txn.put(pack_id, _PACK.pack(size, count), db=self.db["packs"])
+
+    def remove_pack_txn(self, txn: lmdb.Transaction, pack_id: bytes) -> None:
+        """Forget a pack and every blob whose recorded location is in it."""
+        blobs = self.db["blobs"]
+        cursor = txn.cursor(db=blobs)
+        doomed = [k for k, v in cursor.iternext() if v[:32] == pack_id]
+        for k in doomed:
+            txn.delete(k, db=blobs)
+        txn.delete(pack_id, db=self.db["packs"])
+
+    def packs(self) -> dict[bytes, tuple[int, int]]:
+        """Every known pack: id -> (size, blob count)."""
+        with self.env.begin() as txn:
+            return {
+                bytes(k): _PACK.unpack(v)
+                for k, v in txn.cursor(db=self.db["packs"]).iternext()
+            }
+
+    def iter_blobs(self) -> Iterator[tuple[bytes, BlobLocation]]:
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.db["blobs"]).iternext():
+                yield bytes(k), decode_location(v)
+
+    def clear_rebuildable(self) -> None:
+        """Drop everything that can be rebuilt from the object store."""
+        with self.write() as txn:
+            for name in _REBUILDABLE:
+                txn.drop(self.db[name.decode()], delete=False)
+
+    # -- commits -------------------------------------------------------------------
+
+    def cached_commit(self, commit_id: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(commit_id, db=self.db["commits"])
+
+    def cache_commit(self, commit_id: bytes, data: bytes) -> None:
+        with self.write() as txn:
+            txn.put(commit_id, data, db=self.db["commits"])
+
+    def commits_with_prefix(self, prefix: bytes, *, limit: int = 2) -> list[bytes]:
+        """Commit ids starting with the (byte) prefix, at most ``limit``."""
+        found: list[bytes] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.db["commits"])
+            if not cursor.set_range(prefix):
+                return found
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(prefix) or len(found) >= limit:
+                    break
+                found.append(bytes(key))
+        return found
+
+    def commit_ids(self) -> list[bytes]:
+        with self.env.begin() as txn:
+            return [bytes(k) for k in txn.cursor(db=self.db["commits"]).iternext(values=False)]
+
+    # -- staging (open commits) -------------------------------------------------------
+
+    def staged(self, repo: str, branch: str) -> dict[str, bytes]:
+        """The open commit of a branch: path -> encoded change."""
+        prefix = staging_prefix(repo, branch)
+        out: dict[str, bytes] = {}
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.db["staging"])
+            if not cursor.set_range(prefix):
+                return out
+            for key, value in cursor.iternext():
+                if not key.startswith(prefix):
+                    break
+                out[key[len(prefix) :].decode()] = bytes(value)
+        return out
+
+    def staging_base(self, repo: str, branch: str) -> str | None:
+        with self.env.begin() as txn:
+            value = txn.get(f"{repo}\0{branch}".encode(), db=self.db["staging_base"])
+        return value.decode() if value is not None else None
+
+    def stage_txn(self, txn: lmdb.Transaction, repo: str, branch: str, base: str,
+                  changes: dict[str, bytes | None], *, drop_below: Iterable[str] = ()) -> None:
+        """Record changes to an open commit inside ``txn``.
+
+        ``changes`` maps path -> encoded change, or None to unstage that path.
+        ``drop_below`` lists directories whose staged descendants are discarded
+        (a directory deletion supersedes what was staged under it).
+        """
+        db = self.db["staging"]
+        base_key = f"{repo}\0{branch}".encode()
+        if txn.get(base_key, db=self.db["staging_base"]) is None:
+            txn.put(base_key, base.encode(), db=self.db["staging_base"])
+        for directory in drop_below:
+            prefix = staging_key(repo, branch, directory + "/" if directory else "")
+            cursor = txn.cursor(db=db)
+            doomed = []
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(values=False):
+                    if not key.startswith(prefix):
+                        break
+                    doomed.append(bytes(key))
+            for key in doomed:
+                txn.delete(key, db=db)
+        for path, value in changes.items():
+            key = staging_key(repo, branch, path)
+            if value is None:
+                txn.delete(key, db=db)
+            else:
+                txn.put(key, value, db=db)
+
+    def clear_staging_txn(self, txn: lmdb.Transaction, repo: str, branch: str) -> None:
+        db = self.db["staging"]
+        prefix = staging_prefix(repo, branch)
+        cursor = txn.cursor(db=db)
+        doomed = []
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(values=False):
+                if not key.startswith(prefix):
+                    break
+                doomed.append(bytes(key))
+        for key in doomed:
+            txn.delete(key, db=db)
+        txn.delete(f"{repo}\0{branch}".encode(), db=self.db["staging_base"])
+        txn.delete(f"{repo}\0{branch}".encode(), db=self.db["sealing"])
+
+    def open_commits(self) -> list[tuple[str, str]]:
+        """Every (repo, branch) with an open commit on this node."""
+        with self.env.begin() as txn:
+            return [
+                tuple(bytes(k).decode().split("\0", 1))  # type: ignore[misc]
+                for k in txn.cursor(db=self.db["staging_base"]).iternext(values=False)
+            ]
+
+    def sealing(self, repo: str, branch: str) -> str | None:
+        with self.env.begin() as txn:
+            value = txn.get(f"{repo}\0{branch}".encode(), db=self.db["sealing"])
+        return value.decode() if value is not None else None
+
+    def set_sealing(self, repo: str, branch: str, commit_id: str | None) -> None:
+        with self.write() as txn:
+            key = f"{repo}\0{branch}".encode()
+            if commit_id is None:
+                txn.delete(key, db=self.db["sealing"])
+            else:
+                txn.put(key, commit_id.encode(), db=self.db["sealing"])
+
+    # -- files cache -----------------------------------------------------------------
+
+    def files_cache_get_many(self, paths: list[str]) -> list[bytes | None]:
+        db = self.db["files"]
+        with self.env.begin() as txn:
+            return [txn.get(p.encode(), db=db) for p in paths]
+
+    def files_cache_put_txn(self, txn: lmdb.Transaction, path: str, value: bytes) -> None:
+        txn.put(path.encode(), value, db=self.db["files"])

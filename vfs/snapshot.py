@@ -1,0 +1,177 @@
+"""Read access to one tree: path lookup, listing, walking, file contents and diff.
+
+A :class:`Snapshot` is the tree of a commit (or any tree hash). Directories are
+decoded lazily, one tree blob at a time, and kept in a bounded LRU, so a lookup
+costs the depth of the path and a listing of a huge commit never loads it whole.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vfs.blobstore import BlobStore
+from vfs.errors import NotADirectory, PathNotFound
+from vfs.names import join
+from vfs.tree import (
+    DIR,
+    FILE,
+    Entry,
+    decode_manifest,
+    decode_tree,
+    parse_file_ref,
+)
+
+_DECODED_TREES = 256
+
+
+class Snapshot:
+    """The files of one root tree (``root`` is a tree hash in hex, or None for empty)."""
+
+    def __init__(self, blobs: BlobStore, root: str | None) -> None:
+        self.blobs = blobs
+        self.root = root
+        self._trees: OrderedDict[str, dict[str, Entry]] = OrderedDict()
+
+    def tree(self, tree_hex: str) -> dict[str, Entry]:
+        """The decoded entries of one tree blob (name -> entry, sorted by name)."""
+        hit = self._trees.get(tree_hex)
+        if hit is not None:
+            self._trees.move_to_end(tree_hex)
+            return hit
+        entries = decode_tree(self.blobs.read(bytes.fromhex(tree_hex), cache=True))
+        self._trees[tree_hex] = entries
+        if len(self._trees) > _DECODED_TREES:
+            self._trees.popitem(last=False)
+        return entries
+
+    def root_entries(self) -> dict[str, Entry]:
+        return self.tree(self.root) if self.root else {}
+
+    def lookup(self, path: str) -> Entry | None:
+        """The entry at a normalized path, None if absent. The root is a DIR entry."""
+        if not path:
+            return Entry("", DIR, 0o755, 0, 0, self.root or "")
+        entries = self.root_entries()
+        parts = path.split("/")
+        for i, part in enumerate(parts):
+            entry = entries.get(part)
+            if entry is None:
+                return None
+            if i == len(parts) - 1:
+                return entry
+            if entry.kind != DIR:
+                return None
+            entries = self.tree(entry.ref)
+        return None
+
+    def listdir(self, path: str) -> dict[str, Entry]:
+        """The entries of a directory.
+
+        Raises:
+            PathNotFound: nothing at ``path``.
+            NotADirectory: ``path`` is a file or symlink.
+        """
+        if not path:
+            return self.root_entries()
+        entry = self.lookup(path)
+        if entry is None:
+            raise PathNotFound(f"no such file or directory: /{path}")
+        if entry.kind != DIR:
+            raise NotADirectory(f"/{path} is not a directory")
+        return self.tree(entry.ref) if entry.ref else {}
+
+    def walk(self, path: str = "") -> Iterator[tuple[str, Entry]]:
+        """Yield ``(path, entry)`` for everything below ``path`` (depth first, sorted)."""
+        for name, entry in self.listdir(path).items():
+            child = join(path, name)
+            yield child, entry
+            if entry.kind == DIR:
+                yield from self.walk(child)
+
+
+# -- file contents -----------------------------------------------------------------
+
+
+def file_chunks(blobs: BlobStore, entry: Entry) -> list[tuple[bytes, int]]:
+    """The ``(chunk hash, length)`` list of a non-inline file."""
+    tag, payload = parse_file_ref(entry.ref)
+    if tag == "c":
+        return [(payload, entry.size)]
+    if tag == "m":
+        return decode_manifest(blobs.read(payload, cache=True))
+    return []
+
+
+def iter_file(blobs: BlobStore, entry: Entry) -> Iterator[bytes]:
+    """Yield a file's bytes chunk by chunk, each verified against its hash."""
+    if entry.kind != FILE:
+        raise PathNotFound(f"{entry.name} is not a regular file")
+    tag, payload = parse_file_ref(entry.ref)
+    if tag == "i":
+        yield payload
+        return
+    for digest, _ in file_chunks(blobs, entry):
+        yield blobs.read(digest)
+
+
+def read_file(blobs: BlobStore, entry: Entry) -> bytes:
+    return b"".join(iter_file(blobs, entry))
+
+
+# -- diff --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between two trees, for files and symlinks."""
+
+    status: str  # "added" | "modified" | "deleted"
+    path: str
+    old: Entry | None
+    new: Entry | None
+
+
+def diff_trees(old: Snapshot, new: Snapshot, path: str = "") -> Iterator[Change]:
+    """Yield the changed files and symlinks between two snapshots, in path order.
+
+    Subtrees with the same hash are skipped without being read, so the cost grows
+    with the size of the change, not of the trees.
+    """
+    old_root = old.lookup(path)
+    new_root = new.lookup(path)
+    yield from _diff_entries(
+        old,
+        new,
+        path,
+        old.listdir(path) if old_root and old_root.kind == DIR and old_root.ref else {},
+        new.listdir(path) if new_root and new_root.kind == DIR and new_root.ref else {},
+    )
+
+
+def _diff_entries(old: Snapshot, new: Snapshot, path: str, a: dict[str, Entry],
+                  b: dict[str, Entry]) -> Iterator[Change]:
+    for name in sorted(a.keys() | b.keys()):
+        child = join(path, name)
+        ea, eb = a.get(name), b.get(name)
+        if ea is not None and eb is not None and ea.kind == DIR and eb.kind == DIR:
+            if ea.ref != eb.ref:
+                yield from _diff_entries(old, new, child, old.tree(ea.ref), new.tree(eb.ref))
+            continue
+        if ea is not None and ea.kind == DIR:
+            for sub, entry in old.walk(child):
+                if entry.kind != DIR:
+                    yield Change("deleted", sub, entry, None)
+            ea = None
+        if eb is not None and eb.kind == DIR:
+            for sub, entry in new.walk(child):
+                if entry.kind != DIR:
+                    yield Change("added", sub, None, entry)
+            eb = None
+        if ea is None and eb is not None:
+            yield Change("added", child, None, eb)
+        elif eb is None and ea is not None:
+            yield Change("deleted", child, ea, None)
+        elif ea is not None and eb is not None and not ea.same_content(eb):
+            yield Change("modified", child, ea, eb)

@@ -1,0 +1,179 @@
+"""The open commit of a branch: staged changes over the head, and sealing them.
+
+Staged changes are kept per path in the ``staging`` database of the index
+(node-local; they survive restarts). A change is one of:
+
+* a file or symlink entry: the path now holds it;
+* a *new directory* (a DIR entry with an empty ref): a fresh, empty directory
+  replaces whatever the head had at that path; staged children fill it;
+* a deletion: nothing is at that path any more.
+
+The view of ``repo@branch`` is the head tree with these changes laid over it.
+Sealing rebuilds only the directories on the paths of staged changes, writes
+their tree blobs, and returns the new root.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vfs.blobs import BlobKind
+from vfs.blobstore import BlobWriter
+from vfs.errors import NotADirectory, PathNotFound
+from vfs.names import ancestors, join, parent_and_name
+from vfs.snapshot import Snapshot
+from vfs.tree import DIR, Entry, dir_entry, encode_tree
+
+DELETED = b"D"
+
+
+def encode_change(entry: Entry | None) -> bytes:
+    return DELETED if entry is None else json.dumps(entry.encode()).encode()
+
+
+def decode_change(value: bytes) -> Entry | None:
+    return None if value == DELETED else Entry.decode(json.loads(value))
+
+
+def new_dir(name: str, mode: int = 0o755, mtime_ns: int = 0) -> Entry:
+    return Entry(name, DIR, mode, 0, mtime_ns, "", 0)
+
+
+@dataclass(frozen=True)
+class StagedChange:
+    path: str
+    entry: Entry | None  # None: deleted
+
+
+class OpenCommit:
+    """The staged changes of one branch on top of its head snapshot.
+
+    Args:
+        head: the snapshot the changes apply to.
+        changes: path -> entry, or None for a deletion.
+    """
+
+    def __init__(self, head: Snapshot, changes: dict[str, Entry | None]) -> None:
+        self.head = head
+        self.changes = dict(changes)
+        self._children: dict[str, dict[str, Entry | None]] = {}
+        # Directories with staged changes somewhere below them (may over-approximate).
+        self._dirty: set[str] = set()
+        for path, entry in self.changes.items():
+            self._dirty.update(ancestors(path))
+            if path:
+                parent, name = parent_and_name(path)
+                self._children.setdefault(parent, {})[name] = entry
+
+    def __bool__(self) -> bool:
+        return bool(self.changes)
+
+    # -- the overlay view ------------------------------------------------------------
+
+    def lookup(self, path: str) -> Entry | None:
+        """The entry at ``path`` in the view, or None.
+
+        Invariant (kept by :meth:`apply`): every staged path's ancestors exist in
+        the view, so a staged entry can be returned without checking them.
+        """
+        if path in self.changes:
+            return self.changes[path]
+        if not path:
+            return self.head.lookup("")
+        parent, name = parent_and_name(path)
+        parent_entry = self.lookup(parent)
+        if parent_entry is None or parent_entry.kind != DIR or not parent_entry.ref:
+            return None  # absent, not a directory, or a new directory (staged children only)
+        return self.head.tree(parent_entry.ref).get(name)
+
+    def listdir(self, path: str) -> dict[str, Entry]:
+        """The entries of a directory in the view (sorted by name)."""
+        entry = self.lookup(path)
+        if entry is None:
+            raise PathNotFound(f"no such file or directory: /{path}")
+        if entry.kind != DIR:
+            raise NotADirectory(f"/{path} is not a directory")
+        base: dict[str, Entry] = dict(self.head.tree(entry.ref)) if entry.ref else {}
+        for name, change in self._children.get(path, {}).items():
+            if change is None:
+                base.pop(name, None)
+            else:
+                base[name] = change
+        return dict(sorted(base.items()))
+
+    def walk(self, path: str = "") -> Iterable[tuple[str, Entry]]:
+        for name, entry in self.listdir(path).items():
+            child = join(path, name)
+            yield child, entry
+            if entry.kind == DIR:
+                yield from self.walk(child)
+
+    # -- building changes ------------------------------------------------------------
+
+    def plan_set(self, path: str, entry: Entry) -> dict[str, Entry | None]:
+        """The staged changes that put ``entry`` at ``path``, creating parent dirs.
+
+        Raises:
+            NotADirectory: an ancestor of ``path`` is a file or symlink.
+        """
+        plan: dict[str, Entry | None] = {}
+        for parent in ancestors(path)[1:]:
+            existing = plan.get(parent) or self.lookup(parent)
+            if existing is None:
+                plan[parent] = new_dir(parent_and_name(parent)[1])
+            elif existing.kind != DIR:
+                raise NotADirectory(f"cannot create /{path}: /{parent} is not a directory")
+        plan[path] = entry
+        return plan
+
+    def apply(self, changes: dict[str, Entry | None]) -> None:
+        """Apply changes to this in-memory view (the caller persists them).
+
+        A change at a path supersedes whatever was staged below it.
+        """
+        for path, entry in changes.items():
+            for doomed in self.below(path):
+                del self.changes[doomed]
+                parent, name = parent_and_name(doomed)
+                self._children.get(parent, {}).pop(name, None)
+            self.changes[path] = entry
+            self._dirty.update(ancestors(path))
+            if path:
+                parent, name = parent_and_name(path)
+                self._children.setdefault(parent, {})[name] = entry
+
+    def below(self, path: str) -> list[str]:
+        """Staged paths strictly below ``path``."""
+        prefix = path + "/" if path else ""
+        return [p for p in self.changes if p.startswith(prefix) and p != path]
+
+    def staged(self) -> list[StagedChange]:
+        return [StagedChange(p, e) for p, e in sorted(self.changes.items())]
+
+    # -- sealing ------------------------------------------------------------------------
+
+    def seal(self, writer: BlobWriter) -> str:
+        """Write the trees of the view; return the new root tree hash (hex)."""
+        root = self.lookup("")
+        root_entries = self._build("", root.ref if root else None, writer)
+        return writer.add_bytes(BlobKind.TREE, encode_tree(list(root_entries.values()))).hex()
+
+    def _build(self, path: str, tree_hex: str | None, writer: BlobWriter) -> dict[str, Entry]:
+        entries: dict[str, Entry] = dict(self.head.tree(tree_hex)) if tree_hex else {}
+        for name, change in self._children.get(path, {}).items():
+            if change is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = change
+        for name, entry in list(entries.items()):
+            child = join(path, name)
+            if entry.kind == DIR and (child in self._dirty or not entry.ref):
+                entries[name] = self._dir(name, child, entry, writer)
+        return entries
+
+    def _dir(self, name: str, path: str, entry: Entry, writer: BlobWriter) -> Entry:
+        children = self._build(path, entry.ref or None, writer)
+        digest = writer.add_bytes(BlobKind.TREE, encode_tree(list(children.values())))
+        return dir_entry(name, digest, children, entry.mode, entry.mtime_ns)

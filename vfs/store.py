@@ -1,0 +1,463 @@
+"""The versioned store: repositories, branches, commits, open commits and history.
+
+:class:`Store` ties the object store, the node-local index and the blob layer
+together and implements the commit protocol (docs/format.md, "Commit protocol"):
+
+1. every new pack and its index are stored (``BlobWriter.flush``);
+2. the commit object is written (content-addressed, so retrying is idempotent);
+3. the branch ref is moved by compare-and-swap from the head the commit was built on;
+4. the reflog entry is appended and the index records the new state.
+
+A crash between any two steps leaves the branch on its old head or its new one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from vfs.blobstore import BlobStore
+from vfs.config import StoreConfig, create_config, load_config
+from vfs.errors import (
+    AlreadyExists,
+    AmbiguousRef,
+    BranchNotFound,
+    CommitNotFound,
+    Conflict,
+    InvalidRef,
+    NothingToCommit,
+    ObjectNotFound,
+    PreconditionFailed,
+    RepoNotFound,
+    VfsError,
+)
+from vfs.index import Index
+from vfs.names import RefSpec, check_name, looks_like_commit
+from vfs.objstore import ObjectStore, open_object_store
+from vfs.refs import (
+    Commit,
+    RefState,
+    ReflogEntry,
+    append_reflog,
+    canonical_json,
+    commit_key,
+    create_ref,
+    current_user,
+    move_ref,
+    now_iso,
+    read_ref,
+    read_reflog,
+    ref_key,
+)
+from vfs.snapshot import Change, Snapshot, diff_trees
+from vfs.staging import OpenCommit, decode_change, encode_change
+
+DEFAULT_BRANCH = "main"
+_CAS_ATTEMPTS = 10
+
+
+def default_store_url() -> str:
+    return os.environ.get("VFS_STORE") or os.path.expanduser("~/.local/share/vfs/store")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("VFS_CACHE") or os.path.expanduser("~/.cache/vfs")
+
+
+@dataclass(frozen=True)
+class RepoInfo:
+    name: str
+    description: str
+    created: str
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    repo: str
+    name: str
+    head: str | None
+
+
+class Store:
+    """A vfs store opened on this node. Use :func:`open_store` to get one."""
+
+    def __init__(self, objects: ObjectStore, config: StoreConfig, cache_dir: str) -> None:
+        self.objects = objects
+        self.config = config
+        self.cache_dir = os.path.join(cache_dir, config.store_id)
+        os.makedirs(self.cache_dir, exist_ok=True)
+        self.index = Index(self.cache_dir, config.store_id)
+        self.blobs = BlobStore(objects, self.index, config)
+
+    def close(self) -> None:
+        self.index.close()
+        self.objects.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def lock(self, *, exclusive: bool = False) -> Iterator[None]:
+        """Node-local lock: writers share it, gc holds it alone."""
+        fd = os.open(os.path.join(self.cache_dir, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- repositories ------------------------------------------------------------------
+
+    def create_repo(self, name: str, description: str = "") -> RepoInfo:
+        """Create a repository with an empty ``main`` branch.
+
+        Raises:
+            AlreadyExists: a repository of that name exists.
+        """
+        check_name(name, "repository")
+        info = RepoInfo(name, description, now_iso())
+        try:
+            self.objects.put(f"repos/{name}", canonical_json(info.__dict__), if_absent=True)
+        except PreconditionFailed:
+            raise AlreadyExists(f"repository {name} already exists") from None
+        try:
+            create_ref(self.objects, name, DEFAULT_BRANCH, None)
+            append_reflog(self.objects, name, DEFAULT_BRANCH, None, None, "branch created")
+        except PreconditionFailed:
+            pass
+        return info
+
+    def repo(self, name: str) -> RepoInfo:
+        check_name(name, "repository")
+        try:
+            raw = json.loads(self.objects.get(f"repos/{name}"))
+        except ObjectNotFound:
+            raise RepoNotFound(
+                f"repository {name} does not exist (create it with 'vfsctl repo create {name}')"
+            ) from None
+        return RepoInfo(**raw)
+
+    def list_repos(self) -> list[RepoInfo]:
+        return [self.repo(info.key.split("/", 1)[1]) for info in self.objects.list("repos/")]
+
+    def delete_repo(self, name: str, *, force: bool = False) -> None:
+        """Delete a repository: its branches go; commits become garbage for gc.
+
+        Raises:
+            VfsError: the repository has commits and ``force`` is not set.
+        """
+        self.repo(name)
+        branches = self.list_branches(name)
+        if not force and any(b.head for b in branches):
+            raise VfsError(f"repository {name} has commits: use --force to delete it anyway")
+        for branch in branches:
+            self.objects.delete(ref_key(name, branch.name))
+            append_reflog(self.objects, name, branch.name, branch.head, None, "repository deleted")
+            with self.index.write() as txn:
+                self.index.clear_staging_txn(txn, name, branch.name)
+        self.objects.delete(f"repos/{name}")
+
+    # -- branches ----------------------------------------------------------------------
+
+    def list_branches(self, repo: str) -> list[BranchInfo]:
+        self.repo(repo)
+        prefix = f"refs/{repo}/"
+        out = []
+        for info in self.objects.list(prefix):
+            branch = info.key[len(prefix) :]
+            out.append(BranchInfo(repo, branch, read_ref(self.objects, repo, branch).commit))
+        return out
+
+    def head(self, repo: str, branch: str) -> RefState:
+        self.repo(repo)
+        check_name(branch, "branch")
+        return read_ref(self.objects, repo, branch)
+
+    def create_branch(self, repo: str, branch: str, start: RefSpec | None = None) -> BranchInfo:
+        """Create a branch at the commit ``start`` names (or empty).
+
+        Raises:
+            AlreadyExists: the branch exists.
+        """
+        self.repo(repo)
+        check_name(branch, "branch")
+        commit = None
+        if start is not None:
+            if start.repo != repo:
+                raise InvalidRef(f"--from must name a commit of {repo}, not of {start.repo}")
+            found = self.resolve(start)
+            commit = found.id if found else None
+        try:
+            create_ref(self.objects, repo, branch, commit)
+        except PreconditionFailed:
+            raise AlreadyExists(f"branch {repo}@{branch} already exists") from None
+        append_reflog(self.objects, repo, branch, None, commit, "branch created")
+        return BranchInfo(repo, branch, commit)
+
+    def delete_branch(self, repo: str, branch: str) -> None:
+        state = self.head(repo, branch)
+        self.objects.delete(ref_key(repo, branch))
+        append_reflog(self.objects, repo, branch, state.commit, None, "branch deleted")
+        with self.index.write() as txn:
+            self.index.clear_staging_txn(txn, repo, branch)
+
+    def reflog(self, repo: str, branch: str | None = None) -> list[ReflogEntry]:
+        self.repo(repo)
+        return read_reflog(self.objects, repo, branch)
+
+    # -- commits and refs ----------------------------------------------------------------
+
+    def read_commit(self, commit_id: str) -> Commit:
+        raw_id = bytes.fromhex(commit_id)
+        data = self.index.cached_commit(raw_id)
+        if data is None:
+            try:
+                data = self.objects.get(commit_key(commit_id))
+            except ObjectNotFound:
+                raise CommitNotFound(f"commit {commit_id} does not exist") from None
+            commit = Commit.decode(data, commit_id)
+            self.index.cache_commit(raw_id, data)
+            return commit
+        return Commit.decode(data, commit_id)
+
+    def resolve(self, spec: RefSpec) -> Commit | None:
+        """The commit a ref names; None for a branch that has no commits yet.
+
+        Branch names win over commit prefixes. ``~N`` follows first parents.
+
+        Raises:
+            RepoNotFound, BranchNotFound, CommitNotFound, AmbiguousRef.
+        """
+        self.repo(spec.repo)
+        try:
+            commit_id = read_ref(self.objects, spec.repo, spec.ref).commit
+        except BranchNotFound:
+            if not looks_like_commit(spec.ref):
+                raise
+            commit_id = self._resolve_prefix(spec.repo, spec.ref)
+        commit = self.read_commit(commit_id) if commit_id else None
+        for _ in range(spec.ancestor):
+            if commit is None or not commit.parents:
+                raise CommitNotFound(f"{spec} does not exist: the history is shorter")
+            commit = self.read_commit(commit.parents[0])
+        return commit
+
+    def _resolve_prefix(self, repo: str, prefix: str) -> str:
+        candidates = [info.key.split("/", 1)[1] for info in self.objects.list(f"commits/{prefix}")]
+        matches = [c for c in candidates if self.read_commit(c).repo == repo]
+        if not matches:
+            raise CommitNotFound(f"no branch or commit {prefix} in repository {repo}")
+        if len(matches) > 1:
+            shown = ", ".join(m[:12] for m in matches[:5])
+            raise AmbiguousRef(f"commit prefix {prefix} is ambiguous ({shown}): give more digits")
+        return matches[0]
+
+    def snapshot(self, spec: RefSpec) -> tuple[Commit | None, Snapshot]:
+        commit = self.resolve(spec)
+        return commit, Snapshot(self.blobs, commit.tree if commit else None)
+
+    def log(self, spec: RefSpec, *, limit: int | None = None,
+            path: str | None = None) -> Iterator[Commit]:
+        """Commits from ``spec`` back along first parents, newest first.
+
+        With ``path``, only the commits that changed what is at that path.
+        """
+        commit = self.resolve(spec)
+        shown = 0
+        while commit is not None and (limit is None or shown < limit):
+            parent = self.read_commit(commit.parents[0]) if commit.parents else None
+            if path is None or self._changed(commit, parent, path):
+                yield commit
+                shown += 1
+            commit = parent
+
+    def _changed(self, commit: Commit, parent: Commit | None, path: str) -> bool:
+        now = Snapshot(self.blobs, commit.tree).lookup(path)
+        before = Snapshot(self.blobs, parent.tree).lookup(path) if parent else None
+        if now is None or before is None:
+            return now is not before
+        return now.ref != before.ref or now.kind != before.kind or now.mode != before.mode
+
+    def diff(self, new: RefSpec, old: RefSpec | None = None) -> list[Change]:
+        """Changed files between two refs (``old`` defaults to the parent of ``new``)."""
+        new_commit, new_snap = self.snapshot(new)
+        if old is None:
+            parent = new_commit.parents[0] if new_commit and new_commit.parents else None
+            old_snap = Snapshot(self.blobs, self.read_commit(parent).tree if parent else None)
+        else:
+            _, old_snap = self.snapshot(old)
+        return list(diff_trees(old_snap, new_snap, new.path))
+
+    # -- open commits --------------------------------------------------------------------
+
+    def open_commit(self, repo: str, branch: str) -> tuple[RefState, OpenCommit]:
+        """The head of a branch and its open commit (possibly empty)."""
+        state = self.head(repo, branch)
+        self._recover_seal(state)
+        changes = {p: decode_change(v) for p, v in self.index.staged(repo, branch).items()}
+        head = Snapshot(self.blobs, self.read_commit(state.commit).tree if state.commit else None)
+        return state, OpenCommit(head, changes)
+
+    def stage(self, state: RefState, changes: dict[str, object]) -> None:
+        """Persist changes (path -> Entry or None) to a branch's open commit."""
+        encoded = {p: encode_change(e) for p, e in changes.items()}  # type: ignore[arg-type]
+        with self.index.write() as txn:
+            self.index.stage_txn(txn, state.repo, state.branch, state.commit or "", encoded,
+                                 drop_below=list(changes))
+
+    def discard(self, repo: str, branch: str) -> int:
+        """Drop a branch's open commit; return how many changes were dropped."""
+        self.head(repo, branch)
+        count = len(self.index.staged(repo, branch))
+        with self.index.write() as txn:
+            self.index.clear_staging_txn(txn, repo, branch)
+        return count
+
+    def _recover_seal(self, state: RefState) -> None:
+        """Finish or forget a commit that was interrupted after its object was written."""
+        sealing = self.index.sealing(state.repo, state.branch)
+        if sealing is None:
+            return
+        if state.commit == sealing:
+            entries = read_reflog(self.objects, state.repo, state.branch)
+            if not entries or entries[-1].new != sealing:
+                parents = self.read_commit(sealing).parents
+                append_reflog(self.objects, state.repo, state.branch,
+                              parents[0] if parents else None, sealing,
+                              "commit (recorded after an interrupted commit)")
+            with self.index.write() as txn:
+                self.index.clear_staging_txn(txn, state.repo, state.branch)
+        else:
+            self.index.set_sealing(state.repo, state.branch, None)
+
+    def commit(self, repo: str, branch: str, message: str = "", *, author: str | None = None,
+               provenance: dict | None = None, metadata: dict | None = None,
+               tree: str | None = None, why: str = "commit") -> Commit:
+        """Seal the open commit of a branch (or commit ``tree`` as is) and move the branch.
+
+        Raises:
+            NothingToCommit: nothing is staged, or the result equals the head.
+            Conflict: the branch moved and touched the same paths as the open commit.
+        """
+        with self.lock():
+            for _ in range(_CAS_ATTEMPTS):
+                state, open_commit = self.open_commit(repo, branch)
+                if tree is None and not open_commit:
+                    raise NothingToCommit(
+                        f"nothing to commit on {repo}@{branch}: stage changes with put or rm"
+                    )
+                base = self.index.staging_base(repo, branch)
+                if tree is None and base is not None and (base or None) != state.commit:
+                    self._check_rebase(repo, branch, base or None, state.commit, open_commit)
+                head = self.read_commit(state.commit) if state.commit else None
+                new_tree = tree
+                if new_tree is None:
+                    with self.blobs.writer() as writer:
+                        new_tree = open_commit.seal(writer)
+                if head is not None and new_tree == head.tree:
+                    if tree is None:
+                        self.discard(repo, branch)
+                    raise NothingToCommit(
+                        f"nothing to commit on {repo}@{branch}: the result equals the head"
+                    )
+                root_entries = Snapshot(self.blobs, new_tree).root_entries()
+                commit = Commit(
+                    repo=repo,
+                    branch=branch,
+                    parents=(state.commit,) if state.commit else (),
+                    tree=new_tree,
+                    message=message,
+                    author=author or current_user(),
+                    time=now_iso(),
+                    files=sum(e.file_count for e in root_entries.values()),
+                    bytes=sum(e.size for e in root_entries.values() if e.kind != "l"),
+                    provenance=provenance or {},
+                    metadata=metadata or {},
+                ).with_id()
+                data = commit.encode()
+                try:
+                    self.objects.put(commit_key(commit.id), data, if_absent=True)
+                except PreconditionFailed:
+                    pass  # the same commit object is already stored
+                if tree is None:
+                    self.index.set_sealing(repo, branch, commit.id)
+                try:
+                    move_ref(self.objects, state, commit.id)
+                except PreconditionFailed:
+                    self.index.set_sealing(repo, branch, None)
+                    continue  # the branch moved meanwhile: rebuild on the new head
+                append_reflog(self.objects, repo, branch, state.commit, commit.id, why)
+                with self.index.write() as txn:
+                    if tree is None:
+                        self.index.clear_staging_txn(txn, repo, branch)
+                    txn.put(bytes.fromhex(commit.id), data, db=self.index.db["commits"])
+                return commit
+        raise Conflict(f"{repo}@{branch} keeps moving: gave up after {_CAS_ATTEMPTS} attempts")
+
+    def _check_rebase(self, repo: str, branch: str, base: str | None, head: str | None,
+                      open_commit: OpenCommit) -> None:
+        """Refuse to apply an open commit on a head that changed the same paths."""
+        old = Snapshot(self.blobs, self.read_commit(base).tree if base else None)
+        new = Snapshot(self.blobs, self.read_commit(head).tree if head else None)
+        moved = {c.path for c in diff_trees(old, new)}
+        for staged in open_commit.changes:
+            for path in moved:
+                if path == staged or path.startswith(staged + "/") or staged.startswith(
+                    path + "/"
+                ):
+                    raise Conflict(
+                        f"{repo}@{branch} moved to {(head or '')[:12]} and changed /{path}, "
+                        f"which the open commit also changes: discard with "
+                        f"'vfsctl discard {repo}@{branch}' and redo the change"
+                    )
+
+    def rollback(self, repo: str, branch: str, target: RefSpec, message: str = "") -> Commit:
+        """Make a new commit on ``branch`` whose tree equals ``target``'s; history is kept.
+
+        Raises:
+            VfsError: the branch has an open commit (commit or discard it first).
+        """
+        if self.index.staged(repo, branch):
+            raise VfsError(
+                f"{repo}@{branch} has staged changes: commit or discard them before a rollback"
+            )
+        if target.repo != repo:
+            raise InvalidRef(f"--to must name a commit of {repo}, not of {target.repo}")
+        commit = self.resolve(target)
+        if commit is None:
+            raise CommitNotFound(f"{target} has no commits to roll back to")
+        return self.commit(
+            repo,
+            branch,
+            message or f"rollback to {commit.id[:12]}",
+            tree=commit.tree,
+            metadata={"rollback_to": commit.id},
+            why=f"rollback to {commit.id}",
+        )
+
+
+def open_store(url: str | None = None, *, cache_dir: str | None = None, create: bool = False,
+               s3_endpoint: str | None = None) -> Store:
+    """Open (or with ``create`` make) the store at ``url``.
+
+    Args:
+        url: store location; defaults to ``$VFS_STORE`` then ``~/.local/share/vfs/store``.
+        cache_dir: node-local index and cache; defaults to ``$VFS_CACHE`` then ``~/.cache/vfs``.
+        create: create the store if it does not exist (idempotent).
+        s3_endpoint: endpoint of an S3-compatible service.
+
+    Raises:
+        StoreNotFound: no store there and ``create`` is false.
+        UnsupportedFormat: the store was written by a newer vfs.
+    """
+    objects = open_object_store(url or default_store_url(), create=create,
+                                s3_endpoint=s3_endpoint)
+    config = create_config(objects) if create else load_config(objects)
+    return Store(objects, config, cache_dir or default_cache_dir())
