@@ -137,10 +137,13 @@ class BlobWriter:
                 return True
         return self.blobs.has(digest)
 
-    def add(self, blob: EncodedBlob) -> bool:
-        """Add an encoded blob unless it is already stored; return True if added."""
+    def add(self, blob: EncodedBlob, *, force: bool = False) -> bool:
+        """Add an encoded blob unless it is already stored; return True if added.
+
+        ``force`` writes it even if the index knows it elsewhere (repacking).
+        """
         self._raise_failed_upload()
-        if self.has(blob.hash):
+        if blob.hash in self._builder or (not force and self.has(blob.hash)):
             return False
         self._builder.add(blob)
         if len(self._builder) >= self._target:
