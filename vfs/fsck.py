@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from vfs.blobs import decode_index, index_from_pack, pack_key
 from vfs.errors import Corruption, ObjectNotFound, VfsError
 from vfs.reachability import mark, root_commits
-from vfs.refs import read_ref, read_reflog
+from vfs.refs import Commit, read_ref, read_reflog
 
 
 @dataclass
@@ -182,9 +182,12 @@ def rebuild_index(store, progress: Callable[[int], None] | None = None) -> Rebui
             if progress:
                 progress(1)
         for info in store.objects.list("commits/"):
+            commit_id = info.key.split("/", 1)[1]
             try:
-                store.read_commit(info.key.split("/", 1)[1])
+                data = store.objects.get(info.key)
+                Commit.decode(data, commit_id)
+                store.index.cache_commit(bytes.fromhex(commit_id), data)
                 report.commits += 1
-            except VfsError as exc:
+            except (VfsError, ValueError) as exc:
                 report.skipped.append(f"{info.key}: {exc}")
     return report

@@ -63,7 +63,7 @@ from contextlib import contextmanager
 import lmdb
 
 from vfs.blobs import BlobKind, BlobLocation, Compression
-from vfs.errors import Locked, StoreError
+from vfs.errors import Locked, StoreError, StoreFull
 
 _LOCATION = struct.Struct("<32sBBIII")
 _PACK = struct.Struct("<QI")
@@ -131,9 +131,23 @@ class Index:
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
-        """One write transaction; it must not span object store I/O or an ``await``."""
-        with self.env.begin(write=True) as txn:
-            yield txn
+        """One write transaction; it must not span object store I/O or an ``await``.
+
+        Raises:
+            StoreFull: the disk holding the index is full (the transaction is undone).
+            StoreError: any other LMDB failure.
+        """
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.DiskError as exc:
+            raise StoreFull(f"no space left for the local index at {self.path}: {exc}") from exc
+        except lmdb.MapFullError as exc:
+            raise StoreFull(f"the local index at {self.path} is full: {exc}") from exc
+        except lmdb.Error as exc:
+            if "No space left" in str(exc):
+                raise StoreFull(f"no space left for the local index at {self.path}") from exc
+            raise StoreError(f"the local index at {self.path} failed: {exc}") from exc
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:

@@ -140,11 +140,13 @@ class Ingest:
 
     # -- planning -----------------------------------------------------------------------
 
-    def plan(self, dest: str, sources: list[str], *, recursive: bool) -> list[_Source]:
+    def plan(self, dest: str, sources: list[str], *, recursive: bool,
+             into_dir: bool = False) -> list[_Source]:
         """Map local sources to destination paths, like ``cp``.
 
         One directory source: its contents go under ``dest``. One file source: it
-        becomes ``dest`` unless ``dest`` is a directory (then ``dest/name``). Several
+        becomes ``dest`` unless ``dest`` is a directory or ``into_dir`` (a trailing
+        ``/`` on the destination) is set (then ``dest/name``). Several
         sources: each goes to ``dest/basename``.
 
         Raises:
@@ -153,7 +155,7 @@ class Ingest:
         """
         planned: list[_Source] = []
         dest_entry = self.open_commit.lookup(dest)
-        dest_is_dir = dest_entry is not None and dest_entry.kind == DIR
+        dest_is_dir = into_dir or (dest_entry is not None and dest_entry.kind == DIR)
         for src in sources:
             try:
                 st = os.lstat(src)
@@ -444,11 +446,12 @@ def put(store, repo: str, branch: str, dest: str, sources: list[str], *,
         PathNotFound, IsADirectory, NotADirectory, InvalidPath, StoreFull, ...
         Nothing is staged when an error is raised.
     """
+    wants_dir = dest.endswith("/") and normalize_path(dest) != ""
     dest = normalize_path(dest)
     with store.lock():
         state, open_commit = store.open_commit(repo, branch)
         ingest = Ingest(store, open_commit, progress=progress)
-        planned = ingest.plan(dest, sources, recursive=recursive)
+        planned = ingest.plan(dest, sources, recursive=recursive, into_dir=wants_dir)
         if delete:
             if len(sources) != 1 or not os.path.isdir(sources[0]):
                 raise InvalidPath("--delete mirrors one directory: give exactly one directory")

@@ -163,10 +163,17 @@ def reflog_prefix(repo: str) -> str:
 
 
 def append_reflog(objects: ObjectStore, repo: str, branch: str, old: str | None,
-                  new: str | None, why: str) -> ReflogEntry:
-    """Append an audit entry for a branch move (the sequence number is claimed by if-absent)."""
-    existing = [info.key for info in objects.list(reflog_prefix(repo))]
-    seq = int(existing[-1].rsplit("/", 1)[1]) + 1 if existing else 1
+                  new: str | None, why: str, *, start: int | None = None) -> ReflogEntry:
+    """Append an audit entry for a branch move.
+
+    The sequence number is claimed with if-absent, so concurrent writers never
+    share one. ``start`` is a hint (the number after the last one this node
+    wrote); without it the reflog is listed to find the end.
+    """
+    if start is None:
+        existing = [info.key for info in objects.list(reflog_prefix(repo))]
+        start = int(existing[-1].rsplit("/", 1)[1]) + 1 if existing else 1
+    seq = start
     while True:
         entry = ReflogEntry(seq, branch, old, new, current_user(), now_iso(), why)
         body = asdict(entry)

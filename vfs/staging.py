@@ -146,6 +146,8 @@ class OpenCommit:
 
     def below(self, path: str) -> list[str]:
         """Staged paths strictly below ``path``."""
+        if path not in self._dirty:
+            return []  # the common case, and O(1): nothing was ever staged below it
         prefix = path + "/" if path else ""
         return [p for p in self.changes if p.startswith(prefix) and p != path]
 

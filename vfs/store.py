@@ -92,6 +92,7 @@ class Store:
         os.makedirs(self.cache_dir, exist_ok=True)
         self.index = Index(self.cache_dir, config.store_id)
         self.blobs = BlobStore(objects, self.index, config)
+        self._commits: dict[str, Commit] = {}
 
     def close(self) -> None:
         self.index.close()
@@ -129,7 +130,7 @@ class Store:
             raise AlreadyExists(f"repository {name} already exists") from None
         try:
             create_ref(self.objects, name, DEFAULT_BRANCH, None)
-            append_reflog(self.objects, name, DEFAULT_BRANCH, None, None, "branch created")
+            self._append_reflog(name, DEFAULT_BRANCH, None, None, "branch created")
         except PreconditionFailed:
             pass
         return info
@@ -159,7 +160,7 @@ class Store:
             raise VfsError(f"repository {name} has commits: use --force to delete it anyway")
         for branch in branches:
             self.objects.delete(ref_key(name, branch.name))
-            append_reflog(self.objects, name, branch.name, branch.head, None, "repository deleted")
+            self._append_reflog(name, branch.name, branch.head, None, "repository deleted")
             with self.index.write() as txn:
                 self.index.clear_staging_txn(txn, name, branch.name)
         self.objects.delete(f"repos/{name}")
@@ -198,15 +199,26 @@ class Store:
             create_ref(self.objects, repo, branch, commit)
         except PreconditionFailed:
             raise AlreadyExists(f"branch {repo}@{branch} already exists") from None
-        append_reflog(self.objects, repo, branch, None, commit, "branch created")
+        self._append_reflog(repo, branch, None, commit, "branch created")
         return BranchInfo(repo, branch, commit)
 
     def delete_branch(self, repo: str, branch: str) -> None:
         state = self.head(repo, branch)
         self.objects.delete(ref_key(repo, branch))
-        append_reflog(self.objects, repo, branch, state.commit, None, "branch deleted")
+        self._append_reflog(repo, branch, state.commit, None, "branch deleted")
         with self.index.write() as txn:
             self.index.clear_staging_txn(txn, repo, branch)
+
+    def _append_reflog(self, repo: str, branch: str, old: str | None, new: str | None,
+                       why: str) -> ReflogEntry:
+        key = f"reflog_next/{repo}".encode()
+        with self.index.read() as txn:
+            hint = txn.get(key, db=self.index.db["meta"])
+        entry = append_reflog(self.objects, repo, branch, old, new, why,
+                              start=int(hint) if hint else None)
+        with self.index.write() as txn:
+            txn.put(key, str(entry.seq + 1).encode(), db=self.index.db["meta"])
+        return entry
 
     def reflog(self, repo: str, branch: str | None = None) -> list[ReflogEntry]:
         self.repo(repo)
@@ -215,17 +227,30 @@ class Store:
     # -- commits and refs ----------------------------------------------------------------
 
     def read_commit(self, commit_id: str) -> Commit:
-        raw_id = bytes.fromhex(commit_id)
+        """Read (and verify) a commit object; results are kept in memory.
+
+        Raises:
+            CommitNotFound: no such commit object.
+            Corruption: the object does not match its id.
+        """
+        commit = self._commits.get(commit_id)
+        if commit is not None:
+            return commit
+        try:
+            raw_id = bytes.fromhex(commit_id)
+        except ValueError:
+            raise CommitNotFound(f"{commit_id!r} is not a commit id") from None
         data = self.index.cached_commit(raw_id)
         if data is None:
             try:
                 data = self.objects.get(commit_key(commit_id))
             except ObjectNotFound:
                 raise CommitNotFound(f"commit {commit_id} does not exist") from None
-            commit = Commit.decode(data, commit_id)
-            self.index.cache_commit(raw_id, data)
-            return commit
-        return Commit.decode(data, commit_id)
+        # Not written back to the index here: one LMDB write (and fsync) per
+        # commit read would make 'log' crawl. Commits this node makes are indexed.
+        commit = Commit.decode(data, commit_id)
+        self._commits[commit_id] = commit
+        return commit
 
     def resolve(self, spec: RefSpec) -> Commit | None:
         """The commit a ref names; None for a branch that has no commits yet.
@@ -329,8 +354,8 @@ class Store:
             entries = read_reflog(self.objects, state.repo, state.branch)
             if not entries or entries[-1].new != sealing:
                 parents = self.read_commit(sealing).parents
-                append_reflog(self.objects, state.repo, state.branch,
-                              parents[0] if parents else None, sealing,
+                self._append_reflog(state.repo, state.branch,
+                                    parents[0] if parents else None, sealing,
                               "commit (recorded after an interrupted commit)")
             with self.index.write() as txn:
                 self.index.clear_staging_txn(txn, state.repo, state.branch)
@@ -393,7 +418,7 @@ class Store:
                 except PreconditionFailed:
                     self.index.set_sealing(repo, branch, None)
                     continue  # the branch moved meanwhile: rebuild on the new head
-                append_reflog(self.objects, repo, branch, state.commit, commit.id, why)
+                self._append_reflog(repo, branch, state.commit, commit.id, why)
                 with self.index.write() as txn:
                     if tree is None:
                         self.index.clear_staging_txn(txn, repo, branch)
