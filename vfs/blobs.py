@@ -119,10 +119,16 @@ class BlobCodec:
             )
         if location.compression == Compression.ZSTD:
             try:
+                # A damaged frame header may claim any size: check it before allocating.
+                claimed = zstandard.frame_content_size(stored)
+                if claimed != location.plain_len:
+                    raise zstandard.ZstdError(
+                        f"frame claims {claimed} bytes, the index {location.plain_len}"
+                    )
                 plain = self._decompressor().decompress(
                     stored, max_output_size=location.plain_len
                 )
-            except zstandard.ZstdError as exc:
+            except (zstandard.ZstdError, MemoryError) as exc:
                 raise Corruption(
                     f"blob {expected_hash.hex()} in pack {location.pack_id.hex()} "
                     f"does not decompress: {exc}"

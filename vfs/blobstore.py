@@ -22,6 +22,7 @@ from vfs.blobs import (
     EncodedBlob,
     PackBuilder,
     SealedPack,
+    decode_index,
     index_key,
     pack_key,
 )
@@ -65,6 +66,8 @@ class BlobStore:
                     self._cache.move_to_end(digest)
                     return hit
         location = self.index.blob_location(digest)
+        if location is None and self.learn_new_packs():
+            location = self.index.blob_location(digest)
         if location is None:
             raise Corruption(
                 f"blob {digest.hex()} is not in the local index: the store lost data or the "
@@ -83,6 +86,28 @@ class BlobStore:
         if cache:
             self._remember(digest, data)
         return data
+
+    def learn_new_packs(self) -> int:
+        """Index packs that other nodes (or an interrupted rebuild) stored; return how many.
+
+        Each node's index learns its own packs as it writes them; packs written
+        elsewhere are found here, by listing ``index/`` and reading the new ones.
+        """
+        known = self.index.packs()
+        learned = 0
+        for info in self.objects.list("index/"):
+            pack_id = bytes.fromhex(info.key.split("/", 1)[1])
+            if pack_id in known:
+                continue
+            try:
+                entries = decode_index(self.objects.get(info.key), info.key)
+                size = self.objects.stat(pack_key(pack_id)).size
+            except ObjectNotFound:
+                continue  # deleted meanwhile, or its pack never arrived
+            self.index.add_pack(pack_id, size, [e.location(pack_id) for e in entries],
+                                [e.hash for e in entries])
+            learned += 1
+        return learned
 
     def _remember(self, digest: bytes, data: bytes) -> None:
         with self._cache_lock:

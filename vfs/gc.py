@@ -23,8 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from vfs.blobs import decode_index, index_key, pack_key
-from vfs.errors import ObjectNotFound
+from vfs.blobs import index_key, pack_key
 from vfs.reachability import mark, root_commits
 
 _REPACK_BELOW = 0.5  # live fraction of a pack's bytes under which it is repacked
@@ -57,7 +56,7 @@ def collect(store, *, grace: float = 3600.0, reflog_retention: float = 30 * 8640
     report = GcReport(dry_run=dry_run)
     now = time.time()
     with store.lock(exclusive=True):
-        _learn_foreign_packs(store)
+        store.blobs.learn_new_packs()  # other nodes' blobs count when sweeping
         roots, _ = root_commits(store, reflog_since=now - reflog_retention)
         for repo, branch in store.index.open_commits():
             base = store.index.staging_base(repo, branch)
@@ -98,22 +97,6 @@ def collect(store, *, grace: float = 3600.0, reflog_retention: float = 30 * 8640
                 if not dry_run:
                     store.objects.delete(info.key)
     return report
-
-
-def _learn_foreign_packs(store) -> None:
-    """Index packs written by other nodes, so their blobs count when sweeping."""
-    known = store.index.packs()
-    for info in store.objects.list("index/"):
-        pack_id = bytes.fromhex(info.key.split("/", 1)[1])
-        if pack_id in known:
-            continue
-        try:
-            entries = decode_index(store.objects.get(info.key), info.key)
-            size = store.objects.stat(pack_key(pack_id)).size
-        except ObjectNotFound:
-            continue
-        store.index.add_pack(pack_id, size, [e.location(pack_id) for e in entries],
-                             [e.hash for e in entries])
 
 
 def _delete_pack(store, pack_id: bytes) -> None:

@@ -266,6 +266,8 @@ class Index:
         ``drop_below`` lists directories whose staged descendants are discarded
         (a directory deletion supersedes what was staged under it).
         """
+        if not changes:
+            return  # nothing staged: the open commit must not be pinned to this head
         db = self.db["staging"]
         base_key = f"{repo}\0{branch}".encode()
         if txn.get(base_key, db=self.db["staging_base"]) is None:

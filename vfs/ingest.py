@@ -35,8 +35,17 @@ from vfs.config import StoreConfig
 from vfs.errors import InvalidPath, IsADirectory, PathNotFound
 from vfs.names import join, normalize_path, parent_and_name
 from vfs.staging import OpenCommit, new_dir
-from vfs.tree import DIR, FILE, SYMLINK, Entry, chunk_ref, encode_manifest, inline_ref
-from vfs.tree import manifest_ref, parse_file_ref
+from vfs.tree import (
+    DIR,
+    FILE,
+    SYMLINK,
+    Entry,
+    chunk_ref,
+    encode_manifest,
+    inline_ref,
+    manifest_ref,
+    parse_file_ref,
+)
 
 _SMALL_FILE = 8 * 1024 * 1024  # read whole by a worker below this size
 _BATCH_FILES = 128
@@ -51,7 +60,8 @@ class PutResult:
     """What a put did."""
 
     files: int = 0  # regular files and symlinks considered
-    read: int = 0  # files actually read (not served by the files cache)
+    read: int = 0  # files actually read
+    cached: int = 0  # files served by the files cache without being read
     bytes_read: int = 0
     unchanged: int = 0  # files equal to what the branch already shows
     changes: dict[str, Entry | None] = field(default_factory=dict)
@@ -220,9 +230,10 @@ class Ingest:
                 if stat.S_ISDIR(mode):
                     self._record_dir(source)
                 elif stat.S_ISLNK(mode):
+                    target = os.readlink(source.path)
                     self._record(source, Entry(parent_and_name(source.dest)[1], SYMLINK,
-                                               0o777, 0, source.st.st_mtime_ns,
-                                               os.readlink(source.path)))
+                                               0o777, len(target.encode()),
+                                               source.st.st_mtime_ns, target))
                 elif source.path in cached:
                     self._record_file(source, cached[source.path])
                 elif source.st.st_size >= _SMALL_FILE:
@@ -289,6 +300,7 @@ class Ingest:
     def _record_file(self, source: _Source, ref: str, *, size: int | None = None) -> None:
         if size is None:
             size = source.st.st_size
+            self.result.cached += 1
         else:
             self.result.read += 1
             self._cache_updates[source.path] = json.dumps(

@@ -36,6 +36,12 @@ def normalize_path(path: str) -> str:
     """
     if "\0" in path:
         raise InvalidPath(f"path {path!r} contains a NUL byte")
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise InvalidPath(
+            f"path {path!r} is not valid UTF-8: rename the file to put it in a repository"
+        ) from None
     parts = []
     for part in path.split("/"):
         if part in ("", "."):

@@ -40,8 +40,8 @@ from vfs.names import RefSpec, check_name, looks_like_commit
 from vfs.objstore import ObjectStore, open_object_store
 from vfs.refs import (
     Commit,
-    RefState,
     ReflogEntry,
+    RefState,
     append_reflog,
     canonical_json,
     commit_key,

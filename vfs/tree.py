@@ -60,10 +60,14 @@ class Entry:
         try:
             name, kind, mode, size, mtime_ns, ref = row[:6]
             count = row[6] if kind == DIR else (1 if kind == FILE else 0)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, IndexError) as exc:
             raise Corruption(f"malformed tree entry {row!r}") from exc
         if kind not in (FILE, DIR, SYMLINK):
             raise Corruption(f"tree entry {name!r} has unknown kind {kind!r}")
+        if not (isinstance(name, str) and isinstance(ref, str) and isinstance(mode, int)
+                and isinstance(size, int) and isinstance(mtime_ns, int)
+                and isinstance(count, int)):
+            raise Corruption(f"malformed tree entry {row!r}")
         return cls(name, kind, mode, size, mtime_ns, ref, count)
 
     @property
@@ -146,11 +150,13 @@ def decode_tree(data: bytes) -> dict[str, Entry]:
     try:
         raw = json.loads(data)
         rows = raw["e"]
-        if raw.get("v") != 1:
-            raise Corruption(f"tree blob has unknown version {raw.get('v')!r}")
-    except (ValueError, KeyError, TypeError) as exc:
+        version = raw.get("v")
+        entries = {row[0]: Entry.decode(row) for row in rows}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise Corruption(f"blob is not a tree: {exc}") from exc
-    return {row[0]: Entry.decode(row) for row in rows}
+    if version != 1:
+        raise Corruption(f"tree blob has unknown version {version!r}")
+    return entries
 
 
 EMPTY_TREE = encode_tree([])

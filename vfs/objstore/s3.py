@@ -12,13 +12,14 @@ ConditionalRequestConflict when two conditional writes race; both become
 :class:`~vfs.errors.PreconditionFailed`. ``If-Match`` on an absent key answers
 404 NoSuchKey, which also means "the condition did not hold".
 
-Real S3 evaluates the condition and the write atomically. moto (5.2) honours both
-headers with the right status codes, but its server checks the condition and then
-stores the object without a lock, so two racing conditional writes to one key can
-both succeed there. To make tests against moto deterministic, this class also
-serialises the conditional writes *of one process* to the same key with a striped
-lock. That costs nothing measurable on real S3 (conditional writes are rare,
-small, and a loser would fail anyway) and is not what makes them correct: S3 is.
+Real S3 evaluates the condition and the write atomically, and so must any
+service this store is pointed at. moto 5.2 honours both headers with the same
+status codes as S3 (412 on a lost condition, 404 NoSuchKey for If-Match on an
+absent key), but its server checks the condition and then stores the object
+without holding a lock, so two conditional writes racing on one key can both
+succeed. This module does not paper over that with a client-side lock (it would
+convoy contended writers on real S3 and could not help across processes);
+``tests/s3server.py`` instead runs moto with its requests serialised.
 
 Retries are deliberately off in botocore: :class:`vfs.objstore.wrappers.RetryingStore`
 owns the retry policy, so failures surface here as
@@ -27,8 +28,6 @@ owns the retry policy, so failures surface here as
 
 from __future__ import annotations
 
-import threading
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,7 +49,6 @@ _CONFIG = Config(
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _FULL = {"XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "507"}
-_LOCK_STRIPES = 64
 
 
 class S3Store(ObjectStore):
@@ -85,11 +83,8 @@ class S3Store(ObjectStore):
             if endpoint_url:  # S3-compatible services rarely do virtual-host buckets
                 config = config.merge(Config(s3={"addressing_style": "path"}))
             # A private session: the boto3 default session is not thread-safe.
-            client = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint_url, config=config
-            )
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self._client = client
-        self._cas_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
 
     # -- helpers ---------------------------------------------------------------
 
@@ -181,14 +176,8 @@ class S3Store(ObjectStore):
             args["IfNoneMatch"] = "*"
         if if_match is not None:
             args["IfMatch"] = if_match
-        conditional = if_absent or if_match is not None
-        if not conditional:
-            with self._errors(key):
-                return self._client.put_object(**args)["ETag"]
-        # See the module docstring: S3 makes this atomic, the lock only hides moto's race.
-        with self._cas_locks[zlib.crc32(s3_key.encode()) % _LOCK_STRIPES]:
-            with self._errors(key, conditional=True):
-                return self._client.put_object(**args)["ETag"]
+        with self._errors(key, conditional=if_absent or if_match is not None):
+            return self._client.put_object(**args)["ETag"]
 
     def delete(self, key: str) -> None:
         s3_key = self._s3_key(key)

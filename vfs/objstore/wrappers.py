@@ -57,9 +57,7 @@ class DelegatingStore(ObjectStore):
         if_absent: bool = False,
         if_match: str | None = None,
     ) -> str:
-        return self._call(
-            "put", self.inner.put, key, data, if_absent=if_absent, if_match=if_match
-        )
+        return self._call("put", self.inner.put, key, data, if_absent=if_absent, if_match=if_match)
 
     def delete(self, key: str) -> None:
         self._call("delete", self.inner.delete, key)

@@ -1,0 +1,90 @@
+"""Looking after the store: ``gc``, ``fsck`` and ``index rebuild``.
+
+The work is done by :mod:`vfs.gc` and :mod:`vfs.fsck`, imported when a command runs
+so that everyday commands do not pay for them.
+"""
+
+from __future__ import annotations
+
+import click
+
+from cli import output
+from cli.options import Duration, Options, json_option, pass_options
+from cli.output import emit_json, human_size, note
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
+@click.option("--grace", type=Duration(), default="1h", show_default=True,
+              help="Keep unreferenced data younger than this (writers may still need it).")
+@click.option("--reflog-retention", type=Duration(), default="30d", show_default=True,
+              help="Reflog entries younger than this keep their commits alive.")
+@json_option
+@pass_options
+def gc(options: Options, dry_run: bool, grace: float, reflog_retention: float,
+       as_json: bool) -> None:
+    """Remove data no branch, reflog entry or open commit needs any more."""
+    from vfs.gc import collect
+
+    with output.progress("examining packs", unit="packs") as advance:
+        report = collect(options.store(), grace=grace, reflog_retention=reflog_retention,
+                         dry_run=dry_run, progress=advance)
+    if as_json:
+        emit_json(report.as_dict())
+        return
+    would = "would be " if report.dry_run else ""
+    click.echo(f"{report.packs_deleted} packs {would}deleted, {report.packs_repacked} "
+               f"{would}repacked, {report.commits_deleted} commits {would}deleted, "
+               f"{human_size(report.bytes_freed)} {would}freed")
+    if report.dry_run:
+        note("dry run: nothing was changed")
+
+
+@click.command()
+@click.option("--deep", is_flag=True, help="Also read every blob and verify its hash.")
+@json_option
+@pass_options
+def fsck(options: Options, deep: bool, as_json: bool) -> None:
+    """Verify the store: reachability, and with --deep every blob's hash."""
+    from vfs.fsck import check
+
+    with output.progress("checking") as advance:
+        report = check(options.store(), deep=deep, progress=advance)
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        for line in getattr(report, "notes", []):
+            note(f"note: {line}")
+        for problem in report.problems:
+            click.echo(f"problem: {problem}")
+        click.echo(f"checked {report.packs} packs, {report.blobs} blobs, {report.commits} "
+                   f"commits: " + ("no problems" if report.ok
+                                   else f"{len(report.problems)} problems"))
+    if not report.ok:
+        if not as_json:
+            note(f"vfsctl: error: fsck found {len(report.problems)} problems; "
+                 "see above ('vfsctl index rebuild' repairs a damaged local index)")
+        click.get_current_context().exit(1)
+
+
+@click.group()
+def index() -> None:
+    """The node-local index."""
+
+
+@index.command("rebuild")
+@json_option
+@pass_options
+def index_rebuild(options: Options, as_json: bool) -> None:
+    """Rebuild the local index from the object store."""
+    from vfs.fsck import rebuild_index
+
+    with output.progress("reading packs", unit="packs") as advance:
+        report = rebuild_index(options.store(), progress=advance)
+    if as_json:
+        emit_json(report.as_dict())
+        return
+    click.echo(f"rebuilt the index: {report.packs} packs, {report.blobs} blobs, "
+               f"{report.commits} commits")
+    for skipped in getattr(report, "skipped", []):
+        note(f"skipped: {skipped}")

@@ -1,0 +1,117 @@
+"""Fixtures shared by every test tier.
+
+Three guarantees hold for every test, whichever tier it is in:
+
+* it never touches the user's real store, cache or home directory: ``$VFS_STORE``,
+  ``$VFS_CACHE`` and ``$HOME`` point into the test's own ``tmp_path``;
+* a store it used through the ``store`` fixture still passes a deep fsck afterwards
+  (S3QL ends each filesystem test with fsck), unless it is marked ``corrupts_store``;
+* it logged nothing at WARNING or above from our own code (S3QL fails such tests too:
+  a warning nobody looks at is how silent degradation starts), unless it is marked
+  ``expect_warnings``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vfs
+from vfs import fsck
+
+# Loggers of our own packages; third-party warnings (boto, moto, trio) are not ours to fail on.
+_OUR_LOGGERS = ("vfs", "cli", "daemon")
+
+_phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "corrupts_store: the test damages the store on purpose; skip the fsck at teardown",
+    )
+    config.addinivalue_line(
+        "markers",
+        "expect_warnings: the test expects WARNING or higher log records from vfs, cli or daemon",
+    )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    # Keep each phase's report on the item so fixtures can tell, at teardown,
+    # whether the test itself already failed.
+    report = yield
+    item.stash.setdefault(_phase_reports, {})[report.when] = report
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point every default location of vfs (and anything else using ``~``) into tmp_path."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for variable in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "VFS_S3_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("VFS_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("VFS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VFS_USER", "tester@test")
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_unexpected_warnings(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """Fail the test if our code logged WARNING or above, unless it is marked expect_warnings.
+
+    Being autouse, this fixture is set up before and torn down after the test's own
+    fixtures, so records logged while they tear down (the store's fsck) count too.
+    """
+    yield
+    if request.node.get_closest_marker("expect_warnings"):
+        return
+    call_report = request.node.stash.get(_phase_reports, {}).get("call")
+    if call_report is not None and call_report.failed:
+        return  # the failure says more; its captured log shows the warnings anyway
+    records = [
+        record
+        for when in ("setup", "call", "teardown")
+        for record in caplog.get_records(when)
+        if record.levelno >= logging.WARNING and _is_ours(record.name)
+    ]
+    if records:
+        lines = "\n".join(
+            f"  {record.levelname} {record.name}: {record.getMessage()}" for record in records
+        )
+        pytest.fail(
+            f"unexpected log records at WARNING or above (mark the test "
+            f"@pytest.mark.expect_warnings if they are intended):\n{lines}",
+            pytrace=False,
+        )
+
+
+def _is_ours(logger_name: str) -> bool:
+    return any(logger_name == name or logger_name.startswith(name + ".") for name in _OUR_LOGGERS)
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[vfs.Store]:
+    """A new local store in tmp_path, the same one ``$VFS_STORE`` points at.
+
+    At teardown it must pass ``fsck --deep``, unless the test is marked corrupts_store.
+    """
+    opened = vfs.open_store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"), create=True)
+    try:
+        yield opened
+        if not request.node.get_closest_marker("corrupts_store"):
+            report = fsck.check(opened, deep=True)
+            if not report.ok:
+                problems = "\n".join(f"  {problem}" for problem in report.problems)
+                pytest.fail(
+                    f"the store fails fsck --deep after the test:\n{problems}", pytrace=False
+                )
+    finally:
+        opened.close()

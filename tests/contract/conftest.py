@@ -1,0 +1,92 @@
+"""Fixtures of the object store contract tests: one ``object_store`` per backend."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from vfs.objstore import LocalStore, MemoryStore, ObjectStore
+
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from s3server import start_moto_server  # noqa: E402
+
+BACKENDS = ["local", "memory", "s3"]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """Endpoint URL of a moto S3 server shared by the whole session."""
+    with start_moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy AWS credentials and region, so nothing reaches real AWS config."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+
+
+@pytest.fixture(scope="session")
+def s3_admin(moto_endpoint: str) -> Iterator[Any]:
+    """A plain boto3 S3 client of the moto server, for setting up and inspecting."""
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_admin: Any, aws_env: None) -> Iterator[str]:
+    """A fresh, empty bucket on the moto server, removed after the test."""
+    name = f"vfs-test-{uuid.uuid4().hex[:16]}"
+    s3_admin.create_bucket(Bucket=name)
+    yield name
+    for page in s3_admin.get_paginator("list_objects_v2").paginate(Bucket=name):
+        for item in page.get("Contents", ()):
+            s3_admin.delete_object(Bucket=name, Key=item["Key"])
+    s3_admin.delete_bucket(Bucket=name)
+
+
+@pytest.fixture
+def s3_store(moto_endpoint: str, s3_bucket: str) -> Iterator[ObjectStore]:
+    """An S3Store under a prefix of a fresh bucket on the moto server."""
+    from vfs.objstore.s3 import S3Store
+
+    store = S3Store(s3_bucket, "store/prefix", endpoint_url=moto_endpoint)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def object_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    """An empty store of each backend in turn."""
+    if request.param == "s3":
+        yield request.getfixturevalue("s3_store")
+        return
+    store: ObjectStore
+    if request.param == "local":
+        store = LocalStore(str(tmp_path / "store"), create=True)
+    else:
+        store = MemoryStore()
+    yield store
+    store.close()
