@@ -66,9 +66,9 @@ def put(options: Options, target: str, sources: tuple[str, ...], recursive: bool
                    "bytes_read": result.bytes_read, "bytes_stored": result.bytes_stored})
         return
     deleted = f", {result.deleted} deleted" if result.deleted else ""
-    note(f"staged {result.staged} files ({result.read} read, {result.cached} from the files "
-         f"cache, {result.unchanged} unchanged"
-         f"{deleted}), {human_size(result.bytes_stored)} new data")
+    note(f"{result.files} files: {result.staged} staged, {result.unchanged} unchanged{deleted} "
+         f"({result.read} read, {result.cached} from the files cache), "
+         f"{human_size(result.bytes_stored)} new data")
 
 
 @click.command()

@@ -1,0 +1,72 @@
+"""A real full disk under the store: put fails cleanly, nothing is lost, retry works."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+VFSCTL = [sys.executable, "-m", "cli.main"]
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def run(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*VFSCTL, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_put_onto_a_full_disk_loses_nothing_and_can_be_retried(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "small", "6m") as small:
+        env = {**os.environ, "VFS_STORE": str(small / "store"),
+               "VFS_CACHE": str(tmp_path / "cache")}
+        assert run(env, "init").returncode == 0
+        assert run(env, "repo", "create", "data").returncode == 0
+        (tmp_path / "note.txt").write_bytes(b"staged before the disk filled\n" * 100)
+        assert run(env, "put", "data@main:/note.txt", str(tmp_path / "note.txt")).returncode == 0
+
+        big = tmp_path / "big.bin"
+        big.write_bytes(os.urandom(12 << 20))  # twice what the disk holds
+        failed = run(env, "put", "data@main:/big.bin", str(big))
+        assert failed.returncode == 1
+        assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+        assert "no space" in failed.stderr.lower()
+
+        # The open commit still holds exactly what was staged before the failure.
+        status = run(env, "status", "data@main", "--json")
+        assert status.returncode == 0, status.stderr
+        assert "note.txt" in status.stdout and "big.bin" not in status.stdout
+        # No temporary files are left filling the disk.
+        leftovers = [p for p in (small / "store").rglob("*") if p.name.endswith(".tmp")]
+        assert leftovers == []
+        assert run(env, "fsck", "--deep").returncode == 0
+
+        committed = run(env, "commit", "data@main", "-m", "what fit")
+        assert committed.returncode == 0, committed.stderr
+        assert run(env, "cat", "data@main:/note.txt").stdout.startswith("staged before")
+
+        # Once space is freed (here: a smaller file), the same commands work again.
+        big.write_bytes(os.urandom(1 << 20))
+        assert run(env, "put", "data@main:/big.bin", str(big)).returncode == 0
+        assert run(env, "commit", "data@main", "-m", "retry").returncode == 0
+        got = subprocess.run([*VFSCTL, "cat", "data@main:/big.bin"], env=env,
+                             capture_output=True, timeout=60)
+        assert got.stdout == big.read_bytes()
+        fsck = run(env, "fsck", "--deep")
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
