@@ -127,7 +127,10 @@ def test_user_story(vfsctl: Vfsctl, tmp_path: Path) -> None:
 
     put = vfsctl.ok("put", "photos@main", str(src), "-r")
     assert put.out == ""
-    assert re.fullmatch(r"5 files: 5 staged, 0 unchanged \(5 read, 0 from the files cache\), .* new data\n", put.err)
+    assert re.fullmatch(
+        r"5 files: 5 staged, 0 unchanged \(5 read, 0 from the files cache\), .* new data\n",
+        put.err,
+    )
     assert status_lines(vfsctl, "photos@main") == [f"added /{p}" for p in sorted(files)]
 
     first = vfsctl.ok("commit", "photos@main", "-m", "first import").out
