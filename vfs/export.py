@@ -10,6 +10,7 @@ no partial file behind (files are written to a temporary name and renamed).
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from vfs.blobstore import BlobStore
-from vfs.errors import AlreadyExists, Corruption, InvalidPath, IsADirectory, PathNotFound
+from vfs.errors import AlreadyExists, Corruption, IsADirectory, PathNotFound
 from vfs.names import RefSpec
 from vfs.snapshot import Snapshot, file_chunks
 from vfs.tree import DIR, FILE, SYMLINK, Entry, parse_file_ref
@@ -137,18 +138,23 @@ def _walk_checked(snapshot: Snapshot, path: str) -> Iterator[tuple[str, Entry]]:
 
 def _write_file(blobs: BlobStore, entry: Entry, target: str, pool: ThreadPoolExecutor,
                 progress: Callable[[int], None] | None) -> None:
-    tmp = f"{target}.vfs-partial"
-    if os.path.dirname(os.path.abspath(tmp)) != os.path.dirname(os.path.abspath(target)):
-        raise InvalidPath(f"bad target {target}")
+    # A fresh, unique temporary beside the target: never a name a user's file could have.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target),
+                               prefix=f".{os.path.basename(target)[:200]}.", suffix=".vfs-partial")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             for data in stream_file(blobs, entry, pool):
                 f.write(data)
                 if progress is not None:
                     progress(len(data))
         os.chmod(tmp, entry.mode & 0o7777)
         os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns))
-        os.rename(tmp, target)
+        # link() refuses to replace a file that appeared meanwhile; rename() would not.
+        os.link(tmp, target)
+        os.unlink(tmp)
+    except FileExistsError:
+        os.unlink(tmp)
+        raise AlreadyExists(f"{target} appeared while writing it: refusing to overwrite") from None
     except BaseException:
         try:
             os.unlink(tmp)

@@ -32,7 +32,7 @@ from vfs.blobs import BlobCodec, BlobKind, EncodedBlob
 from vfs.blobstore import BlobWriter
 from vfs.chunker import Chunker
 from vfs.config import StoreConfig
-from vfs.errors import InvalidPath, IsADirectory, PathNotFound
+from vfs.errors import InvalidPath, IsADirectory, PathNotFound, VfsError
 from vfs.names import join, normalize_path, parent_and_name
 from vfs.staging import OpenCommit, new_dir
 from vfs.tree import (
@@ -41,6 +41,7 @@ from vfs.tree import (
     SYMLINK,
     Entry,
     chunk_ref,
+    decode_manifest,
     encode_manifest,
     inline_ref,
     manifest_ref,
@@ -377,7 +378,18 @@ class Ingest:
                 if tag != "i":
                     needed[source.path] = payload
         present = self.store.index.has_blobs(needed.values())
-        return {p: r for p, r in hits.items() if p not in needed or needed[p] in present}
+        usable = {p: r for p, r in hits.items() if p not in needed or needed[p] in present}
+        # A manifest can outlive its chunks (gc keeps whole packs): check them too.
+        for path, ref in list(usable.items()):
+            if ref.startswith("m:"):
+                try:
+                    chunks = [d for d, _ in decode_manifest(
+                        self.store.blobs.read(bytes.fromhex(ref[2:]), cache=True))]
+                except VfsError:
+                    chunks = None
+                if chunks is None or len(self.store.index.has_blobs(chunks)) != len(set(chunks)):
+                    del usable[path]
+        return usable
 
     def save_files_cache(self, txn) -> None:
         for path, value in self._cache_updates.items():
@@ -399,7 +411,13 @@ def _noop() -> None:
 def encode_stream(store, stream: BinaryIO, writer: BlobWriter) -> tuple[str, int]:
     """Encode a stream (e.g. stdin) into blobs; return its file ref and size."""
     encoder = _FileEncoder(store.config, store.blobs.codec)
-    first = stream.read(store.config.chunker.min_size + 1)
+    wanted = store.config.chunker.min_size + 1
+    first = b""
+    while len(first) < wanted:  # pipes return short reads: read until enough or EOF
+        more = stream.read(wanted - len(first))
+        if not more:
+            break
+        first += more
     if len(first) <= store.config.chunker.min_size:
         ref, blobs = encoder.encode_data(first)
         for blob in blobs:

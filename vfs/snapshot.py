@@ -141,13 +141,15 @@ def diff_trees(old: Snapshot, new: Snapshot, path: str = "") -> Iterator[Change]
     """
     old_root = old.lookup(path)
     new_root = new.lookup(path)
-    yield from _diff_entries(
-        old,
-        new,
-        path,
-        old.listdir(path) if old_root and old_root.kind == DIR and old_root.ref else {},
-        new.listdir(path) if new_root and new_root.kind == DIR and new_root.ref else {},
-    )
+    if not path:
+        yield from _diff_entries(old, new, path, old.root_entries(), new.root_entries())
+        return
+    # Compare the entry at ``path`` itself within its parent: this covers a file,
+    # a directory, and one becoming the other.
+    parent, name = path.rpartition("/")[0], path.rpartition("/")[2]
+    yield from _diff_entries(old, new, parent,
+                             {name: old_root} if old_root else {},
+                             {name: new_root} if new_root else {})
 
 
 def _diff_entries(old: Snapshot, new: Snapshot, path: str, a: dict[str, Entry],

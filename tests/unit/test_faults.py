@@ -126,6 +126,20 @@ def test_store_full_during_put(rig: Rig, tmp_path: Path, nth_put: int, after: bo
     assert _view(rig.store) == content
 
 
+def test_failed_put_keeps_what_was_staged_before(rig: Rig, tmp_path: Path) -> None:
+    (tmp_path / "early").write_bytes(os.urandom(50_000))
+    vfs.put(rig.store, REPO, "main", "/early", [str(tmp_path / "early")])
+    staged = _staged(rig.store)
+    (tmp_path / "late").write_bytes(os.urandom(3 << 20))
+    rig.faulty.fail_after(2, lambda: StoreFull("no space left (injected)"))
+    with pytest.raises(StoreFull):
+        vfs.put(rig.store, REPO, "main", "/late", [str(tmp_path / "late")])
+    assert _staged(rig.store) == staged
+    rig.faulty.clear()
+    rig.store.commit(REPO, "main", "early only")
+    assert _view(rig.store) == {"early": (tmp_path / "early").read_bytes()}
+
+
 def test_store_full_during_put_stream(rig: Rig) -> None:
     data = random.Random(5).randbytes(3 << 20)
     rig.faulty.fail_after(2, lambda: StoreFull("quota (injected)"))
