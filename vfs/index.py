@@ -98,7 +98,7 @@ def staging_prefix(repo: str, branch: str) -> bytes:
 class Index:
     """The LMDB environment of one store on this node."""
 
-    def __init__(self, directory: str, store_id: str) -> None:
+    def __init__(self, directory: str, store_id: str, *, durable: bool = True) -> None:
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "index.lmdb")
         try:
@@ -108,6 +108,10 @@ class Index:
                 max_dbs=len(_DATABASES) + 2,
                 subdir=True,
                 max_readers=256,
+                # Without per-transaction fsync (the daemon) a process crash loses
+                # nothing (the OS has the pages); callers sync() at durability points.
+                sync=durable,
+                metasync=durable,
             )
         except lmdb.LockError as exc:
             raise Locked(f"the index at {self.path} is locked: {exc}") from exc
@@ -128,6 +132,10 @@ class Index:
 
     def close(self) -> None:
         self.env.close()
+
+    def sync(self) -> None:
+        """Force everything written so far to disk."""
+        self.env.sync(True)
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:

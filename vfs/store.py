@@ -85,12 +85,13 @@ class BranchInfo:
 class Store:
     """A vfs store opened on this node. Use :func:`open_store` to get one."""
 
-    def __init__(self, objects: ObjectStore, config: StoreConfig, cache_dir: str) -> None:
+    def __init__(self, objects: ObjectStore, config: StoreConfig, cache_dir: str, *,
+                 durable_index: bool = True) -> None:
         self.objects = objects
         self.config = config
         self.cache_dir = os.path.join(cache_dir, config.store_id)
         os.makedirs(self.cache_dir, exist_ok=True)
-        self.index = Index(self.cache_dir, config.store_id)
+        self.index = Index(self.cache_dir, config.store_id, durable=durable_index)
         self.blobs = BlobStore(objects, self.index, config)
         self._commits: dict[str, Commit] = {}
 
@@ -469,7 +470,7 @@ class Store:
 
 
 def open_store(url: str | None = None, *, cache_dir: str | None = None, create: bool = False,
-               s3_endpoint: str | None = None) -> Store:
+               s3_endpoint: str | None = None, durable_index: bool = True) -> Store:
     """Open (or with ``create`` make) the store at ``url``.
 
     Args:
@@ -477,6 +478,8 @@ def open_store(url: str | None = None, *, cache_dir: str | None = None, create: 
         cache_dir: node-local index and cache; defaults to ``$VFS_CACHE`` then ``~/.cache/vfs``.
         create: create the store if it does not exist (idempotent).
         s3_endpoint: endpoint of an S3-compatible service.
+        durable_index: fsync the local index at every transaction (the daemon turns
+            this off and syncs at commits and fsyncs instead).
 
     Raises:
         StoreNotFound: no store there and ``create`` is false.
@@ -485,4 +488,5 @@ def open_store(url: str | None = None, *, cache_dir: str | None = None, create: 
     objects = open_object_store(url or default_store_url(), create=create,
                                 s3_endpoint=s3_endpoint)
     config = create_config(objects) if create else load_config(objects)
-    return Store(objects, config, cache_dir or default_cache_dir())
+    return Store(objects, config, cache_dir or default_cache_dir(),
+                 durable_index=durable_index)

@@ -1,0 +1,135 @@
+"""What vfsctl asks the daemon over the control socket, and how the daemon does it.
+
+State-changing commands go through the daemon while it owns the store, so the
+mount's views and the CLI never disagree: each one runs the library call and then
+reloads the branch view it touched. ``dispatch`` runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import vfs
+from daemon.fs import VfsOperations
+from daemon.reader import DiskCache
+from vfs.errors import VfsError
+from vfs.names import parse_ref
+
+
+def commit_dict(commit: vfs.Commit) -> dict:
+    return {"id": commit.id, "repo": commit.repo, "branch": commit.branch,
+            "parents": list(commit.parents), "tree": commit.tree, "message": commit.message,
+            "author": commit.author, "time": commit.time, "files": commit.files,
+            "bytes": commit.bytes, "provenance": commit.provenance,
+            "metadata": commit.metadata}
+
+
+class ControlHandler:
+    """Executes control requests against the store and the mounted views."""
+
+    def __init__(self, store: vfs.Store, operations: VfsOperations, mountpoint: str,
+                 disk: DiskCache | None) -> None:
+        self.store = store
+        self.operations = operations
+        self.mountpoint = mountpoint
+        self.disk = disk
+        self.stop: Callable[[], None] = lambda: None
+
+    def dispatch(self, op: str, args: dict) -> object:
+        method = getattr(self, f"op_{op}", None)
+        if method is None:
+            raise VfsError(f"vfsd does not know the request {op!r}: is vfsctl newer than vfsd?")
+        return method(**args)
+
+    def _changed(self, repo: str, branch: str) -> None:
+        self.operations.branch_changed(repo, branch)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def op_hello(self) -> dict:
+        return {"store_id": self.store.config.store_id, "pid": os.getpid(),
+                "mount": self.mountpoint, "version": 1}
+
+    def op_status(self) -> dict:
+        open_commits = [
+            {"repo": repo, "branch": branch,
+             "changes": len(self.store.index.staged(repo, branch))}
+            for repo, branch in self.store.index.open_commits()
+        ]
+        open_files = sum(
+            len(view.spools) for view in list(self.operations.views.values())
+            if hasattr(view, "spools")
+        )
+        return {"mount": self.mountpoint, "pid": os.getpid(), "store": self.store.objects.url,
+                "cache": {"dir": self.store.cache_dir,
+                          "used_bytes": self.disk.used if self.disk else 0,
+                          "limit_bytes": self.disk.limit if self.disk else 0},
+                "open_commits": open_commits, "open_files": open_files}
+
+    def op_put(self, repo: str, branch: str, dest: str, sources: list[str],
+               recursive: bool = False, delete: bool = False, stdin: bool = False) -> dict:
+        if stdin:
+            with open(sources[0], "rb") as f:
+                result = vfs.put_stream(self.store, repo, branch, dest, f)
+        else:
+            result = vfs.put(self.store, repo, branch, dest, sources, recursive=recursive,
+                             delete=delete)
+        self._changed(repo, branch)
+        return {"files": result.files, "read": result.read, "cached": result.cached,
+                "unchanged": result.unchanged, "staged": result.staged,
+                "deleted": result.deleted, "bytes_read": result.bytes_read,
+                "bytes_stored": result.bytes_stored}
+
+    def op_rm(self, repo: str, branch: str, path: str, recursive: bool = False) -> dict:
+        count = vfs.remove(self.store, repo, branch, path, recursive=recursive)
+        self._changed(repo, branch)
+        return {"files": count}
+
+    def op_commit(self, repo: str, branch: str, message: str = "") -> dict:
+        # Every write to a file closed or fsync'd before now is already staged; files
+        # still open with unflushed writes are stored first as they are now.
+        self.operations.flush_branch(repo, branch)
+        try:
+            commit = self.store.commit(repo, branch, message)
+        finally:
+            self._changed(repo, branch)
+        self.store.index.sync()
+        return commit_dict(commit)
+
+    def op_discard(self, repo: str, branch: str) -> dict:
+        count = self.store.discard(repo, branch)
+        self._changed(repo, branch)
+        return {"changes": count}
+
+    def op_rollback(self, repo: str, branch: str, to: str, message: str = "") -> dict:
+        target = parse_ref(to if "@" in to else f"{repo}@{to}", allow_path=False)
+        try:
+            commit = self.store.rollback(repo, branch, target, message)
+        finally:
+            self._changed(repo, branch)
+        return commit_dict(commit)
+
+    def op_branch_create(self, repo: str, branch: str, **kwargs: str | None) -> dict:
+        start = kwargs.get("from")
+        spec = parse_ref(start, allow_path=False) if start else None
+        info = self.store.create_branch(repo, branch, spec)
+        return {"repo": info.repo, "branch": info.name, "head": info.head}
+
+    def op_branch_delete(self, repo: str, branch: str) -> dict:
+        self.store.delete_branch(repo, branch)
+        self.operations.views.pop(f"{repo}@{branch}", None)
+        return {}
+
+    def op_repo_delete(self, name: str, force: bool = False) -> dict:
+        self.store.delete_repo(name, force=force)
+        for key in [k for k in self.operations.views if k.startswith(name + "@")]:
+            self.operations.views.pop(key, None)
+        return {}
+
+    def op_unmount(self) -> dict:
+        self.stop()
+        return {}
+
+
+__all__ = ["ControlHandler", "commit_dict"]

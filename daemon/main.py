@@ -1,0 +1,176 @@
+"""``vfsd``: mount the store under /pfs and serve ``vfsctl`` on a control socket.
+
+One trio run, one top-level nursery: the FUSE loop, the control socket and the
+signal watcher are services started with ``nursery.start`` and READY=1 is sent to
+systemd only once all of them are up. SIGTERM or SIGINT unmounts cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+
+import pyfuse3
+import trio
+
+import vfs
+from daemon import sdnotify
+from daemon.fs import VfsOperations
+from daemon.handler import ControlHandler
+from daemon.protocol import default_socket_path, remove_daemon_file, write_daemon_file
+from daemon.reader import ChunkCache, DiskCache
+
+log = logging.getLogger("daemon")
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS and not text[-1:].isdigit() else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        return int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 2G") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vfsd", description=__doc__.splitlines()[0])
+    parser.add_argument("--store", help="store URL (default $VFS_STORE or the local default)")
+    parser.add_argument("--mount", default="/pfs", help="mount point (default /pfs)")
+    parser.add_argument("--cache", help="node-local index and cache directory")
+    parser.add_argument("--config", help="TOML file with any of these options as keys")
+    parser.add_argument("--s3-endpoint", help="endpoint of an S3-compatible service")
+    parser.add_argument("--socket", help="control socket path")
+    parser.add_argument("--chunk-cache-size", type=parse_size, default=None,
+                        help="on-disk chunk cache limit (default: 0 for a local store, "
+                             "2G otherwise)")
+    parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
+    return parser
+
+
+def load_options(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if options.config:
+        try:
+            with open(options.config, "rb") as f:
+                config = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            parser.error(f"cannot read {options.config}: {exc}")
+        for key, value in config.items():
+            attr = key.replace("-", "_")
+            if not hasattr(options, attr):
+                parser.error(f"{options.config}: unknown option {key!r}")
+            if getattr(options, attr) in (None, parser.get_default(attr)):
+                if attr == "chunk_cache_size" and isinstance(value, str):
+                    value = parse_size(value)
+                setattr(options, attr, value)
+    return options
+
+
+def clean_stale_mount(mountpoint: str) -> None:
+    """A mount point left by a killed daemon answers ENOTCONN: unmount it first."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s is a stale mount of a dead daemon: unmounting it", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+    os.makedirs(mountpoint, exist_ok=True)
+    if os.path.ismount(mountpoint):
+        raise vfs.VfsError(f"{mountpoint} is already a mount point: unmount it first")
+
+
+async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
+    spool_dir = os.path.join(store.cache_dir, "spool")
+    os.makedirs(spool_dir, exist_ok=True)
+    for name in os.listdir(spool_dir):  # spools of a dead daemon: never flushed, not staged
+        os.unlink(os.path.join(spool_dir, name))
+    limit = options.chunk_cache_size
+    if limit is None:
+        limit = 0 if getattr(store.objects, "root", None) else 2 << 30
+    disk = DiskCache(os.path.join(store.cache_dir, "chunks"), limit) if limit else None
+    cache = ChunkCache(store.blobs, disk, limiter=trio.CapacityLimiter(4))
+    operations = VfsOperations(store, spool_dir, cache)
+    mountpoint = os.path.abspath(options.mount)
+    clean_stale_mount(mountpoint)
+    fuse_options = set(pyfuse3.default_options)
+    fuse_options.discard("default_permissions")
+    fuse_options |= {"fsname=vfs", "subtype=vfs", "default_permissions"}
+    if os.getuid() == 0:
+        fuse_options.add("allow_other")
+    pyfuse3.init(operations, mountpoint, fuse_options)
+    socket_path = options.socket or default_socket_path(store.cache_dir)
+    handler = ControlHandler(store, operations, mountpoint, disk)
+    try:
+        async with trio.open_nursery() as nursery:
+            operations.nursery = nursery
+            handler.stop = lambda: trio.from_thread.run_sync(pyfuse3.terminate)
+            nursery.start_soon(_fuse_main, nursery)
+            from daemon.control import serve_control
+
+            await nursery.start(serve_control, socket_path, handler)
+            write_daemon_file(store.cache_dir, {"socket": socket_path, "pid": os.getpid(),
+                                                "mount": mountpoint,
+                                                "store_id": store.config.store_id})
+            nursery.start_soon(_watch_signals, nursery)
+            sdnotify.notify_ready()
+            log.info("vfsd ready: %s mounted at %s", store.objects.url, mountpoint)
+    finally:
+        sdnotify.notify_stopping()
+        remove_daemon_file(store.cache_dir)
+        pyfuse3.close(unmount=True)
+        store.index.sync()
+        log.info("unmounted %s", mountpoint)
+
+
+async def _fuse_main(nursery: trio.Nursery) -> None:
+    try:
+        await pyfuse3.main()
+    finally:
+        nursery.cancel_scope.cancel()  # the mount is gone: stop every other service
+
+
+async def _watch_signals(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = load_options(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if options.debug else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        store = vfs.open_store(options.store, cache_dir=options.cache,
+                               s3_endpoint=options.s3_endpoint, durable_index=False)
+    except vfs.VfsError as exc:
+        print(f"vfsd: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    try:
+        trio.run(serve, options, store)
+    except vfs.VfsError as exc:
+        print(f"vfsd: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
