@@ -1,12 +1,14 @@
 """``vfsctl``: the command line of vfs (see shared/CLI.md for the fixed interface).
 
 This module holds the root group, error handling and the repository and branch
-commands; the other commands live in :mod:`cli.changes`, :mod:`cli.reading` and
-:mod:`cli.maintenance`. Each command parses its ``REPO@REF[:/path]`` arguments with
-:func:`vfs.parse_ref` / :func:`vfs.parse_branch`, calls the library, and prints
-either aligned text for a person or, with ``--json``, one JSON document for a
-script. Errors are handled in one place, :meth:`VfsctlGroup.invoke`: a
-:class:`vfs.VfsError` becomes one line on stderr and its exit code, never a traceback.
+commands; the other commands live in :mod:`cli.changes`, :mod:`cli.reading`,
+:mod:`cli.maintenance` and :mod:`cli.mounting`. Each command parses its
+``REPO@REF[:/path]`` arguments with :func:`vfs.parse_ref` / :func:`vfs.parse_branch`,
+calls the library (or, for a change while a vfsd owns the store, the daemon: see
+:meth:`Options.daemon`), and prints either aligned text for a person or, with
+``--json``, one JSON document for a script. Errors are handled in one place,
+:meth:`VfsctlGroup.invoke`: a :class:`vfs.VfsError` becomes one line on stderr and
+its exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import traceback
 import click
 
 import vfs
-from cli import changes, maintenance, output, reading
+from cli import changes, maintenance, mounting, output, reading
 from cli.options import Options, json_option, pass_options, repo_only
 from cli.output import emit_json, fields, note, short, table
 from vfs.errors import VfsError
@@ -178,7 +180,12 @@ def repo_inspect(options: Options, name: str, as_json: bool) -> None:
 @pass_options
 def repo_delete(options: Options, name: str, force: bool) -> None:
     """Delete a repository (its data is freed by the next gc)."""
-    options.store().delete_repo(repo_only(name), force=force)
+    repo_name = repo_only(name)
+    daemon = options.daemon()
+    if daemon is not None:
+        daemon.call("repo_delete", name=repo_name, force=force)
+    else:
+        options.store().delete_repo(repo_name, force=force)
     note(f"deleted repository {name}")
 
 
@@ -198,9 +205,14 @@ def branch_create(options: Options, ref: str, start: str | None) -> None:
     """Create a branch, empty or at the commit --from names."""
     spec = vfs.parse_branch(ref)
     start_spec = vfs.parse_ref(start, allow_path=False) if start else None
-    info = options.store().create_branch(spec.repo, spec.ref, start_spec)
+    daemon = options.daemon()
+    if daemon is not None:
+        head = daemon.call("branch_create", repo=spec.repo, branch=spec.ref,
+                           **{"from": start})["head"]
+    else:
+        head = options.store().create_branch(spec.repo, spec.ref, start_spec).head
     note(f"created branch {spec.repo}@{spec.ref}"
-         + (f" at {short(info.head)}" if info.head else " (empty)"))
+         + (f" at {short(head)}" if head else " (empty)"))
 
 
 @branch.command("list")
@@ -229,14 +241,18 @@ def branch_list(options: Options, repo_name: str, as_json: bool) -> None:
 def branch_delete(options: Options, ref: str) -> None:
     """Delete a branch (its commits stay reachable through the reflog until gc)."""
     spec = vfs.parse_branch(ref)
-    options.store().delete_branch(spec.repo, spec.ref)
+    daemon = options.daemon()
+    if daemon is not None:
+        daemon.call("branch_delete", repo=spec.repo, branch=spec.ref)
+    else:
+        options.store().delete_branch(spec.repo, spec.ref)
     note(f"deleted branch {spec.repo}@{spec.ref}")
 
 
 for _command in (changes.put, changes.rm, changes.status, changes.commit, changes.discard,
                  changes.rollback, reading.log, reading.ls, reading.cat, reading.get,
                  reading.diff, reading.inspect, reading.reflog, maintenance.gc,
-                 maintenance.fsck, maintenance.index):
+                 maintenance.fsck, maintenance.index, mounting.mount, mounting.unmount):
     cli.add_command(_command)
 
 

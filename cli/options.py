@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import click
 
 import vfs
+from daemon.protocol import DaemonClient, find_daemon
 from vfs.errors import InvalidRef
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -23,6 +24,8 @@ class Options:
     s3_endpoint: str | None
     debug: bool
     _store: vfs.Store | None = field(default=None, repr=False)
+    _daemon: DaemonClient | None = field(default=None, repr=False)
+    _daemon_checked: bool = field(default=False, repr=False)
 
     def store(self, *, create: bool = False) -> vfs.Store:
         if self._store is None:
@@ -30,6 +33,22 @@ class Options:
                                          create=create, s3_endpoint=self.s3_endpoint)
             click.get_current_context().find_root().call_on_close(self._store.close)
         return self._store
+
+    def daemon(self) -> DaemonClient | None:
+        """The vfsd that owns this store on this node, if one runs.
+
+        Commands that change state go through it, so the mount and the store agree.
+
+        Raises:
+            DaemonUnavailable: a daemon owns the store but does not answer.
+        """
+        if not self._daemon_checked:
+            store = self.store()
+            # No answer timeout: a put or commit through the daemon takes as long as
+            # the data needs (Ctrl-C stops waiting, the daemon finishes the request).
+            self._daemon = find_daemon(store.cache_dir, store.config.store_id, timeout=None)
+            self._daemon_checked = True
+        return self._daemon
 
 
 pass_options = click.make_pass_decorator(Options)

@@ -13,11 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
 from datetime import UTC, datetime
 
 import click
 
+from daemon.protocol import commit_to_dict
 from vfs import Commit, Entry, ReflogEntry
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
@@ -109,22 +109,8 @@ def fields(pairs: Sequence[tuple[str, object]]) -> None:
 
 
 def commit_json(commit: Commit) -> dict:
-    body = asdict(commit)
-    body["parents"] = list(commit.parents)
-    return {
-        "id": body["id"],
-        "repo": body["repo"],
-        "branch": body["branch"],
-        "parents": body["parents"],
-        "tree": body["tree"],
-        "message": body["message"],
-        "author": body["author"],
-        "time": body["time"],
-        "files": body["files"],
-        "bytes": body["bytes"],
-        "provenance": body["provenance"],
-        "metadata": body["metadata"],
-    }
+    # The daemon answers commit and rollback with the same shape (daemon.protocol).
+    return commit_to_dict(commit)
 
 
 def entry_json(path: str, entry: Entry) -> dict:

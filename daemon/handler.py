@@ -12,17 +12,10 @@ from collections.abc import Callable
 
 import vfs
 from daemon.fs import VfsOperations
+from daemon.protocol import commit_to_dict
 from daemon.reader import DiskCache
 from vfs.errors import VfsError
 from vfs.names import parse_ref
-
-
-def commit_dict(commit: vfs.Commit) -> dict:
-    return {"id": commit.id, "repo": commit.repo, "branch": commit.branch,
-            "parents": list(commit.parents), "tree": commit.tree, "message": commit.message,
-            "author": commit.author, "time": commit.time, "files": commit.files,
-            "bytes": commit.bytes, "provenance": commit.provenance,
-            "metadata": commit.metadata}
 
 
 class ControlHandler:
@@ -86,29 +79,31 @@ class ControlHandler:
         self._changed(repo, branch)
         return {"files": count}
 
-    def op_commit(self, repo: str, branch: str, message: str = "") -> dict:
+    def op_commit(self, repo: str, branch: str, message: str = "",
+                  author: str | None = None) -> dict:
         # Every write to a file closed or fsync'd before now is already staged; files
         # still open with unflushed writes are stored first as they are now.
         self.operations.flush_branch(repo, branch)
         try:
-            commit = self.store.commit(repo, branch, message)
+            commit = self.store.commit(repo, branch, message, author=author)
         finally:
             self._changed(repo, branch)
         self.store.index.sync()
-        return commit_dict(commit)
+        return commit_to_dict(commit)
 
     def op_discard(self, repo: str, branch: str) -> dict:
         count = self.store.discard(repo, branch)
         self._changed(repo, branch)
         return {"changes": count}
 
-    def op_rollback(self, repo: str, branch: str, to: str, message: str = "") -> dict:
+    def op_rollback(self, repo: str, branch: str, to: str, message: str = "",
+                    author: str | None = None) -> dict:
         target = parse_ref(to if "@" in to else f"{repo}@{to}", allow_path=False)
         try:
-            commit = self.store.rollback(repo, branch, target, message)
+            commit = self.store.rollback(repo, branch, target, message, author=author)
         finally:
             self._changed(repo, branch)
-        return commit_dict(commit)
+        return commit_to_dict(commit)
 
     def op_branch_create(self, repo: str, branch: str, **kwargs: str | None) -> dict:
         start = kwargs.get("from")
@@ -132,4 +127,3 @@ class ControlHandler:
         return {}
 
 
-__all__ = ["ControlHandler", "commit_dict"]

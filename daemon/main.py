@@ -77,12 +77,18 @@ def load_options(argv: list[str] | None) -> argparse.Namespace:
 
 
 def clean_stale_mount(mountpoint: str) -> None:
-    """A mount point left by a killed daemon answers ENOTCONN: unmount it first."""
+    """A mount point left by a killed daemon answers ENOTCONN: unmount it first.
+
+    ``stat`` may still succeed from the kernel's cache; ``statvfs`` asks the
+    (dead) filesystem and fails.
+    """
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
+    except FileNotFoundError:
+        pass
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
-            raise
+            raise vfs.VfsError(f"cannot use {mountpoint} as a mount point: {exc}") from exc
         log.warning("%s is a stale mount of a dead daemon: unmounting it", mountpoint)
         subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
     os.makedirs(mountpoint, exist_ok=True)
@@ -95,6 +101,9 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
     os.makedirs(spool_dir, exist_ok=True)
     for name in os.listdir(spool_dir):  # spools of a dead daemon: never flushed, not staged
         os.unlink(os.path.join(spool_dir, name))
+    for name in os.listdir(store.cache_dir):  # stdin spools of killed 'vfsctl put -'
+        if name.startswith("stdin-") and name.endswith(".spool"):
+            os.unlink(os.path.join(store.cache_dir, name))
     limit = options.chunk_cache_size
     if limit is None:
         limit = 0 if getattr(store.objects, "root", None) else 2 << 30
@@ -161,15 +170,18 @@ def main(argv: list[str] | None = None) -> None:
     except vfs.VfsError as exc:
         print(f"vfsd: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    status = 0
     try:
         trio.run(serve, options, store)
-    except vfs.VfsError as exc:
-        print(f"vfsd: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
+    except* vfs.VfsError as group:
+        for exc in group.exceptions:
+            print(f"vfsd: error: {exc}", file=sys.stderr)
+        status = 1
+    except* KeyboardInterrupt:
         pass
     finally:
         store.close()
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -163,7 +163,8 @@ def reflog_prefix(repo: str) -> str:
 
 
 def append_reflog(objects: ObjectStore, repo: str, branch: str, old: str | None,
-                  new: str | None, why: str, *, start: int | None = None) -> ReflogEntry:
+                  new: str | None, why: str, *, start: int | None = None,
+                  who: str | None = None) -> ReflogEntry:
     """Append an audit entry for a branch move.
 
     The sequence number is claimed with if-absent, so concurrent writers never
@@ -175,7 +176,7 @@ def append_reflog(objects: ObjectStore, repo: str, branch: str, old: str | None,
         start = int(existing[-1].rsplit("/", 1)[1]) + 1 if existing else 1
     seq = start
     while True:
-        entry = ReflogEntry(seq, branch, old, new, current_user(), now_iso(), why)
+        entry = ReflogEntry(seq, branch, old, new, who or current_user(), now_iso(), why)
         body = asdict(entry)
         body.pop("seq")
         try:

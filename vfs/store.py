@@ -211,12 +211,12 @@ class Store:
             self.index.clear_staging_txn(txn, repo, branch)
 
     def _append_reflog(self, repo: str, branch: str, old: str | None, new: str | None,
-                       why: str) -> ReflogEntry:
+                       why: str, who: str | None = None) -> ReflogEntry:
         key = f"reflog_next/{repo}".encode()
         with self.index.read() as txn:
             hint = txn.get(key, db=self.index.db["meta"])
         entry = append_reflog(self.objects, repo, branch, old, new, why,
-                              start=int(hint) if hint else None)
+                              start=int(hint) if hint else None, who=who)
         with self.index.write() as txn:
             txn.put(key, str(entry.seq + 1).encode(), db=self.index.db["meta"])
         return entry
@@ -419,7 +419,8 @@ class Store:
                 except PreconditionFailed:
                     self.index.set_sealing(repo, branch, None)
                     continue  # the branch moved meanwhile: rebuild on the new head
-                self._append_reflog(repo, branch, state.commit, commit.id, why)
+                self._append_reflog(repo, branch, state.commit, commit.id, why,
+                                    who=commit.author)
                 with self.index.write() as txn:
                     if tree is None:
                         self.index.clear_staging_txn(txn, repo, branch)
@@ -444,7 +445,8 @@ class Store:
                         f"'vfsctl discard {repo}@{branch}' and redo the change"
                     )
 
-    def rollback(self, repo: str, branch: str, target: RefSpec, message: str = "") -> Commit:
+    def rollback(self, repo: str, branch: str, target: RefSpec, message: str = "", *,
+                 author: str | None = None) -> Commit:
         """Make a new commit on ``branch`` whose tree equals ``target``'s; history is kept.
 
         Raises:
@@ -463,6 +465,7 @@ class Store:
             repo,
             branch,
             message or f"rollback to {commit.id[:12]}",
+            author=author,
             tree=commit.tree,
             metadata={"rollback_to": commit.id},
             why=f"rollback to {commit.id}",

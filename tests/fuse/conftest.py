@@ -1,9 +1,17 @@
-"""A real vfsd mount in a child process, always unmounted in ``finally``."""
+"""A real vfsd mount in a child process, always unmounted in ``finally``.
+
+The ``mount`` fixture gives each test a fresh store mounted by its own vfsd. At
+teardown the daemon is stopped, the store must pass ``fsck --deep`` (unless the
+test is marked ``corrupts_store``) and the daemon's log must hold no WARNING,
+ERROR or traceback (unless the test is marked ``expect_warnings``): the rules of
+``tests/conftest.py``, applied to the daemon, whose log is a file and not ours.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,12 +39,41 @@ class Mount:
         return {**os.environ, "VFS_STORE": str(self.store_dir),
                 "VFS_CACHE": str(self.cache_dir)}
 
-    def vfsctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def vfsctl(self, *args: str, check: bool = True,
+               text: bool = True) -> subprocess.CompletedProcess:
+        """Run the real ``vfsctl`` on this mount's store (``text=False``: bytes out)."""
         done = subprocess.run([sys.executable, "-m", "cli.main", *args], env=self.env,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=text, timeout=120)
         if check and done.returncode != 0:
-            raise AssertionError(f"vfsctl {' '.join(args)} failed: {done.stderr}")
+            raise AssertionError(f"vfsctl {' '.join(args)} failed: {done.stderr!r}")
         return done
+
+    def commit(self, ref: str, message: str = "test") -> str:
+        """``vfsctl commit`` through the daemon; returns the new commit id."""
+        commit_id = self.vfsctl("commit", ref, "-m", message).stdout.strip()
+        assert re.fullmatch(r"[0-9a-f]{64}", commit_id), commit_id
+        return commit_id
+
+    def start(self) -> None:
+        """Start a new vfsd on this mount point (the old one must have exited).
+
+        A stale mount left by a killed daemon is for the new daemon to clean up.
+        """
+        assert self.process.poll() is not None, "vfsd still runs"
+        self.process = start_vfsd(self.store_dir, self.cache_dir, self.path).process
+
+    def stop(self) -> None:
+        """SIGTERM the daemon and wait for it (``stop_vfsd``)."""
+        stop_vfsd(self)
+
+    def restart(self) -> None:
+        """Stop the daemon and start a new one on the same store, cache and mount point.
+
+        The new process replaces :attr:`process`, so the fixture that made this
+        mount still stops it at the end.
+        """
+        self.stop()
+        self.start()
 
 
 def _wait_mounted(path: Path, process: subprocess.Popen, log: Path) -> None:
@@ -55,12 +92,22 @@ def start_vfsd(store_dir: Path, cache_dir: Path, mountpoint: Path, *extra: str) 
     handle = open(log, "ab")  # noqa: SIM115 - owned by the child
     process = subprocess.Popen(
         [sys.executable, "-m", "daemon.main", "--store", str(store_dir), "--cache",
-         str(cache_dir), "--mount", str(mountpoint), *extra],
+         str(cache_dir), "--mount", str(mountpoint),
+         "--socket", _socket_path(cache_dir.parent / f"vfsd-{mountpoint.name}.sock"), *extra],
         stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     handle.close()
     mount = Mount(mountpoint, store_dir, cache_dir, process, log)
     _wait_mounted(mountpoint, process, log)
     return mount
+
+
+def _socket_path(wanted: Path) -> str:
+    """A private control socket per test (Unix socket paths must stay under 108 bytes)."""
+    if len(str(wanted)) < 100:
+        return str(wanted)
+    import hashlib
+
+    return f"/tmp/vfs-test-{hashlib.sha1(str(wanted).encode()).hexdigest()[:16]}.sock"
 
 
 def stop_vfsd(mount: Mount) -> None:
@@ -73,6 +120,15 @@ def stop_vfsd(mount: Mount) -> None:
             mount.process.wait()
     if os.path.ismount(mount.path) or _stale(mount.path):
         subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False)
+
+
+def daemon_log_problems(log: Path) -> list[str]:
+    """Lines of a vfsd log at WARNING or above, and tracebacks."""
+    if not log.exists():
+        return []
+    pattern = re.compile(r" (WARNING|ERROR|CRITICAL) |^Traceback ")
+    return [line for line in log.read_text(errors="replace").splitlines()
+            if pattern.search(line)]
 
 
 def _stale(path: Path) -> bool:
@@ -98,12 +154,39 @@ def mounted(tmp_path: Path, *extra: str, store_dir: Path | None = None,
         stop_vfsd(mount)
 
 
-@pytest.fixture
-def mount(tmp_path: Path) -> Iterator[Mount]:
+def check_after(mount: Mount, *, log: bool = True, fsck: bool = True) -> None:
+    """The invariants after a mount stopped: a quiet daemon log, a store that passes fsck."""
+    if log:
+        problems = daemon_log_problems(mount.log)
+        assert not problems, "vfsd logged:\n" + "\n".join(problems)
+    if fsck:
+        store = vfs.open_store(str(mount.store_dir), cache_dir=str(mount.cache_dir))
+        try:
+            report = vfs.fsck.check(store, deep=True)
+        finally:
+            store.close()
+        assert report.ok, report.problems
+
+
+def _require_fuse() -> None:
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse on this machine")
+
+
+@pytest.fixture
+def mount(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mount]:
+    """A fresh store mounted by its own vfsd, checked after the test (see the module doc)."""
+    _require_fuse()
     with mounted(tmp_path) as m:
         yield m
-    fsck = vfs.fsck.check(vfs.open_store(str(m.store_dir), cache_dir=str(m.cache_dir)),
-                          deep=True)
-    assert fsck.ok, fsck.problems
+    check_after(m, log=not request.node.get_closest_marker("expect_warnings"),
+                fsck=not request.node.get_closest_marker("corrupts_store"))
+
+
+@pytest.fixture(scope="module")
+def module_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """One mount shared by the tests of a module (for data that is slow to put)."""
+    _require_fuse()
+    with mounted(tmp_path_factory.mktemp("module-mount")) as m:
+        yield m
+    check_after(m)
