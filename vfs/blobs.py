@@ -104,7 +104,8 @@ class BlobCodec:
         compressed = self._compressor().compress(data)
         if len(compressed) < len(data):
             return EncodedBlob(digest, kind, compressed, Compression.ZSTD, len(data))
-        return EncodedBlob(digest, kind, bytes(data), Compression.NONE, len(data))
+        # Stored as given (a view into a read block is fine: packing copies it once).
+        return EncodedBlob(digest, kind, data, Compression.NONE, len(data))  # type: ignore[arg-type]
 
     def decode(self, expected_hash: bytes, location: BlobLocation, stored: bytes) -> bytes:
         """Decompress stored bytes and verify them against their hash.
@@ -219,9 +220,14 @@ class SealedPack:
     """A finished pack: its name, its bytes and its index."""
 
     pack_id: bytes
-    data: bytes
+    data: bytes | bytearray
     index: bytes
     entries: list[IndexEntry]
+    size: int = -1  # the pack's length once ``data`` has been dropped
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            object.__setattr__(self, "size", len(self.data))
 
     @property
     def key(self) -> str:
@@ -241,12 +247,15 @@ class PackBuilder:
     """Accumulates encoded blobs into one pack. Not thread-safe."""
 
     def __init__(self) -> None:
-        self._buf = bytearray(PACK_MAGIC)
+        # Parts are joined once at seal: appending to one growing buffer would copy
+        # every byte again each time it reallocates.
+        self._parts: list[bytes | memoryview] = [PACK_MAGIC]
+        self._size = len(PACK_MAGIC)
         self._entries: list[IndexEntry] = []
         self._hashes: set[bytes] = set()
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return self._size
 
     @property
     def blob_count(self) -> int:
@@ -261,20 +270,44 @@ class PackBuilder:
             blob.hash,
             blob.kind,
             blob.compression,
-            len(self._buf),
+            self._size,
             len(blob.stored),
             blob.plain_len,
         )
-        self._buf += blob.stored
+        self._parts.append(blob.stored)
+        self._size += len(blob.stored)
         self._entries.append(entry)
         self._hashes.add(blob.hash)
         return entry
 
     def seal(self) -> SealedPack:
         """Finish the pack: append index and trailer, and name it."""
+        return self.seal_parts().finish()
+
+    def seal_parts(self) -> PackParts:
+        """Finish the pack but leave naming it (hashing every byte) to the caller,
+        which may do it in another thread."""
         index = encode_index(self._entries)
-        self._buf += index
-        self._buf += _TRAILER.pack(len(index), TRAILER_MAGIC)
-        data = bytes(self._buf)
-        self._buf = bytearray()
-        return SealedPack(blob_hash(data), data, index, self._entries)
+        self._parts += [index, _TRAILER.pack(len(index), TRAILER_MAGIC)]
+        parts, self._parts = self._parts, []
+        return PackParts(parts, self._size + len(index) + _TRAILER.size, index, self._entries)
+
+
+@dataclass(frozen=True)
+class PackParts:
+    """A finished but unnamed pack, as the list of buffers that make it up."""
+
+    parts: list[bytes | memoryview]
+    size: int
+    index: bytes
+    entries: list[IndexEntry]
+
+    def pack_id(self) -> bytes:
+        hasher = blake3.blake3()
+        for part in self.parts:
+            hasher.update(part)
+        return hasher.digest()
+
+    def finish(self) -> SealedPack:
+        data = b"".join(self.parts)
+        return SealedPack(blob_hash(data), data, self.index, self.entries)

@@ -34,15 +34,32 @@ class Chunker:
             seed=params.seed,
         )
 
-    def split_stream(self, stream: BinaryIO) -> Iterator[bytes]:
-        """Yield the chunks of a binary stream, reading it in bounded windows.
+    def split_stream(self, stream: BinaryIO, *, block: int = 16 << 20) -> Iterator[memoryview]:
+        """Yield the chunks of a binary stream, reading it in bounded blocks.
 
-        Memory stays bounded by a few times ``max_size`` whatever the stream's length.
-        Each yielded chunk is its own ``bytes`` object.
+        Chunks are views into the block they were read into (no copy); a block is
+        freed once nothing refers to its chunks. Memory stays bounded by a few
+        blocks whatever the stream's length. Cut points depend only on the bytes
+        since the previous cut, so the tail after a block's last cut is carried
+        into the next block and cut again: boundaries equal those of
+        :meth:`split_bytes` over the whole stream.
         """
-        for chunk in self._cdc.cut_stream(stream):
-            # cut_stream reuses its buffer: copy before the next chunk is cut.
-            yield bytes(chunk.data)
+        block = max(block, 2 * self.params.max_size)
+        carry = b""
+        while True:
+            buf = bytearray(block)
+            buf[: len(carry)] = carry
+            filled = len(carry) + _fill(stream, memoryview(buf)[len(carry):])
+            eof = filled < block
+            view = memoryview(buf)[:filled]
+            chunks = list(self._cdc.cut_buf(view))
+            if not eof and chunks:
+                last = chunks.pop()
+                carry = bytes(view[last.offset:])
+            for chunk in chunks:
+                yield view[chunk.offset : chunk.offset + chunk.length]
+            if eof:
+                return
 
     def split_bytes(self, data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
         """Yield the chunks of an in-memory buffer as views into it."""
@@ -53,3 +70,20 @@ class Chunker:
     def boundaries(self, data: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
         """Return ``(offset, length)`` of every chunk of ``data`` (for tests and tools)."""
         return [(chunk.offset, chunk.length) for chunk in self._cdc.cut_buf(memoryview(data))]
+
+
+def _fill(stream: BinaryIO, target: memoryview) -> int:
+    """Read into ``target`` until it is full or the stream ends; return the count."""
+    readinto = getattr(stream, "readinto", None)
+    done = 0
+    while done < len(target):
+        if readinto is not None:
+            n = readinto(target[done:])
+        else:
+            data = stream.read(len(target) - done)
+            n = len(data) if data else 0
+            target[done : done + n] = data or b""
+        if not n:
+            break
+        done += n
+    return done

@@ -24,6 +24,8 @@ import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+Buffers = bytes | bytearray | memoryview | list[bytes | memoryview]
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -74,6 +76,18 @@ class ObjectStore(abc.ABC):
             PreconditionFailed: ``if_absent`` and the key exists, or ``if_match``
                 and the current tag differs (or the object is absent).
         """
+
+    def put_deferred(self, key: str, data: Buffers) -> None:
+        """Store ``data`` atomically; durable only after the next :meth:`sync`.
+
+        ``data`` may be one buffer or a list of buffers to concatenate. Writers of
+        many objects (packs) use this and call ``sync()`` once before anything
+        refers to them. Backends whose puts are durable anyway (S3) just put.
+        """
+        self.put(key, data if not isinstance(data, list) else b"".join(data))
+
+    def sync(self) -> None:  # noqa: B027 - optional hook
+        """Make every object written with :meth:`put_deferred` durable."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

@@ -13,6 +13,8 @@ refs and config).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -23,9 +25,10 @@ from contextlib import contextmanager
 import blake3
 
 from vfs.errors import ObjectNotFound, PreconditionFailed, StoreFull, StoreUnavailable
-from vfs.objstore.base import ObjectInfo, ObjectStore
+from vfs.objstore.base import Buffers, ObjectInfo, ObjectStore
 
 _TMP_SUFFIX = ".tmp"
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def _content_tag(data: bytes | bytearray | memoryview) -> str:
@@ -68,26 +71,29 @@ class LocalStore(ObjectStore):
         os.makedirs(directory, exist_ok=True)
         self._made_dirs.add(directory)
 
-    def _write_atomic(self, path: str, data: bytes | bytearray | memoryview) -> None:
+    def _write_atomic(self, path: str, data: Buffers, *, durable: bool = True) -> None:
         directory = os.path.dirname(path)
         self._ensure_dir(directory)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}{_TMP_SUFFIX}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
+                for part in data if isinstance(data, list) else [data]:
+                    view = memoryview(part)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            if durable:
+                dir_fd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
         except OSError as exc:
             try:
                 os.unlink(tmp)
@@ -146,6 +152,19 @@ class LocalStore(ObjectStore):
                 raise PreconditionFailed(f"object {key} changed meanwhile")
             self._write_atomic(path, data)
         return _content_tag(data)
+
+    def put_deferred(self, key: str, data: Buffers) -> None:
+        self._write_atomic(self._path(key), data, durable=False)
+
+    def sync(self) -> None:
+        """One ``syncfs`` of the store's filesystem: data, and the renames."""
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise _translate(OSError(err, os.strerror(err)), "the store")
+        finally:
+            os.close(fd)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

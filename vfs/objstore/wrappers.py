@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vfs.errors import StoreUnavailable
-from vfs.objstore.base import ObjectInfo, ObjectStore
+from vfs.objstore.base import Buffers, ObjectInfo, ObjectStore
 
 T = TypeVar("T")
 
@@ -58,6 +58,13 @@ class DelegatingStore(ObjectStore):
         if_match: str | None = None,
     ) -> str:
         return self._call("put", self.inner.put, key, data, if_absent=if_absent, if_match=if_match)
+
+    def put_deferred(self, key: str, data: Buffers) -> None:
+        # Counted as a "put": faults and retries treat both kinds of write alike.
+        self._call("put", self.inner.put_deferred, key, data)
+
+    def sync(self) -> None:
+        self._call("sync", self.inner.sync)
 
     def delete(self, key: str) -> None:
         self._call("delete", self.inner.delete, key)
