@@ -150,6 +150,9 @@ class Run:
     user_s: float
     sys_s: float
     out: dict = field(default_factory=dict)
+    # Share of all CPUs busy with something other than the measured process during the
+    # run (other users' work, but also kernel threads such as writeback).
+    outside_cpu: float = 0.0
 
     @property
     def op_s(self) -> float:
@@ -161,8 +164,10 @@ class Run:
 
 
 class Ctx:
-    def __init__(self, workdir: str, quick: bool, python: str, repeat: int = 3) -> None:
+    def __init__(self, workdir: str, quick: bool, python: str, repeat: int = 5) -> None:
         self.repeat = repeat
+        self.max_wait = 120.0  # seconds to wait for other processes to quiet down
+        self.busy_waits = 0  # measurements started although others were busy
         self.workdir = workdir
         self.quick = quick
         self.python = python
@@ -244,10 +249,13 @@ def run_cmd(ctx: Ctx, argv: list[str] | str, *, drop: bool = True, env: dict | N
         full_env.update(env)
     fd, res = tempfile.mkstemp(prefix="rusage-", suffix=".json", dir=ctx.workdir)
     os.close(fd)
+    wait_quiet(ctx)
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            busy0 = cpu_busy_seconds()
             proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, res, *argv],
                                   stdout=out, stderr=err, env=full_env, cwd=cwd)
+            busy1 = cpu_busy_seconds()
             if proc.returncode != 0:
                 err.seek(0)
                 out.seek(0)
@@ -258,7 +266,34 @@ def run_cmd(ctx: Ctx, argv: list[str] | str, *, drop: bool = True, env: dict | N
             r = json.load(f)
     finally:
         os.unlink(res)
-    return Run(r["wall"], r["maxrss"], r["utime"], r["stime"])
+    outside = (busy1 - busy0) - (r["utime"] + r["stime"])
+    share = max(0.0, outside) / (r["wall"] * (os.cpu_count() or 1)) if r["wall"] > 0 else 0.0
+    return Run(r["wall"], r["maxrss"], r["utime"], r["stime"], outside_cpu=round(share, 3))
+
+
+def cpu_busy_seconds() -> float:
+    """CPU-seconds spent busy by the whole machine since boot (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(ctx: Ctx, threshold: float = 0.10, max_wait: float = 120.0) -> None:
+    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` of the CPUs."""
+    if ctx.max_wait <= 0:
+        return
+    start = time.monotonic()
+    while True:
+        busy = other_cpu_busy(0.5)
+        if busy < threshold:
+            return
+        if time.monotonic() - start > min(max_wait, ctx.max_wait):
+            ctx.busy_waits += 1
+            return
 
 
 def run_vfs(ctx: Ctx, steps: list[dict], *, drop: bool = True) -> Run:
@@ -287,6 +322,25 @@ def median_run(runs: list[Run]) -> Run:
 
 def times(runs: list[Run]) -> list[float]:
     return [round(r.op_s, 4) for r in runs]
+
+
+def outside(runs: list[Run]) -> list[float]:
+    """Per run, the share of the CPUs used by other processes (see Run.outside_cpu)."""
+    return [r.outside_cpu for r in runs]
+
+
+def read_tree(path: str) -> None:
+    """Read every file below ``path`` (to warm the page cache)."""
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                while f.read(BLOCK):
+                    pass
+
+
+def pair_ratios(runs: list[Run], baselines: list[Run]) -> list[float]:
+    """vfs time / baseline time of each alternating pair."""
+    return [round(r.op_s / b.wall_s, 3) for r, b in zip(runs, baselines, strict=True)]
 
 
 def dir_size(path: str) -> int:
@@ -406,6 +460,24 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def other_cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over ``seconds`` while this script idles (others' load)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    total = total1 - total0
+    return 1.0 - (idle1 - idle0) / total if total > 0 else 0.0
 
 
 def machine_info(workdir: str) -> dict:
@@ -579,12 +651,14 @@ class BigFixture:
             log(f"generating {fmt_bytes(self.size)} of random data")
             gen_random_file(self.file, self.size, "big")
 
-    def put(self) -> Run:
-        """A fresh store, then (timed, cold cache) open + put + commit of the file."""
+    def put(self, warm: bool = False) -> Run:
+        """A fresh store, then (timed) open + put + commit of the file."""
         self.make_file()
         vfs_create(self.ctx, self.store, self.cache)
+        if warm:
+            read_tree(self.dir)
         run = run_vfs(self.ctx, [*vfs_open(self.store, self.cache),
-                                 vfs_put("/big.bin", [self.file]), COMMIT])
+                                 vfs_put("/big.bin", [self.file]), COMMIT], drop=not warm)
         self.committed = True
         return run
 
@@ -592,15 +666,14 @@ class BigFixture:
         if not self.committed:
             self.put()
 
-    def cp(self) -> Run:
+    def cp(self, warm: bool = False) -> Run:
         dest = os.path.join(self.dir, "cp.bin")
         rmtree(dest)
-        run = run_cmd(self.ctx, f"cp {self.file} {dest} && sync")
+        if warm:
+            read_tree(self.dir)
+        run = run_cmd(self.ctx, f"cp {self.file} {dest} && sync", drop=not warm)
         rmtree(dest)
         return run
-
-    def cps(self) -> list[Run]:
-        return [self.cp() for _ in range(self.ctx.repeat)]
 
     def remove(self) -> None:
         rmtree(self.dir)
@@ -652,32 +725,50 @@ class TreeFixture:
         reps = ctx.repeat if record else 1
 
         cp_dest = os.path.join(self.dir, "cp")
-        cps, cps_nosync = [], []
-        if record:
-            log(f"cp -a baseline (x{reps})")
+        for warm in ((False, True) if record else (False,)):
+            label = "warm cache" if warm else "cold cache"
+            cps, cps_nosync, runs = [], [], []
+            log(f"cp -a baseline and vfs put -r + commit ({label}), alternating (x{reps}, "
+                "fresh store each)")
+            # Copies are deleted only after the warm runs: ext4 scans past recently
+            # deleted inodes whose inode-table blocks are cached (recently_deleted() in
+            # __ext4_new_inode), which made a warm `cp -a` right after an `rm -rf` of
+            # 20,000 files 10x slower. The page-cache drop of the cold runs avoids it.
+            copies = []
             for _ in range(reps):
-                cps.append(run_cmd(ctx, f"cp -a {self.tree} {cp_dest} && sync"))
-                rmtree(cp_dest)
-                cps_nosync.append(run_cmd(ctx, ["cp", "-a", self.tree, cp_dest]))
-                rmtree(cp_dest)
-
-        log(f"vfs put -r + commit (x{reps}, each into a fresh store)")
-        runs = []
-        for _ in range(reps):
-            vfs_create(ctx, self.store, self.cache)
-            runs.append(run_vfs(ctx, [*vfs_open(self.store, self.cache),
-                                      vfs_put("/data", [self.tree], recursive=True), COMMIT]))
-        if record:
+                if record:
+                    for sync, out in ((True, cps), (False, cps_nosync)):
+                        dest = f"{cp_dest}{len(copies)}"
+                        copies.append(dest)
+                        if warm:
+                            read_tree(self.tree)
+                        out.append(run_cmd(ctx, f"cp -a {self.tree} {dest}"
+                                           + (" && sync" if sync else ""), drop=not warm))
+                        if not warm:
+                            rmtree(dest)
+                vfs_create(ctx, self.store, self.cache)
+                if warm:
+                    read_tree(self.tree)
+                runs.append(run_vfs(ctx, [*vfs_open(self.store, self.cache),
+                                          vfs_put("/data", [self.tree], recursive=True),
+                                          COMMIT], drop=not warm))
+            for dest in copies:
+                rmtree(dest)
+            if not record:
+                continue
             run = median_run(runs)
             cp = median_run(cps)
+            if not warm:
+                cold_cp = cp
             put = run.step("put")
             ctx.add(Record(
-                "3-small", f"put -r + commit of {n} files of 1-8 KiB", n / run.op_s, "files/s",
-                "cp -a && sync", n / cp.wall_s, ratio(n / run.op_s, n / cp.wall_s),
-                ">= 10,000 files/s", n / run.op_s >= 10000,
-                {"vfs_s": run.op_s, "vfs_runs_s": times(runs), "vfs_wall_s": run.wall_s,
+                "3-small", f"put -r + commit of {n} files of 1-8 KiB ({label})",
+                n / run.op_s, "files/s", "cp -a && sync", n / cp.wall_s,
+                ratio(n / run.op_s, n / cp.wall_s), ">= 10,000 files/s", n / run.op_s >= 10000,
+                {"vfs_s": run.op_s, "vfs_runs_s": times(runs), "vfs_outside_cpu": outside(runs),
+                 "vfs_wall_s": run.wall_s,
                  "vfs_put_s": put["t"], "vfs_commit_s": run.step("commit")["t"],
-                 "cp_s": cp.wall_s, "cp_runs_s": times(cps),
+                 "cp_s": cp.wall_s, "cp_runs_s": times(cps), "cp_outside_cpu": outside(cps),
                  "cp_nosync_runs_s": times(cps_nosync), "bytes": total,
                  "store_bytes": dir_size(self.store), "files_read": put["read"],
                  "user_s": run.user_s, "sys_s": run.sys_s, "maxrss_kib": run.maxrss_kib}))
@@ -688,11 +779,10 @@ class TreeFixture:
             tool.init()
             r = tool.backup(self.tree)
             if record:
-                cp = median_run(cps)
                 ctx.add(Record(
-                    "3-small", f"{tool.name} initial backup of the same files (for comparison)",
-                    n / r.wall_s, "files/s", "cp -a && sync", n / cp.wall_s,
-                    ratio(n / r.wall_s, n / cp.wall_s), "", None,
+                    "3-small", f"{tool.name} initial backup of the same files (cold cache)",
+                    n / r.wall_s, "files/s", "cp -a && sync", n / cold_cp.wall_s,
+                    ratio(n / r.wall_s, n / cold_cp.wall_s), "", None,
                     {"s": r.wall_s, "repo_bytes": tool.size(), "maxrss_kib": r.maxrss_kib}))
         self.ready = True
 
@@ -722,11 +812,13 @@ def bench_put(ctx: Ctx, fx: dict) -> None:
     big.make_file()
     size = big.size
     reps = ctx.repeat
-    log(f"cp baseline (x{reps})")
-    cps = big.cps()
-    log(f"vfs put+commit of {fmt_bytes(size)} of new data (x{reps}, fresh store each)")
-    runs = [big.put() for _ in range(reps)]
-    cps += big.cps()
+    # Baseline and vfs alternate, so that both see the same state of a noisy (virtual) disk.
+    log(f"cp baseline and vfs put+commit of {fmt_bytes(size)} of new data, alternating "
+        f"(x{reps}, fresh store each)")
+    cps, runs = [], []
+    for _ in range(reps):
+        cps.append(big.cp())
+        runs.append(big.put())
     cp_run = median_run(cps)
     cp = cp_run.wall_s
     run = median_run(runs)
@@ -734,11 +826,29 @@ def bench_put(ctx: Ctx, fx: dict) -> None:
     ctx.add(Record(
         "1-put", f"put+commit {fmt_bytes(size)} new random data", run.op_s, "s",
         "cp && sync", cp, ratio(run.op_s, cp), "<= 1.5x cp", run.op_s <= 1.5 * cp,
-        {"vfs_runs_s": times(runs), "vfs_wall_s": run.wall_s, "put_s": put["t"],
+        {"vfs_runs_s": times(runs), "vfs_outside_cpu": outside(runs),
+         "vfs_wall_s": run.wall_s, "put_s": put["t"],
          "commit_s": run.step("commit")["t"], "MB_per_s": size / run.op_s / 1e6,
-         "cp_runs_s": times(cps), "bytes_stored": put["bytes_stored"],
+         "cp_runs_s": times(cps), "cp_outside_cpu": outside(cps),
+         "pair_ratios": pair_ratios(runs, cps),
+         "bytes_stored": put["bytes_stored"],
          "store_bytes": dir_size(big.store), "user_s": run.user_s, "sys_s": run.sys_s,
          "maxrss_kib": run.maxrss_kib}))
+
+    log(f"warm page cache: cp baseline and vfs put+commit, alternating (x{reps})")
+    wcps, wruns = [], []
+    for _ in range(reps):
+        wcps.append(big.cp(warm=True))
+        wruns.append(big.put(warm=True))
+    wcp = median_run(wcps).wall_s
+    wrun = median_run(wruns)
+    ctx.add(Record(
+        "1-put", f"put+commit {fmt_bytes(size)} new random data (warm cache)", wrun.op_s, "s",
+        "cp && sync", wcp, ratio(wrun.op_s, wcp), "<= 1.5x cp", wrun.op_s <= 1.5 * wcp,
+        {"vfs_runs_s": times(wruns), "vfs_outside_cpu": outside(wruns), "cp_runs_s": times(wcps),
+         "cp_outside_cpu": outside(wcps),
+         "pair_ratios": pair_ratios(wruns, wcps), "MB_per_s": size / wrun.op_s / 1e6,
+         "user_s": wrun.user_s, "sys_s": wrun.sys_s, "maxrss_kib": wrun.maxrss_kib}))
 
     log(f"re-put of the unchanged file (new store handle, files cache) (x{reps})")
     runs = [run_vfs(ctx, [*vfs_open(big.store, big.cache), vfs_put("/big.bin", [big.file]),
@@ -748,7 +858,8 @@ def bench_put(ctx: Ctx, fx: dict) -> None:
     ctx.add(Record(
         "1-put", "re-put unchanged file (files cache) + commit", run.op_s, "s",
         "cp && sync", cp, ratio(run.op_s, cp), "< cp", run.op_s < cp,
-        {"vfs_runs_s": times(runs), "vfs_wall_s": run.wall_s, "files_read": put["read"],
+        {"vfs_runs_s": times(runs), "vfs_outside_cpu": outside(runs),
+         "vfs_wall_s": run.wall_s, "files_read": put["read"],
          "unchanged": put["unchanged"], "bytes_read": put["bytes_read"],
          "maxrss_kib": run.maxrss_kib}))
 
@@ -770,7 +881,7 @@ def bench_put(ctx: Ctx, fx: dict) -> None:
         ctx.add(Record(
             "1-put", f"re-put touched file (re-read+hash, dedup, {label}) + commit", run.op_s,
             "s", "cp && sync", cp, ratio(run.op_s, cp), "", None,
-            {"vfs_runs_s": times(runs), "vfs_wall_s": run.wall_s,
+            {"vfs_runs_s": times(runs), "vfs_outside_cpu": outside(runs), "vfs_wall_s": run.wall_s,
              "read_MB_per_s": size / put["t"] / 1e6, "files_read": put["read"],
              "bytes_stored": put["bytes_stored"], "user_s": run.user_s, "sys_s": run.sys_s,
              "maxrss_kib": run.maxrss_kib}))
@@ -781,20 +892,20 @@ def bench_get(ctx: Ctx, fx: dict) -> None:
     big.ensure_committed()
     out = os.path.join(big.dir, "out")
     reps = ctx.repeat
-    log(f"cp baseline (x{reps})")
-    cps = big.cps()
-    log(f"vfs get of the {fmt_bytes(big.size)} commit into a fresh dir (+ sync) (x{reps})")
-    runs = []
-    ok = True
+    log(f"cp baseline and vfs get of the {fmt_bytes(big.size)} commit into a fresh dir "
+        f"(+ sync), alternating (x{reps})")
+    runs, cps = [], []
     for _ in range(reps):
+        cps.append(big.cp())
         rmtree(out)
         os.makedirs(out)
         runs.append(run_vfs(ctx, [*vfs_open(big.store, big.cache),
                                   {"do": "get", "spec": "bench@main:/big.bin", "dest": out},
                                   {"do": "sync"}]))
-        ok = ok and file_hash(os.path.join(out, "big.bin")) == file_hash(big.file)
-        rmtree(out)
-    cps += big.cps()
+    # Verified once, after the timed runs: hashing 2 GiB between the pairs (through mmap)
+    # made the next cp measurably slower on the VM this was written on.
+    ok = file_hash(os.path.join(out, "big.bin")) == file_hash(big.file)
+    rmtree(out)
     cp = median_run(cps).wall_s
     run = median_run(runs)
     if not ok:
@@ -802,8 +913,10 @@ def bench_get(ctx: Ctx, fx: dict) -> None:
     ctx.add(Record(
         "5-get", f"get {fmt_bytes(big.size)} file into a fresh dir + sync", run.op_s, "s",
         "cp && sync", cp, ratio(run.op_s, cp), "<= 1.5x cp", run.op_s <= 1.5 * cp and ok,
-        {"vfs_runs_s": times(runs), "vfs_wall_s": run.wall_s, "get_s": run.step("get")["t"],
-         "sync_s": run.step("sync")["t"], "cp_runs_s": times(cps),
+        {"vfs_runs_s": times(runs), "vfs_outside_cpu": outside(runs),
+         "vfs_wall_s": run.wall_s, "get_s": run.step("get")["t"],
+         "sync_s": run.step("sync")["t"], "cp_runs_s": times(cps), "cp_outside_cpu": outside(cps),
+         "pair_ratios": pair_ratios(runs, cps),
          "MB_per_s": big.size / run.op_s / 1e6, "identical": ok, "user_s": run.user_s,
          "sys_s": run.sys_s, "maxrss_kib": run.maxrss_kib}))
 
@@ -901,11 +1014,13 @@ def bench_cache(ctx: Ctx, fx: dict) -> None:
                 others[tool.name].append(tool.backup(tree.tree, drop=not warm))
         run = median_run(runs)
         put = run.step("put")
-        extra = {"vfs_runs_s": times(runs), "vfs_wall_s": run.wall_s, "put_s": put["t"],
+        extra = {"vfs_runs_s": times(runs), "vfs_outside_cpu": outside(runs),
+                 "vfs_wall_s": run.wall_s, "put_s": put["t"],
                  "commit_s": run.step("commit")["t"], "files_read": put["read"],
                  "unchanged": put["unchanged"], "staged": put["staged"],
                  "maxrss_kib": run.maxrss_kib,
-                 **{f"{k}_runs_s": times(v) for k, v in others.items()}}
+                 **{f"{k}_runs_s": times(v) for k, v in others.items()},
+                 **{f"{k}_outside_cpu": outside(v) for k, v in others.items()}}
         metric = f"re-put {tree.count} files, {n} changed, + commit ({label})"
         if not others:
             ctx.add(Record("4-cache", metric, run.op_s, "s", "", None, None, "< 0.5 s",
@@ -1187,7 +1302,10 @@ def main() -> None:
                         help="comma-separated benchmark names or numbers: " + ", ".join(
                             f"{i + 1}={n}" for i, n in enumerate(BENCHMARKS)))
     parser.add_argument("--workdir", default=os.path.join(HERE, "work"))
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--max-wait", type=float, default=120.0,
+                        help="before each timed command, wait up to this many seconds for "
+                        "other processes to use < 10%% of the CPUs (0: never wait)")
+    parser.add_argument("--repeat", type=int, default=5,
                         help="runs of each cheap measurement; the median is reported")
     args = parser.parse_args()
 
@@ -1203,6 +1321,7 @@ def main() -> None:
     os.makedirs(workdir, exist_ok=True)
     python = sys.executable
     ctx = Ctx(workdir, args.quick, python, max(1, args.repeat))
+    ctx.max_wait = args.max_wait
     info = machine_info(workdir)
     info["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     info["quick"] = args.quick
@@ -1219,7 +1338,13 @@ def main() -> None:
     failures = {}
     try:
         for i, name in enumerate(todo):
-            log(f"=== benchmark {BENCHMARKS.index(name) + 1}: {name}")
+            busy = other_cpu_busy()
+            log(f"=== benchmark {BENCHMARKS.index(name) + 1}: {name} (CPU used by other "
+                f"processes just before: {busy:.0%})")
+            if busy > 0.15:
+                ctx.note(f"other processes used {busy:.0%} of the CPUs just before benchmark "
+                         f"{name}: its timings may be inflated")
+            info.setdefault("other_cpu_busy_before", {})[name] = round(busy, 3)
             t0 = time.time()
             try:
                 RUNNERS[name](ctx, fixtures)
@@ -1238,6 +1363,10 @@ def main() -> None:
         for fx in fixtures.values():
             fx.remove()
     info["drop_caches"] = ctx.drop_ok
+    info["measurements_started_while_busy"] = ctx.busy_waits
+    if ctx.busy_waits:
+        ctx.note(f"{ctx.busy_waits} timed commands started while other processes were busy "
+                 f"(waited {ctx.max_wait:.0f} s); see outside_cpu in the JSON")
     info["elapsed_s"] = round(time.time() - started, 1)
     print()
     print(f"vfs benchmarks {'(--quick) ' if args.quick else ''}{info['date']} on "

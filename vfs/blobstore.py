@@ -179,6 +179,23 @@ class BlobWriter:
                 self._checkpoint()
         return True
 
+    def add_many(self, blobs: list[EncodedBlob]) -> None:
+        """Add several blobs, asking the index about all of them in one transaction
+        (one lookup each would hand the GIL back and forth thousands of times)."""
+        self._raise_failed_upload()
+        known = self.blobs.index.has_blobs([b.hash for b in blobs])
+        for blob in blobs:
+            if blob.hash in known or blob.hash in self._builder:
+                continue
+            with self._lock:
+                if blob.hash in self._pending:
+                    continue
+            self._builder.add(blob)
+            if len(self._builder) >= self._target:
+                self._seal()
+                if len(self._inflight) + len(self._unrecorded) >= _CHECKPOINT_PACKS:
+                    self._checkpoint()
+
     def add_bytes(self, kind: BlobKind, data: bytes) -> bytes:
         """Encode and add one blob in the calling thread; return its hash."""
         blob = self.blobs.codec.encode(kind, data)

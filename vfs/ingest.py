@@ -255,9 +255,8 @@ class Ingest:
     def _batch_done(self, sources: list[_Source],
                     results: list[tuple[str, list[EncodedBlob], int]],
                     writer: BlobWriter) -> None:
-        for source, (ref, blobs, size) in zip(sources, results, strict=True):
-            for blob in blobs:
-                writer.add(blob)
+        writer.add_many([blob for _, blobs, _ in results for blob in blobs])
+        for source, (ref, _, size) in zip(sources, results, strict=True):
             self._note_read(size)
             self._record_file(source, ref, size=size)
 

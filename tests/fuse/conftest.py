@@ -10,9 +10,11 @@ ERROR or traceback (unless the test is marked ``expect_warnings``): the rules of
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,8 @@ import pytest
 import vfs
 import vfs.fsck
 
+_notify_counter = itertools.count()
+
 
 @dataclass
 class Mount:
@@ -33,6 +37,7 @@ class Mount:
     cache_dir: Path
     process: subprocess.Popen
     log: Path
+    notify: socket.socket | None = None  # where the daemon says READY=1, STOPPING=1
 
     @property
     def env(self) -> dict:
@@ -60,7 +65,8 @@ class Mount:
         A stale mount left by a killed daemon is for the new daemon to clean up.
         """
         assert self.process.poll() is not None, "vfsd still runs"
-        self.process = start_vfsd(self.store_dir, self.cache_dir, self.path).process
+        started = start_vfsd(self.store_dir, self.cache_dir, self.path)
+        self.process, self.notify = started.process, started.notify
 
     def stop(self) -> None:
         """SIGTERM the daemon and wait for it (``stop_vfsd``)."""
@@ -76,28 +82,47 @@ class Mount:
         self.start()
 
 
-def _wait_mounted(path: Path, process: subprocess.Popen, log: Path) -> None:
+def _wait_ready(ready: socket.socket, mountpoint: Path, process: subprocess.Popen,
+                log: Path) -> None:
+    """Wait for the daemon's ``READY=1`` (sd_notify), sent once every service is up.
+
+    Polling ``os.path.ismount`` is not enough: on a stale mount point left by a
+    killed daemon it can answer True (from the kernel's attribute cache) before
+    the new daemon has even started.
+    """
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"vfsd exited with {process.returncode}:\n{log.read_text()}")
-        if os.path.ismount(path):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"vfsd did not mount {path} in 30 s:\n{log.read_text()}")
+        try:
+            if b"READY=1" in ready.recv(4096).split(b"\n"):
+                assert os.path.ismount(mountpoint), f"vfsd is ready but {mountpoint} is no mount"
+                return
+        except TimeoutError:
+            pass
+    raise AssertionError(f"vfsd did not mount {mountpoint} in 30 s:\n{log.read_text()}")
 
 
 def start_vfsd(store_dir: Path, cache_dir: Path, mountpoint: Path, *extra: str) -> Mount:
     log = cache_dir.parent / f"vfsd-{mountpoint.name}.log"
     handle = open(log, "ab")  # noqa: SIM115 - owned by the child
+    notify_name = f"vfs-test-notify-{os.getpid()}-{next(_notify_counter)}"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind("\0" + notify_name)  # abstract: no path, no length limit to mind
+    notify.settimeout(0.1)
     process = subprocess.Popen(
         [sys.executable, "-m", "daemon.main", "--store", str(store_dir), "--cache",
          str(cache_dir), "--mount", str(mountpoint),
          "--socket", _socket_path(cache_dir.parent / f"vfsd-{mountpoint.name}.sock"), *extra],
-        stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "NOTIFY_SOCKET": "@" + notify_name})
     handle.close()
-    mount = Mount(mountpoint, store_dir, cache_dir, process, log)
-    _wait_mounted(mountpoint, process, log)
+    mount = Mount(mountpoint, store_dir, cache_dir, process, log, notify)
+    try:
+        _wait_ready(notify, mountpoint, process, log)
+    except BaseException:
+        stop_vfsd(mount)
+        raise
     return mount
 
 
@@ -120,6 +145,8 @@ def stop_vfsd(mount: Mount) -> None:
             mount.process.wait()
     if os.path.ismount(mount.path) or _stale(mount.path):
         subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False)
+    if mount.notify is not None:
+        mount.notify.close()
 
 
 def daemon_log_problems(log: Path) -> list[str]:
