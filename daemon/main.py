@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_options(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     options = parser.parse_args(argv)
+    if options.config and not os.path.exists(options.config) and \
+            options.config == "/etc/vfs/vfsd.toml":
+        options.config = None  # the unit names the default file; it need not exist
     if options.config:
         try:
             with open(options.config, "rb") as f:
