@@ -35,7 +35,7 @@ from vfs.errors import (
 )
 from vfs.names import join, normalize_path, parse_ref
 from vfs.store import Store
-from vfs.tree import DIR, SYMLINK, Entry
+from vfs.tree import DIR, FILE, SYMLINK, Entry
 
 log = logging.getLogger("daemon.fs")
 
@@ -201,8 +201,22 @@ class VfsOperations(pyfuse3.Operations):
             node.view.maybe_refresh()
         entry = node.view.lookup(node.path)
         if entry is None:
+            entry = self._entry_of_open_handle(node)
+        if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
+
+    def _entry_of_open_handle(self, node: Node) -> Entry | None:
+        """An unlinked file still works through its open handles (the temp-file idiom)."""
+        for handle in self._handles.values():
+            if isinstance(handle, Handle) and handle.node is node:
+                if handle.spool is not None:
+                    spool = handle.spool
+                    return Entry(node.path.rpartition("/")[2], FILE, spool.mode, spool.size,
+                                 spool.mtime_ns, "")
+                if handle.reader is not None:
+                    return handle.reader.entry
+        return None
 
     def _attrs(self, node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -564,6 +578,15 @@ class VfsOperations(pyfuse3.Operations):
         await trio.to_thread.run_sync(release)
 
     # -- for the control socket ---------------------------------------------------------------
+
+    def flush_everything(self) -> None:
+        """Store every dirty file of every branch (at a clean shutdown)."""
+        for view in list(self.views.values()):
+            if isinstance(view, BranchView):
+                try:
+                    view.flush_all()
+                except VfsError as exc:
+                    log.error("could not store files written to %s: %s", view.name, exc)
 
     def flush_branch(self, repo: str, branch: str) -> None:
         """Store every dirty file of a branch (before its open commit is sealed)."""

@@ -140,6 +140,8 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
     finally:
         sdnotify.notify_stopping()
         remove_daemon_file(store.cache_dir)
+        # Files still open keep what was written to them: store it before going.
+        operations.flush_everything()
         pyfuse3.close(unmount=True)
         store.index.sync()
         log.info("unmounted %s", mountpoint)

@@ -17,7 +17,7 @@ import stat
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vfs.errors import (
     AlreadyExists,
@@ -87,7 +87,8 @@ class SpoolFile:
     mtime_ns: int
     opens: int = 0
     dirty: bool = False
-    generation: int = 0  # bumped by every change of the bytes
+    generation: int = 0  # bumped by every change of the bytes or attributes
+    flushing: threading.Lock = field(default_factory=threading.Lock)  # one flush at a time
 
     def close(self) -> None:
         try:
@@ -273,6 +274,8 @@ class BranchView(View):
                 spool.mode = mode & 0o7777
             if mtime_ns is not None:
                 spool.mtime_ns = mtime_ns
+            spool.dirty = True  # the next flush stores the new attributes
+            spool.generation += 1
             return self.lookup(path)  # type: ignore[return-value]
         entry = self.lookup(path)
         if entry is None:
@@ -281,7 +284,11 @@ class BranchView(View):
                     entry.mode if mode is None else mode & 0o7777, entry.size,
                     entry.mtime_ns if mtime_ns is None else mtime_ns, entry.ref, entry.count)
         if new != entry and path:
-            self._stage({path: new})
+            changes: dict[str, Entry | None] = {path: new}
+            # Staging a directory entry replaces what was staged below it: keep that.
+            for below in sorted(self.open_commit.below(path)):
+                changes[below] = self.open_commit.changes[below]
+            self._stage(changes)
         return new
 
     # -- writing file contents -------------------------------------------------------------
@@ -359,22 +366,28 @@ class BranchView(View):
         """
         with self.lock:
             spool = self.spools.get(path)
-            if spool is None or not spool.dirty:
-                return
-            generation = spool.generation
-            spool_fd = os.dup(spool.fd)
-        with os.fdopen(spool_fd, "rb") as f, self.store.blobs.writer() as writer:
-            f.seek(0)
-            ref, size = encode_stream(self.store, f, writer)
-        with self.lock:
-            current = self.path_of(spool)
-            if current is None:
-                return  # unlinked meanwhile: nothing to stage
-            entry = Entry(parent_and_name(current)[1], FILE, spool.mode, size, spool.mtime_ns,
-                          ref)
-            self._stage({**_missing_parents(self.open_commit, current), current: entry})
-            if spool.generation == generation:
-                spool.dirty = False
+        if spool is None:
+            return
+        # Flushes of one spool run one at a time, so an older one can never be
+        # staged after a newer one.
+        with spool.flushing:
+            with self.lock:
+                if not spool.dirty or self.path_of(spool) is None:
+                    return
+                generation = spool.generation
+                mode, mtime_ns = spool.mode, spool.mtime_ns
+                # A file description of our own: its offset is not shared with anyone.
+                fd = os.open(spool.spool_path, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f, self.store.blobs.writer() as writer:
+                ref, size = encode_stream(self.store, f, writer)
+            with self.lock:
+                current = self.path_of(spool)
+                if current is None:
+                    return  # unlinked meanwhile: nothing to stage
+                entry = Entry(parent_and_name(current)[1], FILE, mode, size, mtime_ns, ref)
+                self._stage({**_missing_parents(self.open_commit, current), current: entry})
+                if spool.generation == generation:
+                    spool.dirty = False
 
     def release(self, path: str | None, spool: SpoolFile) -> None:
         """The last handle of a spool closed: flush it and drop it."""

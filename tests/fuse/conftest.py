@@ -121,7 +121,10 @@ def start_vfsd(store_dir: Path, cache_dir: Path, mountpoint: Path, *extra: str) 
     try:
         _wait_ready(notify, mountpoint, process, log)
     except BaseException:
-        stop_vfsd(mount)
+        if process.poll() is None:  # hung: it must not outlive the test
+            process.kill()
+            process.wait()
+        notify.close()
         raise
     return mount
 
