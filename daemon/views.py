@@ -385,7 +385,7 @@ class BranchView(View):
                 if current is None:
                     return  # unlinked meanwhile: nothing to stage
                 entry = Entry(parent_and_name(current)[1], FILE, mode, size, mtime_ns, ref)
-                self._stage({**_missing_parents(self.open_commit, current), current: entry})
+                self._stage({**self.open_commit.missing_parents(current), current: entry})
                 if spool.generation == generation:
                     spool.dirty = False
 
@@ -410,19 +410,6 @@ class BranchView(View):
             if candidate is spool:
                 return path
         return None
-
-
-def _missing_parents(open_commit: OpenCommit, path: str) -> dict[str, Entry | None]:
-    """New directories to stage above ``path`` (none when the parent exists)."""
-    plan: dict[str, Entry | None] = {}
-    parent = parent_and_name(path)[0]
-    missing = []
-    while parent and open_commit.lookup(parent) is None:
-        missing.append(parent)
-        parent = parent_and_name(parent)[0]
-    for p in reversed(missing):
-        plan[p] = new_dir(parent_and_name(p)[1])
-    return plan
 
 
 def entry_mode(entry: Entry) -> int:

@@ -281,16 +281,7 @@ class Index:
         if txn.get(base_key, db=self.db["staging_base"]) is None:
             txn.put(base_key, base.encode(), db=self.db["staging_base"])
         for directory in drop_below:
-            prefix = staging_key(repo, branch, directory + "/" if directory else "")
-            cursor = txn.cursor(db=db)
-            doomed = []
-            if cursor.set_range(prefix):
-                for key in cursor.iternext(values=False):
-                    if not key.startswith(prefix):
-                        break
-                    doomed.append(bytes(key))
-            for key in doomed:
-                txn.delete(key, db=db)
+            _delete_prefix(txn, db, staging_key(repo, branch, directory + "/" if directory else ""))
         for path, value in changes.items():
             key = staging_key(repo, branch, path)
             if value is None:
@@ -299,17 +290,7 @@ class Index:
                 txn.put(key, value, db=db)
 
     def clear_staging_txn(self, txn: lmdb.Transaction, repo: str, branch: str) -> None:
-        db = self.db["staging"]
-        prefix = staging_prefix(repo, branch)
-        cursor = txn.cursor(db=db)
-        doomed = []
-        if cursor.set_range(prefix):
-            for key in cursor.iternext(values=False):
-                if not key.startswith(prefix):
-                    break
-                doomed.append(bytes(key))
-        for key in doomed:
-            txn.delete(key, db=db)
+        _delete_prefix(txn, self.db["staging"], staging_prefix(repo, branch))
         txn.delete(f"{repo}\0{branch}".encode(), db=self.db["staging_base"])
         txn.delete(f"{repo}\0{branch}".encode(), db=self.db["sealing"])
 
@@ -343,3 +324,16 @@ class Index:
 
     def files_cache_put_txn(self, txn: lmdb.Transaction, path: str, value: bytes) -> None:
         txn.put(path.encode(), value, db=self.db["files"])
+
+
+def _delete_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> None:
+    """Delete every key of ``db`` that starts with ``prefix``."""
+    cursor = txn.cursor(db=db)
+    doomed = []
+    if cursor.set_range(prefix):
+        for key in cursor.iternext(values=False):
+            if not key.startswith(prefix):
+                break
+            doomed.append(bytes(key))
+    for key in doomed:
+        txn.delete(key, db=db)

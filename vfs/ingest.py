@@ -292,7 +292,7 @@ class Ingest:
     def _record_dir(self, source: _Source) -> None:
         existing = self.open_commit.lookup(source.dest)
         if existing is None or existing.kind != DIR:
-            self._apply({**self._parents(source.dest),
+            self._apply({**self.open_commit.missing_parents(source.dest),
                          source.dest: new_dir(parent_and_name(source.dest)[1],
                                               stat.S_IMODE(source.st.st_mode),
                                               source.st.st_mtime_ns)})
@@ -317,22 +317,7 @@ class Ingest:
         if entry.same_content(self.open_commit.lookup(source.dest)):
             self.result.unchanged += 1
             return
-        self._apply({**self._parents(source.dest), source.dest: entry})
-
-    def _parents(self, path: str) -> dict[str, Entry | None]:
-        """New directories needed above ``path`` (files in the way are replaced)."""
-        plan: dict[str, Entry | None] = {}
-        parent = parent_and_name(path)[0]
-        missing = []
-        while parent:
-            existing = self.open_commit.lookup(parent)
-            if existing is not None and existing.kind == DIR:
-                break
-            missing.append(parent)
-            parent = parent_and_name(parent)[0]
-        for p in reversed(missing):
-            plan[p] = new_dir(parent_and_name(p)[1])
-        return plan
+        self._apply({**self.open_commit.missing_parents(source.dest), source.dest: entry})
 
     def _apply(self, changes: dict[str, Entry | None]) -> None:
         self.open_commit.apply(changes)

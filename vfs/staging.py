@@ -128,6 +128,25 @@ class OpenCommit:
         plan[path] = entry
         return plan
 
+    def missing_parents(self, path: str) -> dict[str, Entry | None]:
+        """New directories to stage so that ``path``'s parent exists in the view.
+
+        A file or symlink in the way is replaced by a directory (putting a tree
+        over a path that held a file mirrors the tree).
+        """
+        plan: dict[str, Entry | None] = {}
+        missing = []
+        parent = parent_and_name(path)[0]
+        while parent:
+            existing = self.lookup(parent)
+            if existing is not None and existing.kind == DIR:
+                break
+            missing.append(parent)
+            parent = parent_and_name(parent)[0]
+        for p in reversed(missing):
+            plan[p] = new_dir(parent_and_name(p)[1])
+        return plan
+
     def apply(self, changes: dict[str, Entry | None]) -> None:
         """Apply changes to this in-memory view (the caller persists them).
 
