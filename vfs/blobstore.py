@@ -146,7 +146,8 @@ class BlobWriter:
         self._inflight: list[Future[SealedPack]] = []
         self._pending: set[bytes] = set()  # in a sealed pack not yet indexed
         self._lock = threading.Lock()
-        self._unrecorded: list[SealedPack] = []
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="vfs-checkpoint")
+        self._checkpoints: list[Future[None]] = []
         self.bytes_written = 0
 
     def __enter__(self) -> BlobWriter:
@@ -175,8 +176,8 @@ class BlobWriter:
         self._builder.add(blob)
         if len(self._builder) >= self._target:
             self._seal()
-            if len(self._inflight) + len(self._unrecorded) >= _CHECKPOINT_PACKS:
-                self._checkpoint()
+            if len(self._inflight) >= _CHECKPOINT_PACKS:
+                self._checkpoint(wait=False)
         return True
 
     def add_many(self, blobs: list[EncodedBlob]) -> None:
@@ -193,8 +194,8 @@ class BlobWriter:
             self._builder.add(blob)
             if len(self._builder) >= self._target:
                 self._seal()
-                if len(self._inflight) + len(self._unrecorded) >= _CHECKPOINT_PACKS:
-                    self._checkpoint()
+                if len(self._inflight) >= _CHECKPOINT_PACKS:
+                    self._checkpoint(wait=False)
 
     def add_bytes(self, kind: BlobKind, data: bytes) -> bytes:
         """Encode and add one blob in the calling thread; return its hash."""
@@ -214,32 +215,43 @@ class BlobWriter:
                 self.flush()
         finally:
             self._pool.shutdown(wait=True)
+            self._checkpointer.shutdown(wait=True)
             if not flush:
                 with self._lock:
                     self._pending.clear()
 
     def _raise_failed_upload(self) -> None:
-        for future in self._inflight:
+        for future in [*self._inflight, *self._checkpoints]:
             if future.done() and future.exception() is not None:
                 future.result()
 
-    def _checkpoint(self) -> None:
-        for future in self._inflight:
-            self._unrecorded.append(future.result())
-        self._inflight.clear()
-        if not self._unrecorded:
-            return
+    def _checkpoint(self, *, wait: bool = True) -> None:
+        """Make the uploaded packs durable and index them.
+
+        With ``wait=False`` (a checkpoint in the middle of a long write) the work
+        runs in the background so reading and packing go on meanwhile; ``flush``
+        waits for every checkpoint.
+        """
+        batch, self._inflight = self._inflight, []
+        if batch:
+            self._checkpoints.append(self._checkpointer.submit(self._record, batch))
+        if wait:
+            checkpoints, self._checkpoints = self._checkpoints, []
+            for checkpoint in checkpoints:
+                checkpoint.result()
+
+    def _record(self, batch: list[Future[SealedPack]]) -> None:
+        sealed_packs = [future.result() for future in batch]
         self.blobs.objects.sync()
         with self.blobs.index.write() as txn:
-            for sealed in self._unrecorded:
+            for sealed in sealed_packs:
                 self.blobs.index.add_pack_txn(
                     txn, sealed.pack_id, sealed.size,
                     [e.location(sealed.pack_id) for e in sealed.entries],
                     [e.hash for e in sealed.entries])
         with self._lock:
-            for sealed in self._unrecorded:
+            for sealed in sealed_packs:
                 self._pending.difference_update(e.hash for e in sealed.entries)
-        self._unrecorded.clear()
 
     def _seal(self) -> None:
         sealed = self._builder.seal_parts()
