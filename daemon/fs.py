@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,7 @@ class VfsOperations(pyfuse3.Operations):
         self.spool_dir = spool_dir
         self.cache = cache
         self.nursery: trio.Nursery | None = None
+        self.started_ns = time.time_ns()
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.root = Node(pyfuse3.ROOT_INODE, None, "", 1)
@@ -229,7 +231,9 @@ class VfsOperations(pyfuse3.Operations):
         attrs.st_gid = self.gid
         attrs.st_blksize = 128 * 1024
         attrs.st_blocks = (attrs.st_size + 511) // 512
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = entry.mtime_ns
+        # Roots and new directories carry no time of their own: show the mount's.
+        mtime = entry.mtime_ns or self.started_ns
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
         timeout = (COMMIT_TIMEOUT if isinstance(node.view, CommitView)
                    else BRANCH_TIMEOUT if node.view is not None else ROOT_TIMEOUT)
         attrs.entry_timeout = timeout

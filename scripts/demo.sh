@@ -82,6 +82,34 @@ run vfsctl cat images@main:/raw/labels/classes.txt
 step "Every move of the branch"
 run vfsctl reflog images@main
 
+step "Mount the store: every branch and commit as plain files under $demo/pfs"
+mnt=$demo/pfs
+run vfsctl mount "$mnt"
+trap 'vfsctl unmount "$mnt" >/dev/null 2>&1 || true' EXIT
+run ls -l "$mnt"
+run ls -l "$mnt/images@main/raw"
+run cat "$mnt/images@$first/raw/labels/classes.txt"
+
+step "Write to the branch with plain shell commands, then commit"
+run mkdir -p "$mnt/images@main/raw/notes"
+echo '$ echo "written through the mount" > .../raw/notes/hello.txt'
+echo "written through the mount" >"$mnt/images@main/raw/notes/hello.txt"
+run cp "$data/labels/train.csv" "$mnt/images@main/raw/labels/valid.csv"
+run vfsctl status images@main
+run vfsctl commit images@main -m "notes written through the mount"
+run vfsctl status
+latest=$(vfsctl log images@main -n 1 --json | python -c '
+import json, sys
+document = json.load(sys.stdin)
+commits = document["commits"] if isinstance(document, dict) else document
+print(commits[0]["id"][:12])
+')
+run ls -lR "$mnt/images@$latest/raw/notes"
+echo "\$ touch $mnt/images@$latest/raw/x   # commits are read-only"
+touch "$mnt/images@$latest/raw/x" || true
+run vfsctl unmount "$mnt"
+trap - EXIT
+
 step "Verify the store: reachability and every blob's hash"
 run vfsctl fsck --deep
 
