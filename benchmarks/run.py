@@ -462,6 +462,38 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def code_fingerprint() -> str:
+    """BLAKE3 of every vfs/*.py (the code each fresh worker process will import).
+
+    Other people may edit vfs/ while the benchmarks run; the results name the code
+    they measured, and the run notes when it changed in the middle.
+    """
+    import blake3
+
+    h = blake3.blake3()
+    pkg = os.path.join(ROOT, "vfs")
+    for dirpath, dirnames, filenames in os.walk(pkg):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                h.update(os.path.relpath(path, pkg).encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def git_state() -> str:
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "vfs"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+    return head + ("+uncommitted changes in vfs/" if dirty else "")
+
+
 def other_cpu_busy(seconds: float = 1.0) -> float:
     """Fraction of all CPUs busy over ``seconds`` while this script idles (others' load)."""
     def sample() -> tuple[int, int]:
@@ -518,11 +550,6 @@ def machine_info(workdir: str) -> dict:
         info["vfs"] = version("vfs")
         info["deps"] = {d: version(d) for d in ("blake3", "zstandard", "pyfastcdc", "lmdb")}
     except Exception:  # noqa: BLE001
-        pass
-    try:
-        info["git"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                                     capture_output=True, text=True).stdout.strip()
-    except OSError:
         pass
     return info
 
@@ -1324,6 +1351,8 @@ def main() -> None:
     ctx.max_wait = args.max_wait
     info = machine_info(workdir)
     info["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    info["vfs_code"] = code_fingerprint()
+    info["git"] = git_state()
     info["quick"] = args.quick
     print("machine: " + json.dumps(info, indent=1), flush=True)
     free = shutil.disk_usage(workdir).free
@@ -1338,6 +1367,13 @@ def main() -> None:
     failures = {}
     try:
         for i, name in enumerate(todo):
+            code = code_fingerprint()
+            info.setdefault("vfs_code_before", {})[name] = [code, git_state()]
+            if code != info["vfs_code"]:
+                ctx.note(f"the vfs code changed during the run (before benchmark {name}: "
+                         f"{git_state()}, fingerprint {code}); earlier results measured "
+                         f"{info['vfs_code']}")
+                info["vfs_code"] = code
             busy = other_cpu_busy()
             log(f"=== benchmark {BENCHMARKS.index(name) + 1}: {name} (CPU used by other "
                 f"processes just before: {busy:.0%})")
@@ -1362,6 +1398,8 @@ def main() -> None:
     finally:
         for fx in fixtures.values():
             fx.remove()
+    if code_fingerprint() != info["vfs_code"]:
+        ctx.note("the vfs code changed during the last benchmark")
     info["drop_caches"] = ctx.drop_ok
     info["measurements_started_while_busy"] = ctx.busy_waits
     if ctx.busy_waits:
@@ -1369,7 +1407,8 @@ def main() -> None:
                  f"(waited {ctx.max_wait:.0f} s); see outside_cpu in the JSON")
     info["elapsed_s"] = round(time.time() - started, 1)
     print()
-    print(f"vfs benchmarks {'(--quick) ' if args.quick else ''}{info['date']} on "
+    print(f"vfs benchmarks {'(--quick) ' if args.quick else ''}{info['date']}, vfs at "
+          f"{info['git']} (code {info['vfs_code']}), on "
           f"{info.get('cpu', '?')} x{info['nproc']}, {info.get('ram_gib', '?')} GiB RAM, "
           f"disk {info.get('disk', '?')}; page cache dropped: {ctx.drop_ok}")
     print(table(ctx.records))
