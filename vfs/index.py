@@ -241,10 +241,6 @@ class Index:
                 found.append(bytes(key))
         return found
 
-    def commit_ids(self) -> list[bytes]:
-        with self.env.begin() as txn:
-            return [bytes(k) for k in txn.cursor(db=self.db["commits"]).iternext(values=False)]
-
     # -- staging (open commits) -------------------------------------------------------
 
     def staged(self, repo: str, branch: str) -> dict[str, bytes]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -130,10 +129,8 @@ class Ingest:
     """Puts files into the open commit of one branch.
 
     Args:
-        blobs_writer_factory: makes the BlobWriter (the store's ``blobs.writer``).
+        store: the open store (blobs, index with the files cache, config).
         open_commit: the branch's open commit view, updated in place.
-        index: the store's index (files cache).
-        config: the store config.
         progress: called with byte counts as data is read.
         workers: threads for reading, hashing and compression.
     """
@@ -432,10 +429,6 @@ def encode_stream(store, stream: BinaryIO, writer: BlobWriter) -> tuple[str, int
     for blob in blobs[len(chunks):]:
         writer.add(blob)
     return ref, size
-
-
-def stdin_binary() -> BinaryIO:
-    return sys.stdin.buffer
 
 
 # -- entry points ------------------------------------------------------------------------

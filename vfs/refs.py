@@ -16,7 +16,6 @@ import getpass
 import json
 import os
 import socket
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -204,7 +203,3 @@ def read_reflog(objects: ObjectStore, repo: str, branch: str | None = None) -> l
 def parse_time(iso: str) -> float:
     """Seconds since the epoch of a time written by :func:`now_iso`."""
     return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
-
-
-def unix_now() -> float:
-    return time.time()
