@@ -16,6 +16,9 @@ Usage (from the project root, as root: the page cache is dropped and FUSE mounts
             in a commit on a fresh mount, vs the local source tree; ``find`` over 20,000
             files vs ``restic mount`` and ``borg mount``; vfsd's peak RSS meanwhile
   6 memory  vfsd's peak RSS (VmHWM) while writing and then reading a 4 GiB file
+  7 million vfsd's peak RSS and the time of ``find`` over a commit of 1000 dirs x 1000
+            files and of ``ls`` of a directory of 1,000,000 files (commit built directly
+            through the library: tiny inline files, no file data)
 
 ``--quick``: 256 MiB instead of 1 GiB, 1 GiB instead of 4 GiB, fewer repetitions and
 shorter fio runs (file counts stay the same). Work directory: ``benchmarks/work/mount``
@@ -31,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -45,7 +49,7 @@ VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))
 VFSD = os.path.join(VENV_BIN, "vfsd")
 VFSCTL = os.path.join(VENV_BIN, "vfsctl")
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-BENCHMARKS = ["cold", "warm", "fio", "small", "listing", "memory"]
+BENCHMARKS = ["cold", "warm", "fio", "small", "listing", "memory", "million"]
 RESTIC_ENV = {"RESTIC_PASSWORD": "benchmark"}
 
 
@@ -970,6 +974,86 @@ def bench_memory(ctx: Ctx) -> None:
     rmtree(cache)
 
 
+def build_million(store: str, cache: str) -> str:
+    """A commit of 1000 dirs x 1000 files (``tree``) and one dir of 1,000,000 (``flat``).
+
+    Built with the library, tree blob by tree blob (``put -r`` of 2 million files
+    would take minutes); every file is a few bytes inlined in its tree entry.
+    Returns the commit id.
+    """
+    import vfs
+    from vfs.blobs import BlobKind
+    from vfs.tree import FILE, Entry, dir_entry, encode_tree, inline_ref
+
+    def files(n: int, tag: int) -> dict[str, Entry]:
+        out = {}
+        for j in range(n):
+            data = b"%d %d\n" % (tag, j)
+            name = f"f{j:07d}"
+            out[name] = Entry(name, FILE, 0o644, len(data), 1_700_000_000_000_000_000 + j,
+                              inline_ref(data), 1)
+        return out
+
+    with vfs.open_store(store, cache_dir=cache, create=True) as st:
+        st.create_repo("bench")
+        with st.blobs.writer() as writer:
+            def add(children: dict[str, Entry]) -> bytes:
+                return writer.add_bytes(BlobKind.TREE, encode_tree(list(children.values())))
+
+            dirs = {}
+            for i in range(1000):
+                children = files(1000, i)
+                dirs[f"d{i:04d}"] = dir_entry(f"d{i:04d}", add(children), children)
+            root = {"tree": dir_entry("tree", add(dirs), dirs)}
+            children = files(1_000_000, -1)
+            root["flat"] = dir_entry("flat", add(children), children)
+            del children
+            root_hash = add(root)
+        return st.commit("bench", "main", "a million files", tree=root_hash.hex()).id
+
+
+def bench_million(ctx: Ctx) -> None:
+    """vfsd's memory and speed listing a commit of a million files."""
+    store, cache = ctx.path("store-million"), ctx.path("cache-million")
+    log("building a commit of 1000 dirs x 1000 files and one dir of 1,000,000 files")
+    t0 = time.perf_counter()
+    commit = build_million(store, cache)
+    ctx.raw["million_build_s"] = time.perf_counter() - t0
+    log(f"commit {commit[:12]} in {ctx.raw['million_build_s']:.1f} s")
+    cases = [("find", "tree", "find {}", 1_001_001, "1000 dirs x 1000 files"),
+             ("ls", "flat", "ls {}", 1_000_000, "one directory of 1,000,000 files")]
+    for what, sub, command, lines, label in cases:
+        log(f"{what} of {label}: vfs commit path, fresh mount x{ctx.reps}")
+        walls, cpu, hwm, rss, again = [], [], [], [], []
+        for rep in range(ctx.reps):
+            with Vfsd(ctx, store, cache, f"million-{what}-{rep}") as d:
+                path = os.path.join(d.mnt, f"bench@{commit}", sub)
+                os.stat(os.path.dirname(path))
+                drop_caches(ctx)
+                wait_quiet(ctx)
+                d.reset_hwm()
+                c0 = d.cpu_s()
+                # Count lines with wc: a million paths need not cross into Python.
+                wall, out = timed(command.format(shlex.quote(path)) + " | wc -l", capture=True)
+                if int(out) != lines:
+                    raise RuntimeError(f"{what} of {sub} printed {out.strip()} lines, "
+                                       f"expected {lines}")
+                cpu.append(d.cpu_s() - c0)
+                walls.append(wall)
+                again.append(timed(command.format(shlex.quote(path)) + " | wc -l")[0])
+                hwm.append(d.hwm_mb())
+                rss.append(d.peak_rss_kib * KiB / 1e6)
+        ctx.raw[f"million-{what}"] = {"vfs_s": walls, "vfs_again_s": again, "vfsd_cpu_s": cpu,
+                                      "hwm_MB": hwm, "sampled_MB": rss}
+        ctx.add("7-million", f"vfsd peak RSS (VmHWM) during {what} of {label}", max(hwm),
+                "MB", target="< 300 MB", met=max(hwm) < 300, per_daemon=hwm,
+                sampled_peak_MB=rss)
+        ctx.add("7-million", f"{what} of {label} ({lines:,} lines), commit path, fresh mount",
+                statistics.median(walls), "s", runs=walls, again_s=again, vfsd_cpu_s=cpu)
+    rmtree(store)
+    rmtree(cache)
+
+
 # ---------------------------------------------------------------------------------------
 # output and main
 # ---------------------------------------------------------------------------------------
@@ -1048,7 +1132,8 @@ def main() -> None:
     failures = {}
     steps = [("cold", lambda: bench_cold_warm(ctx, fx, "warm" in selected)),
              ("fio", lambda: bench_fio(ctx, fx)), ("small", lambda: bench_small(ctx, fx)),
-             ("listing", lambda: bench_listing(ctx, fx)), ("memory", None)]
+             ("listing", lambda: bench_listing(ctx, fx)), ("memory", None),
+             ("million", lambda: bench_million(ctx))]
     try:
         for name, fn in steps:
             if name == "cold" and not ({"cold", "warm"} & selected):

@@ -243,6 +243,9 @@ def status(options: Options, target: str | None, as_json: bool) -> None:
         node_status(options, as_json)
         return
     spec = vfs.parse_branch(target)
+    daemon = options.daemon()
+    if daemon is not None:  # files closed through the mount are staged in the background
+        daemon.call("wait_staged", repo=spec.repo, branch=spec.ref)
     state, open_commit = options.store().open_commit(spec.repo, spec.ref)
     changes = _staged_changes(open_commit)
     if as_json:

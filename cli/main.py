@@ -22,7 +22,7 @@ import traceback
 import click
 
 import vfs
-from cli import changes, maintenance, mounting, output, reading
+from cli import changes, maintenance, mounting, output, pipelines, reading
 from cli.options import Options, json_option, pass_options, repo_only
 from cli.output import emit_json, fields, note, short, table
 from vfs.errors import VfsError
@@ -252,7 +252,8 @@ def branch_delete(options: Options, ref: str) -> None:
 for _command in (changes.put, changes.rm, changes.status, changes.commit, changes.discard,
                  changes.rollback, reading.log, reading.ls, reading.cat, reading.get,
                  reading.diff, reading.inspect, reading.reflog, maintenance.gc,
-                 maintenance.fsck, maintenance.index, mounting.mount, mounting.unmount):
+                 maintenance.fsck, maintenance.index, mounting.mount, mounting.unmount,
+                 pipelines.pipeline, pipelines.job, pipelines.wait, pipelines.provenance):
     cli.add_command(_command)
 
 

@@ -227,7 +227,8 @@ def node_status(options: Options, as_json: bool) -> None:
         state = daemon.call("status")
         document = {"running": True, "mount": state["mount"], "pid": state["pid"],
                     "store": state["store"], "cache": state["cache"],
-                    "open_commits": state["open_commits"], "open_files": state["open_files"]}
+                    "open_commits": state["open_commits"], "open_files": state["open_files"],
+                    "jobs": state.get("jobs", [])}
     else:
         document = {"running": False, "mount": None, "pid": None, "store": store.objects.url,
                     "cache": None,
@@ -235,7 +236,7 @@ def node_status(options: Options, as_json: bool) -> None:
                         {"repo": repo, "branch": branch,
                          "changes": len(store.index.staged(repo, branch))}
                         for repo, branch in sorted(store.index.open_commits())],
-                    "open_files": None}
+                    "open_files": None, "jobs": []}
     if as_json:
         emit_json(document)
         return
@@ -246,7 +247,10 @@ def node_status(options: Options, as_json: bool) -> None:
         fields([("vfsd", f"pid {document['pid']}, mounted at {document['mount']}"),
                 ("store", document["store"]),
                 ("cache", f"{cache['dir']} ({usage})"),
-                ("open files", document["open_files"])])
+                ("open files", document["open_files"]),
+                ("running jobs", ", ".join(
+                    f"{j['id']} ({j['datums_processed']}/{j['datums_total'] - j['datums_skipped']}"
+                    " datums)" for j in document["jobs"]) or "none")])
     else:
         click.echo("no vfsd is running for this store")
     commits = document["open_commits"]

@@ -13,17 +13,20 @@ import functools
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
+from daemon.commit_inodes import CommitDir, CommitInodes
+from daemon.flusher import Flusher
 from daemon.reader import ChunkCache, FileReader
-from daemon.views import BranchView, CommitView, SpoolFile, View, entry_mode
+from daemon.views import BranchView, CommitView, SpoolFile, View
 from vfs.errors import (
     BranchNotFound,
     CommitNotFound,
@@ -34,16 +37,23 @@ from vfs.errors import (
     ReadOnly,
     VfsError,
 )
-from vfs.names import join, normalize_path, parse_ref
+from vfs.names import MAX_COMPONENT_BYTES, join, normalize_path, parse_ref
+from vfs.snapshot import TreeCache
 from vfs.store import Store
-from vfs.tree import DIR, FILE, SYMLINK, Entry
+from vfs.tree import DIR, EMPTY_TREE, FILE, SYMLINK, Entry, Tree, decode_tree
 
 log = logging.getLogger("daemon.fs")
+T = TypeVar("T")
 
 COMMIT_TIMEOUT = 24 * 3600.0  # commits never change: let the kernel cache them
 BRANCH_TIMEOUT = 1.0  # a moved head shows within a second
 ROOT_TIMEOUT = 1.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+_BLOCK_SIZE = 128 * 1024
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+_S_IFDIR, _S_IFREG, _S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+_EMPTY_TREE = decode_tree(EMPTY_TREE)
+_DECODED_TREE_BYTES = 32 * 1024 * 1024  # ~250,000 entries; the tree in use stays anyway
 
 
 def _errors(handler: Callable) -> Callable:
@@ -72,9 +82,32 @@ def _errors(handler: Callable) -> Callable:
     return wrapper
 
 
+async def _with_lock(view: BranchView, work: Callable[[], T]) -> T:
+    """Run short work on a branch view while holding its lock.
+
+    For bookkeeping and a few local syscalls (create a spool, write a sidecar, close a
+    descriptor) a hand-off to a worker thread costs more than the work itself and is
+    most of what a small-file writer waits for: run it right here when the lock is
+    free, and in a worker thread only when another thread holds it (never block the
+    FUSE loop on a lock).
+    """
+    if view.lock.acquire(blocking=False):
+        try:
+            return work()
+        finally:
+            view.lock.release()
+
+    def locked() -> T:
+        with view.lock:
+            return work()
+
+    return await trio.to_thread.run_sync(locked)
+
+
 @dataclass
 class Node:
-    """What one inode number stands for."""
+    """What one inode number stands for (entries inside commits are numbered by
+    :mod:`daemon.commit_inodes` instead and have a Node only for a moment)."""
 
     inode: int
     view: View | None  # None: the mount root
@@ -91,8 +124,10 @@ class Handle:
 
 @dataclass
 class DirHandle:
-    node: Node
+    node: Node | None
     entries: list[tuple[str, Entry | None, View | None]] = field(default_factory=list)
+    directory: CommitDir | None = None  # a directory of a commit: its entries are in tree
+    tree: Tree | None = None
 
 
 class VfsOperations(pyfuse3.Operations):
@@ -101,10 +136,12 @@ class VfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, spool_dir: str, cache: ChunkCache) -> None:
+    def __init__(self, store: Store, spool_dir: str, cache: ChunkCache,
+                 flusher: Flusher) -> None:
         super().__init__()
         self.store = store
         self.spool_dir = spool_dir
+        self.flusher = flusher
         self.cache = cache
         self.nursery: trio.Nursery | None = None
         self.started_ns = time.time_ns()
@@ -114,6 +151,9 @@ class VfsOperations(pyfuse3.Operations):
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self.root}
         self._by_key: dict[tuple[str, str], int] = {}
         self._next_inode = pyfuse3.ROOT_INODE + 1
+        self.commit_inodes = CommitInodes(self._allocate)
+        # The decoded trees of every commit view: one budget for the whole mount.
+        self.trees = TreeCache(_DECODED_TREE_BYTES)
         self._handles: dict[int, Handle | DirHandle] = {}
         self._next_handle = 1
         self.views: dict[str, View] = {}
@@ -132,11 +172,23 @@ class VfsOperations(pyfuse3.Operations):
         self._by_key[key] = node.inode
         return node
 
+    def _allocate(self, count: int) -> int:
+        first = self._next_inode
+        self._next_inode += count
+        return first
+
     def _get(self, inode: int) -> Node:
-        try:
-            return self._nodes[inode]
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        node = self._nodes.get(inode)
+        if node is not None:
+            return node
+        located = self.commit_inodes.locate(inode)
+        if located is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        # An entry of a commit: a Node for this request only, for the handlers
+        # that are not on the hot paths below (open, readlink, and the EROFS ones).
+        directory, index = located
+        tree = directory.view.tree(directory.tree)
+        return Node(inode, directory.view, directory.child_path(tree.name(index)))
 
     def _moved(self, view: View, src: str, dst: str) -> None:
         """Keep inode numbers across a rename (open files and cwd follow it)."""
@@ -155,10 +207,17 @@ class VfsOperations(pyfuse3.Operations):
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             node = self._nodes.get(inode)
-            if node is None or node is self.root:
+            if node is None:
+                located = self.commit_inodes.locate(inode)
+                if located is not None:
+                    located[0].forget(located[1], count)
                 continue
-            node.lookups -= count
-            if node.lookups <= 0:
+            if node is self.root:
+                continue
+            node.lookups = max(node.lookups - count, 0)
+            # The root of a commit view keeps its number, so that everything below
+            # it does (see daemon.commit_inodes); it is one Node per commit view.
+            if not node.lookups and not isinstance(node.view, CommitView):
                 del self._nodes[inode]
                 if node.view is not None and self._by_key.get(
                     (node.view.name, node.path)) == inode:
@@ -183,12 +242,13 @@ class VfsOperations(pyfuse3.Operations):
                 if spec.ancestor:
                     raise BranchNotFound("ancestor")
                 self.store.head(spec.repo, spec.ref)
-                view = BranchView(self.store, name, spec.repo, spec.ref, self.spool_dir)
+                view = BranchView(self.store, name, spec.repo, spec.ref, self.spool_dir,
+                                  self.flusher)
             except BranchNotFound:
                 commit = self.store.resolve(spec)
                 if commit is None:
                     raise CommitNotFound(f"{name} has no commits") from None
-                view = CommitView(self.store, name, commit)
+                view = CommitView(self.store, name, commit, self.trees)
             self.views[name] = view
             return view
 
@@ -199,14 +259,18 @@ class VfsOperations(pyfuse3.Operations):
     def _entry(self, node: Node) -> Entry:
         if node.view is None:
             return Entry("", DIR, 0o755, 0, 0, "")
-        if isinstance(node.view, BranchView):
-            node.view.maybe_refresh()
-        entry = node.view.lookup(node.path)
+        entry = self._view_entry(node.view, node.path)
         if entry is None:
             entry = self._entry_of_open_handle(node)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
+
+    @staticmethod
+    def _view_entry(view: View, path: str) -> Entry | None:
+        if isinstance(view, BranchView):
+            view.maybe_refresh()
+        return view.lookup(path)
 
     def _entry_of_open_handle(self, node: Node) -> Entry | None:
         """An unlinked file still works through its open handles (the temp-file idiom)."""
@@ -221,24 +285,110 @@ class VfsOperations(pyfuse3.Operations):
         return None
 
     def _attrs(self, node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = node.inode
-        attrs.generation = 0
-        attrs.st_mode = entry_mode(entry)
-        attrs.st_nlink = 2 if entry.kind == DIR else 1
-        attrs.st_size = entry.size if entry.kind != DIR else 4096
-        attrs.st_uid = self.uid
-        attrs.st_gid = self.gid
-        attrs.st_blksize = 128 * 1024
-        attrs.st_blocks = (attrs.st_size + 511) // 512
-        # Roots and new directories carry no time of their own: show the mount's.
-        mtime = entry.mtime_ns or self.started_ns
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
         timeout = (COMMIT_TIMEOUT if isinstance(node.view, CommitView)
                    else BRANCH_TIMEOUT if node.view is not None else ROOT_TIMEOUT)
+        attrs = self._new_attrs(timeout)
+        # Roots and new directories carry no time of their own: show the mount's.
+        _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size,
+                    entry.mtime_ns or self.started_ns)
+        return attrs
+
+    def _new_attrs(self, timeout: float) -> pyfuse3.EntryAttributes:
+        """Attributes with the fields every inode shares filled in."""
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_uid = self.uid
+        attrs.st_gid = self.gid
+        attrs.st_blksize = _BLOCK_SIZE
         attrs.entry_timeout = timeout
         attrs.attr_timeout = timeout
         return attrs
+
+    def _commit_attrs(self, inode: int, row: list) -> pyfuse3.EntryAttributes:
+        """The attributes of an entry of a commit, from its tree row."""
+        attrs = self._new_attrs(COMMIT_TIMEOUT)
+        _fill_attrs(attrs, inode, row[1], row[2], row[3], row[4] or self.started_ns)
+        return attrs
+
+    # -- inside commits: numbered by directory (daemon.commit_inodes) ---------------------------
+
+    async def _tree(self, view: CommitView, tree_hex: str) -> Tree:
+        if not tree_hex:
+            return _EMPTY_TREE
+        tree = view.cached_tree(tree_hex)
+        if tree is None:  # read and decode it without blocking other requests
+            tree = await trio.to_thread.run_sync(view.tree, tree_hex)
+        return tree
+
+    async def _directory(self, inode: int) -> CommitDir:
+        """The record of directory ``inode`` (the root of a commit view or a directory in it).
+
+        Raises:
+            FUSEError: ENOENT (unknown inode), ENOTDIR.
+        """
+        directory = self.commit_inodes.directory(inode)
+        if directory is not None:
+            return directory
+        node = self._nodes.get(inode)
+        if node is not None:
+            assert isinstance(node.view, CommitView) and not node.path
+            view, path, tree_hex = node.view, "", node.view.commit.tree or ""
+        else:
+            located = self.commit_inodes.locate(inode)
+            if located is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            parent, index = located
+            row = (await self._tree(parent.view, parent.tree)).row(index)
+            if row[1] != DIR:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            view, path, tree_hex = parent.view, parent.child_path(row[0]), row[5]
+        size = len(await self._tree(view, tree_hex))
+        # Another request may have numbered it while this one waited for the tree.
+        return self.commit_inodes.directory(inode) or self.commit_inodes.add(
+            view, inode, path, tree_hex, size)
+
+    async def _commit_lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        """lookup in the root of a commit view or a directory in it."""
+        if name == b"." or name == b"..":
+            inode = parent_inode
+            if name == b"..":  # the directory holding the parent (the mount root for a view)
+                located = self.commit_inodes.locate(parent_inode)
+                inode = located[0].inode if located is not None else pyfuse3.ROOT_INODE
+            node = self._nodes.get(inode)
+            if node is not None:
+                node.lookups += 1
+                return self._attrs(node, self._entry(node))
+            located = self.commit_inodes.locate(inode)
+            if located is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            directory, index = located
+        else:
+            directory = await self._directory(parent_inode)
+            index = (await self._tree(directory.view, directory.tree)).index(os.fsdecode(name))
+            if index is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+        row = (await self._tree(directory.view, directory.tree)).row(index)
+        directory.remember(index)
+        return self._commit_attrs(directory.base + index, row)
+
+    def _readdir_commit(self, handle: DirHandle, start: int, token) -> None:
+        directory, tree = handle.directory, handle.tree
+        assert directory is not None and tree is not None
+        # One attributes object for the whole reply (readdir_reply copies it), and
+        # the loop kept tight: ls -l of 100,000 files runs it 100,000 times.
+        attrs = self._new_attrs(COMMIT_TIMEOUT)
+        base, row_at, reply, fill = directory.base, tree.row, pyfuse3.readdir_reply, _fill_attrs
+        default_mtime = self.started_ns
+        index = start
+        for index in range(start, len(tree)):
+            row = row_at(index)
+            fill(attrs, base + index, row[1], row[2], row[3], row[4] or default_mtime)
+            # The offset of an entry is its position + 1: stable, the tree never changes.
+            if not reply(token, row[0].encode(_FS_ENCODING, _FS_ERRORS), attrs, index + 1):
+                break
+        else:
+            index = len(tree)
+        # readdirplus: the kernel now holds a reference to each entry it was sent.
+        directory.remember_range(start, index)
 
     def _writable(self, node: Node) -> BranchView:
         if isinstance(node.view, BranchView):
@@ -247,7 +397,16 @@ class VfsOperations(pyfuse3.Operations):
 
     @staticmethod
     def _name(name: bytes) -> str:
-        text = os.fsdecode(name)
+        try:
+            text = name.decode()
+        except UnicodeDecodeError:
+            text = os.fsdecode(name)  # normalize_path says what is wrong with it
+        else:
+            # The common case, cheaply (every lookup of a branch passes here); the
+            # kernel never sends "/" or NUL, but FUSE allows names up to 1024 bytes.
+            if len(name) <= MAX_COMPONENT_BYTES and text not in ("", ".", "..") \
+                    and "/" not in text:
+                return text
         normalized = normalize_path(text)
         if normalized != text:
             raise pyfuse3.FUSEError(errno.EINVAL)
@@ -257,7 +416,9 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
-        parent = self._get(parent_inode)
+        parent = self._nodes.get(parent_inode)
+        if parent is None or isinstance(parent.view, CommitView):
+            return await self._commit_lookup(parent_inode, name)
         text = os.fsdecode(name)
         if text == ".":
             node = parent
@@ -273,15 +434,34 @@ class VfsOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             node = self._node(view, "")
         else:
-            node = self._node(parent.view, join(parent.path, self._name(name)))
+            view, path = parent.view, join(parent.path, self._name(name))
+            inode = self._by_key.get((view.name, path))
+            if inode is None:
+                # Numbered only if it is there: a shell searching its PATH, or a
+                # stat of every name a build tries, would otherwise leave one
+                # Node behind per miss.
+                entry = self._view_entry(view, path)
+                if entry is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                node = self._node(view, path)
+                node.lookups += 1
+                return self._attrs(node, entry)
+            node = self._nodes[inode]
         entry = self._entry(node)
         node.lookups += 1
         return self._attrs(node, entry)
 
     @_errors
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
-        node = self._get(inode)
-        return self._attrs(node, self._entry(node))
+        node = self._nodes.get(inode)
+        if node is not None:
+            return self._attrs(node, self._entry(node))
+        located = self.commit_inodes.locate(inode)
+        if located is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        directory, index = located
+        tree = await self._tree(directory.view, directory.tree)
+        return self._commit_attrs(inode, tree.row(index))
 
     @_errors
     async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
@@ -329,19 +509,21 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode: int, ctx=None) -> int:
-        node = self._get(inode)
+        node = self._nodes.get(inode)
+        if node is None or isinstance(node.view, CommitView):
+            directory = await self._directory(inode)
+            tree = await self._tree(directory.view, directory.tree)
+            return self._new_handle(DirHandle(node, directory=directory, tree=tree))
         handle = DirHandle(node)
         if node.view is None:
             names = await trio.to_thread.run_sync(self._branch_names)
             handle.entries = [(name, None, None) for name in names]
         else:
             view = node.view
-            if isinstance(view, BranchView):
-                view.maybe_refresh()
-                with view.lock:
-                    listing = view.listdir(node.path)
-            else:
-                listing = await trio.to_thread.run_sync(view.listdir, node.path)
+            assert isinstance(view, BranchView)
+            view.maybe_refresh()
+            with view.lock:
+                listing = view.listdir(node.path)
             handle.entries = [(name, entry, view) for name, entry in listing.items()]
         return self._new_handle(handle)
 
@@ -353,6 +535,10 @@ class VfsOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token) -> None:
         handle = self._handles[fh]
         assert isinstance(handle, DirHandle)
+        if handle.directory is not None:
+            self._readdir_commit(handle, start_id, token)
+            return
+        assert handle.node is not None
         for index in range(start_id, len(handle.entries)):
             name, entry, view = handle.entries[index]
             if view is None:
@@ -503,14 +689,14 @@ class VfsOperations(pyfuse3.Operations):
         path = join(parent.path, self._name(name))
 
         def make() -> SpoolFile:
-            with view.lock:
-                if view.lookup(path) is not None and flags & os.O_EXCL:
-                    raise pyfuse3.FUSEError(errno.EEXIST)
-                spool = view.open_spool(path, truncate=True, create_mode=mode)
-                spool.opens += 1
-                return spool
+            if view.lookup(path) is not None and flags & os.O_EXCL:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            # Truncating: nothing is read from the store, only a spool file is made.
+            spool = view.open_spool(path, truncate=True, create_mode=mode)
+            spool.opens += 1
+            return spool
 
-        spool = await trio.to_thread.run_sync(make)
+        spool = await _with_lock(view, make)
         node = self._node(view, path)
         node.lookups += 1
         fh = self._new_handle(Handle(node, spool=spool))
@@ -535,71 +721,106 @@ class VfsOperations(pyfuse3.Operations):
         assert isinstance(view, BranchView)
         return view.write(handle.spool, off, buf)
 
-    async def _flush(self, handle: Handle, *, durable: bool) -> None:
-        view = handle.node.view
-        if handle.spool is None or not isinstance(view, BranchView):
-            return
-
-        def flush() -> None:
-            with view.lock:
-                path = view.path_of(handle.spool)  # type: ignore[arg-type]
-            if path is not None:
-                view.flush(path)
-            if durable:
-                self.store.index.sync()
-
-        await trio.to_thread.run_sync(flush)
-
     @_errors
     async def flush(self, fh: int) -> None:
+        # close(): the file is visible at once and survives a crash of the daemon
+        # (its sidecar); the flusher stores it in the background. Only fsync waits.
         handle = self._handles[fh]
         assert isinstance(handle, Handle)
-        await self._flush(handle, durable=False)
+        view = handle.node.view
+        spool = handle.spool
+        if spool is None or not isinstance(view, BranchView):
+            return
+
+        await _with_lock(view, functools.partial(view.close_file, spool))
+        if self.flusher.backlog_full():
+            await trio.to_thread.run_sync(self.flusher.wait_backlog)
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles[fh]
         assert isinstance(handle, Handle)
-        await self._flush(handle, durable=True)
+        view = handle.node.view
+        if handle.spool is None or not isinstance(view, BranchView):
+            return
+        await trio.to_thread.run_sync(
+            functools.partial(self.flusher.wait_stored, view, [handle.spool], durable=True))
 
     @_errors
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         assert isinstance(handle, Handle)
         view = handle.node.view
-        if handle.spool is None or not isinstance(view, BranchView):
-            return
         spool = handle.spool
+        if spool is None or not isinstance(view, BranchView):
+            return
 
-        def release() -> None:
-            with view.lock:
-                path = view.path_of(spool)
-            if path is not None:
-                view.flush(path)
-            with view.lock:
-                view.release(view.path_of(spool), spool)
-
-        await trio.to_thread.run_sync(release)
+        await _with_lock(view, functools.partial(view.release, spool))
 
     # -- for the control socket ---------------------------------------------------------------
 
     def flush_everything(self) -> None:
-        """Store every dirty file of every branch (at a clean shutdown)."""
-        for view in list(self.views.values()):
-            if isinstance(view, BranchView):
-                try:
-                    view.flush_all()
-                except VfsError as exc:
-                    log.error("could not store files written to %s: %s", view.name, exc)
+        """Store every file written to every branch, open ones too (at a clean shutdown).
+
+        Sidecars come first: if storing fails, a restarted daemon stages the files.
+        """
+        views = [v for v in list(self.views.values()) if isinstance(v, BranchView)]
+        for view in views:
+            with view.lock:
+                view.write_sidecars()
+        for view in views:
+            try:
+                self.flusher.wait_branch(view, include_open=True, durable=True)
+            except VfsError as exc:
+                log.error("could not store files written to %s (kept for the next start): "
+                          "%s", view.name, exc)
+            with view.lock:  # the process goes away: no handle stays open
+                for spool in list(view.spools.values()):
+                    if spool.dirty:
+                        spool.close_fd()
+                    else:
+                        del view.spools[spool.path]
+                        spool.close()
 
     def flush_branch(self, repo: str, branch: str) -> None:
-        """Store every dirty file of a branch (before its open commit is sealed)."""
+        """Store every file written to a branch, open ones as they are now (before a commit).
+
+        Raises:
+            VfsError: storing one of them failed (StoreFull for a full disk).
+        """
         view = self.branch_view(repo, branch)
         if view is not None:
-            view.flush_all()
+            self.flusher.wait_branch(view, include_open=True, durable=False)
+
+    def wait_staged(self, repo: str, branch: str) -> None:
+        """Return once every file closed on a branch is staged (before put, rm, status...).
+
+        Raises:
+            VfsError: storing one of them failed.
+        """
+        view = self.branch_view(repo, branch)
+        if view is not None:
+            self.flusher.wait_branch(view, include_open=False, durable=False)
 
     def branch_changed(self, repo: str, branch: str) -> None:
         """Reload a branch view after a commit, rollback or staging outside FUSE."""
         view = self.branch_view(repo, branch)
         if view is not None:
             view.reload()
+
+
+def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int, size: int,
+                mtime_ns: int) -> None:
+    """The fields that differ from one entry to the next (see ``_new_attrs``)."""
+    attrs.st_ino = inode
+    if kind == DIR:
+        # New directories (staged, never committed) have mode 0: show 0755.
+        attrs.st_mode = _S_IFDIR | (mode & 0o7777 or 0o755)
+        attrs.st_nlink = 2
+        size = 4096
+    else:
+        attrs.st_mode = (_S_IFREG if kind == FILE else _S_IFLNK) | (mode & 0o7777)
+        attrs.st_nlink = 1
+    attrs.st_size = size
+    attrs.st_blocks = (size + 511) // 512
+    attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns

@@ -16,6 +16,8 @@ from daemon.protocol import commit_to_dict
 from daemon.reader import DiskCache
 from vfs.errors import VfsError
 from vfs.names import parse_ref
+from vfs.pipeline import registry
+from vfs.pipeline.spec import parse_spec
 
 
 class ControlHandler:
@@ -28,6 +30,7 @@ class ControlHandler:
         self.mountpoint = mountpoint
         self.disk = disk
         self.stop: Callable[[], None] = lambda: None
+        self.watcher = None  # daemon.watcher.Watcher, set by serve()
 
     def dispatch(self, op: str, args: dict) -> object:
         method = getattr(self, f"op_{op}", None)
@@ -37,6 +40,8 @@ class ControlHandler:
 
     def _changed(self, repo: str, branch: str) -> None:
         self.operations.branch_changed(repo, branch)
+        if self.watcher is not None:
+            self.watcher.nudge()  # a pipeline may read this branch
 
     # -- requests ------------------------------------------------------------------------
 
@@ -58,10 +63,16 @@ class ControlHandler:
                 "cache": {"dir": self.store.cache_dir,
                           "used_bytes": self.disk.used if self.disk else 0,
                           "limit_bytes": self.disk.limit if self.disk else 0},
-                "open_commits": open_commits, "open_files": open_files}
+                "open_commits": open_commits, "open_files": open_files,
+                "jobs": [{"id": job.id, "pipeline": job.pipeline,
+                          "datums_total": job.datums_total,
+                          "datums_skipped": job.datums_skipped,
+                          "datums_processed": job.datums_processed}
+                         for job in (self.watcher.running_jobs() if self.watcher else [])]}
 
     def op_put(self, repo: str, branch: str, dest: str, sources: list[str],
                recursive: bool = False, delete: bool = False, stdin: bool = False) -> dict:
+        self.operations.wait_staged(repo, branch)  # files closed before the put go first
         if stdin:
             with open(sources[0], "rb") as f:
                 result = vfs.put_stream(self.store, repo, branch, dest, f)
@@ -75,32 +86,39 @@ class ControlHandler:
                 "bytes_stored": result.bytes_stored}
 
     def op_rm(self, repo: str, branch: str, path: str, recursive: bool = False) -> dict:
+        self.operations.wait_staged(repo, branch)
         count = vfs.remove(self.store, repo, branch, path, recursive=recursive)
         self._changed(repo, branch)
         return {"files": count}
 
     def op_commit(self, repo: str, branch: str, message: str = "",
                   author: str | None = None) -> dict:
-        # Every write to a file closed or fsync'd before now is already staged; files
-        # still open with unflushed writes are stored first as they are now.
+        # Files closed before now, and files still open as they are now, are stored
+        # and staged first. No flusher round stages into the branch while it is
+        # sealed: the commit clears exactly what it sealed.
         self.operations.flush_branch(repo, branch)
         try:
-            commit = self.store.commit(repo, branch, message, author=author)
+            with self.operations.flusher.sealing(repo, branch):
+                commit = self.store.commit(repo, branch, message, author=author)
         finally:
             self._changed(repo, branch)
         self.store.index.sync()
         return commit_to_dict(commit)
 
     def op_discard(self, repo: str, branch: str) -> dict:
-        count = self.store.discard(repo, branch)
+        self.operations.wait_staged(repo, branch)  # closed files are discarded too
+        with self.operations.flusher.sealing(repo, branch):
+            count = self.store.discard(repo, branch)
         self._changed(repo, branch)
         return {"changes": count}
 
     def op_rollback(self, repo: str, branch: str, to: str, message: str = "",
                     author: str | None = None) -> dict:
         target = parse_ref(to if "@" in to else f"{repo}@{to}", allow_path=False)
+        self.operations.wait_staged(repo, branch)  # closed files count as staged changes
         try:
-            commit = self.store.rollback(repo, branch, target, message, author=author)
+            with self.operations.flusher.sealing(repo, branch):
+                commit = self.store.rollback(repo, branch, target, message, author=author)
         finally:
             self._changed(repo, branch)
         return commit_to_dict(commit)
@@ -111,7 +129,13 @@ class ControlHandler:
         info = self.store.create_branch(repo, branch, spec)
         return {"repo": info.repo, "branch": info.name, "head": info.head}
 
+    def op_wait_staged(self, repo: str, branch: str) -> dict:
+        """Return once every file closed on the branch is staged (``vfsctl status``)."""
+        self.operations.wait_staged(repo, branch)
+        return {}
+
     def op_branch_delete(self, repo: str, branch: str) -> dict:
+        self.operations.wait_staged(repo, branch)
         self.store.delete_branch(repo, branch)
         self.operations.views.pop(f"{repo}@{branch}", None)
         return {}
@@ -121,6 +145,35 @@ class ControlHandler:
         for key in [k for k in self.operations.views if k.startswith(name + "@")]:
             self.operations.views.pop(key, None)
         return {}
+
+    # -- pipelines ---------------------------------------------------------------------
+
+    def op_pipeline_create(self, spec: dict, author: str | None = None) -> dict:
+        version = registry.create(self.store, parse_spec(spec, source="request"),
+                                  author=author)
+        self._pipelines_changed()
+        return {"version": version.version}
+
+    def op_pipeline_update(self, spec: dict, keep_outputs: bool = False,
+                           author: str | None = None) -> dict:
+        version = registry.update(self.store, parse_spec(spec, source="request"),
+                                  keep_outputs=keep_outputs, author=author)
+        self._pipelines_changed()
+        return {"version": version.version}
+
+    def op_pipeline_delete(self, name: str, author: str | None = None) -> dict:
+        version = registry.delete(self.store, name, author=author)
+        self._pipelines_changed()
+        return {"version": version.version}
+
+    def op_job_cancel(self, job: str) -> dict:
+        if self.watcher is None or not self.watcher.cancel_job(job):
+            raise VfsError(f"job {job} is not running in this vfsd")
+        return {}
+
+    def _pipelines_changed(self) -> None:
+        if self.watcher is not None:
+            self.watcher.nudge()
 
     def op_unmount(self) -> dict:
         self.stop()

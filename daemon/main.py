@@ -21,14 +21,17 @@ import trio
 
 import vfs
 from daemon import sdnotify
+from daemon.flusher import Flusher
 from daemon.fs import VfsOperations
 from daemon.handler import ControlHandler
 from daemon.protocol import default_socket_path, remove_daemon_file, write_daemon_file
-from daemon.reader import ChunkCache, DiskCache
+from daemon.reader import MEMORY_LIMIT, ChunkCache, DiskCache, limit_malloc_arenas
+from daemon.spools import recover_spools
 
 log = logging.getLogger("daemon")
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_OPTIONS = ("chunk_cache_size", "memory_cache_size")  # may be "512M" in the TOML file
 
 
 def parse_size(text: str) -> int:
@@ -52,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-cache-size", type=parse_size, default=None,
                         help="on-disk chunk cache limit (default: 0 for a local store, "
                              "2G otherwise)")
+    parser.add_argument("--memory-cache-size", type=parse_size, default=MEMORY_LIMIT,
+                        help="decoded chunks kept in memory for random readers "
+                             f"(default {MEMORY_LIMIT >> 20}M)")
+    parser.add_argument("--read-ahead-kb", type=int, default=1024, metavar="KB",
+                        help="the kernel's read-ahead on the mount (default 1024: 1 MiB "
+                             "reads; 0 keeps the kernel's 128)")
+    parser.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
+                        help="how often the pipeline watcher looks for branch heads moved "
+                             "by other writers (default 2 s; commits made through this "
+                             "daemon start jobs at once)")
+    parser.add_argument("--no-pipelines", action="store_true",
+                        help="do not run pipeline jobs on this node")
     parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
     return parser
 
@@ -73,7 +88,7 @@ def load_options(argv: list[str] | None) -> argparse.Namespace:
             if not hasattr(options, attr):
                 parser.error(f"{options.config}: unknown option {key!r}")
             if getattr(options, attr) in (None, parser.get_default(attr)):
-                if attr == "chunk_cache_size" and isinstance(value, str):
+                if attr in _SIZE_OPTIONS and isinstance(value, str):
                     value = parse_size(value)
                 setattr(options, attr, value)
     return options
@@ -99,11 +114,34 @@ def clean_stale_mount(mountpoint: str) -> None:
         raise vfs.VfsError(f"{mountpoint} is already a mount point: unmount it first")
 
 
+def set_read_ahead(mountpoint: str, kilobytes: int) -> None:
+    """Set the kernel's read-ahead for the mount (best effort).
+
+    The kernel gives a FUSE mount 128 KiB of read-ahead, so a sequential reader
+    reaches the daemon as 128 KiB READ requests; with 1 MiB the requests are 1 MiB
+    and the per-request cost is paid an eighth as often. The setting lives on the
+    mount's backing device (``/sys/class/bdi/MAJOR:MINOR``) and must be written
+    after the kernel has had the daemon's INIT reply, which may only lower it:
+    ``stat`` of the mount root waits for that (call this from a worker thread while
+    the FUSE loop runs).
+    """
+    try:
+        device = os.stat(mountpoint).st_dev
+        path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(kilobytes))
+    except OSError as exc:  # not root, or /sys read-only in a container: keep the default
+        log.debug("cannot set read-ahead of %s to %d KiB: %s", mountpoint, kilobytes, exc)
+        return
+    log.debug("read-ahead of %s (%s) set to %d KiB", mountpoint, path, kilobytes)
+
+
 async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
     spool_dir = os.path.join(store.cache_dir, "spool")
     os.makedirs(spool_dir, exist_ok=True)
-    for name in os.listdir(spool_dir):  # spools of a dead daemon: never flushed, not staged
-        os.unlink(os.path.join(spool_dir, name))
+    # Files a dead daemon had closed are staged now, before the mount serves;
+    # spools of files it still had open are dropped (daemon/spools.py).
+    recover_spools(store, spool_dir)
     for name in os.listdir(store.cache_dir):  # stdin spools of killed 'vfsctl put -'
         if name.startswith("stdin-") and name.endswith(".spool"):
             os.unlink(os.path.join(store.cache_dir, name))
@@ -111,8 +149,11 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
     if limit is None:
         limit = 0 if getattr(store.objects, "root", None) else 2 << 30
     disk = DiskCache(os.path.join(store.cache_dir, "chunks"), limit) if limit else None
-    cache = ChunkCache(store.blobs, disk, limiter=trio.CapacityLimiter(4))
-    operations = VfsOperations(store, spool_dir, cache)
+    cache = ChunkCache(store.blobs, disk, limiter=trio.CapacityLimiter(4),
+                       memory_limit=options.memory_cache_size)
+    flusher = Flusher(store)
+    flusher.start()
+    operations = VfsOperations(store, spool_dir, cache, flusher)
     mountpoint = os.path.abspath(options.mount)
     clean_stale_mount(mountpoint)
     fuse_options = set(pyfuse3.default_options)
@@ -128,9 +169,20 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
             operations.nursery = nursery
             handler.stop = lambda: trio.from_thread.run_sync(pyfuse3.terminate)
             nursery.start_soon(_fuse_main, nursery)
+            if options.read_ahead_kb:
+                await trio.to_thread.run_sync(set_read_ahead, mountpoint, options.read_ahead_kb,
+                                              abandon_on_cancel=True)
             from daemon.control import serve_control
 
             await nursery.start(serve_control, socket_path, handler)
+            if not options.no_pipelines:
+                from daemon.watcher import Watcher
+
+                watcher = Watcher(store, os.path.join(store.cache_dir, "jobs"),
+                                  poll_interval=options.poll_interval,
+                                  on_commit=operations.branch_changed)
+                handler.watcher = watcher
+                await nursery.start(watcher.run)
             write_daemon_file(store.cache_dir, {"socket": socket_path, "pid": os.getpid(),
                                                 "mount": mountpoint,
                                                 "store_id": store.config.store_id})
@@ -143,6 +195,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
         # Files still open keep what was written to them: store it before going.
         operations.flush_everything()
         pyfuse3.close(unmount=True)
+        flusher.close()
         store.index.sync()
         log.info("unmounted %s", mountpoint)
 
@@ -169,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    limit_malloc_arenas()  # before any worker thread allocates
     try:
         store = vfs.open_store(options.store, cache_dir=options.cache,
                                s3_endpoint=options.s3_endpoint, durable_index=False)

@@ -13,6 +13,11 @@ import socket
 
 log = logging.getLogger("daemon.sdnotify")
 
+# Taken out of the environment on first use: programs the daemon starts (pipeline
+# containers) must not inherit it. ``runc run`` with NOTIFY_SOCKET set waits for the
+# container to send READY=1, which a pipeline command never does.
+_address: str | None = os.environ.pop("NOTIFY_SOCKET", None)
+
 
 def notify(state: str) -> bool:
     """Send ``state`` (e.g. ``"READY=1"``, newline-separated assignments) to systemd.
@@ -21,7 +26,7 @@ def notify(state: str) -> bool:
         True if it was sent; False when not run by systemd or the send failed
         (logged: a lost notification must not stop the daemon).
     """
-    address = os.environ.get("NOTIFY_SOCKET")
+    address = _address
     if not address:
         return False
     if address.startswith("@"):

@@ -2,8 +2,10 @@
 
 A :class:`CommitView` is one immutable commit. A :class:`BranchView` is a branch's
 head with its open commit laid over it, plus the files being written through the
-mount (:class:`SpoolFile`): their bytes live in a spool file on local disk until a
-flush turns them into blobs and a staged entry.
+mount (:class:`SpoolFile`): their bytes live in a spool file on local disk until
+the flusher (:mod:`daemon.flusher`) turns them into blobs and a staged entry.
+A closed file stays a spool (shown, readable, renamable) until it is staged; its
+sidecar (:mod:`daemon.spools`) lets a restarted daemon stage it.
 
 Everything here is synchronous and free of FUSE: :mod:`daemon.fs` calls it (in
 worker threads where it does I/O) and turns its :class:`vfs.errors.VfsError`
@@ -13,12 +15,14 @@ exceptions into errnos.
 from __future__ import annotations
 
 import os
-import stat
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from daemon.spools import SPOOL_PREFIX, Sidecar, remove_sidecar, write_sidecar
 from vfs.errors import (
     AlreadyExists,
     DirectoryNotEmpty,
@@ -27,13 +31,15 @@ from vfs.errors import (
     NotADirectory,
     PathNotFound,
 )
-from vfs.ingest import encode_stream
 from vfs.names import parent_and_name
 from vfs.refs import Commit, RefState, read_ref
-from vfs.snapshot import Snapshot
+from vfs.snapshot import Snapshot, TreeCache
 from vfs.staging import OpenCommit, new_dir
 from vfs.store import Store
-from vfs.tree import DIR, FILE, SYMLINK, Entry
+from vfs.tree import DIR, FILE, SYMLINK, Entry, Tree
+
+if TYPE_CHECKING:
+    from daemon.flusher import Flusher
 
 BRANCH_RECHECK_SECONDS = 1.0
 
@@ -51,7 +57,7 @@ class View:
     def lookup(self, path: str) -> Entry | None:
         raise NotImplementedError
 
-    def listdir(self, path: str) -> dict[str, Entry]:
+    def listdir(self, path: str) -> Mapping[str, Entry]:
         raise NotImplementedError
 
     def spool(self, path: str) -> SpoolFile | None:
@@ -59,45 +65,94 @@ class View:
 
 
 class CommitView(View):
-    """One commit: immutable, so the kernel may cache everything under it."""
+    """One commit: immutable, so the kernel may cache everything under it.
 
-    def __init__(self, store: Store, name: str, commit: Commit) -> None:
+    Args:
+        trees: the decoded trees, shared by all the commit views of a mount.
+    """
+
+    def __init__(self, store: Store, name: str, commit: Commit, trees: TreeCache) -> None:
         super().__init__(store, name, commit.repo)
         self.commit = commit
-        self.snapshot = Snapshot(store.blobs, commit.tree)
-        self._lock = threading.Lock()
+        self.snapshot = Snapshot(store.blobs, commit.tree, trees)  # thread-safe
 
     def lookup(self, path: str) -> Entry | None:
-        with self._lock:  # the snapshot's tree LRU is not thread-safe
-            return self.snapshot.lookup(path)
+        return self.snapshot.lookup(path)
 
-    def listdir(self, path: str) -> dict[str, Entry]:
-        with self._lock:
-            return self.snapshot.listdir(path)
+    def listdir(self, path: str) -> Mapping[str, Entry]:
+        return self.snapshot.listdir(path)
+
+    def tree(self, tree_hex: str) -> Tree:
+        """A decoded tree of this commit (reads and decodes it unless cached)."""
+        return self.snapshot.tree(tree_hex)
+
+    def cached_tree(self, tree_hex: str) -> Tree | None:
+        """A decoded tree of this commit if it is in the cache (cheap: no I/O)."""
+        return self.snapshot.cached_tree(tree_hex)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the flusher keys on spools
 class SpoolFile:
-    """A file being written through the mount; its bytes are in ``spool_path``."""
+    """A file written through the mount and not staged yet; its bytes are in ``spool_path``.
+
+    ``dirty`` means the spool holds bytes or attributes that are not staged.
+    ``has_sidecar`` means it was closed since it was last staged (and a restarted
+    daemon would stage it). ``fd`` is -1 while no handle is open.
+    """
 
     spool_path: str
     fd: int
     size: int
     mode: int
     mtime_ns: int
+    path: str = ""  # its name in the branch (kept by BranchView)
     opens: int = 0
     dirty: bool = False
     generation: int = 0  # bumped by every change of the bytes or attributes
-    flushing: threading.Lock = field(default_factory=threading.Lock)  # one flush at a time
+    has_sidecar: bool = False
+    sidecar_generation: int = -1  # the generation its sidecar describes
+
+    @property
+    def closed_since_staged(self) -> bool:
+        return self.has_sidecar
+
+    def reopen(self) -> None:
+        if self.fd < 0:
+            self.fd = os.open(self.spool_path, os.O_RDWR)
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def drop_sidecar(self) -> None:
+        if self.has_sidecar:
+            remove_sidecar(self.spool_path)
+            self.has_sidecar = False
+            self.sidecar_generation = -1
 
     def close(self) -> None:
+        """Forget the spool: close it, delete its sidecar (first) and its bytes."""
         try:
-            os.close(self.fd)
+            self.close_fd()
         finally:
+            self.drop_sidecar()
             try:
                 os.unlink(self.spool_path)
             except FileNotFoundError:
                 pass
+
+
+@dataclass(frozen=True)
+class StoredSpool:
+    """What the flusher made of a spool: stage ``ref`` if it is still that file."""
+
+    spool: SpoolFile
+    generation: int  # the spool's generation when its bytes were read
+    mode: int
+    mtime_ns: int
+    ref: str
+    size: int
 
 
 class BranchView(View):
@@ -110,10 +165,11 @@ class BranchView(View):
     writable = True
 
     def __init__(self, store: Store, name: str, repo: str, branch: str,
-                 spool_dir: str) -> None:
+                 spool_dir: str, flusher: Flusher) -> None:
         super().__init__(store, name, repo)
         self.branch = branch
         self.spool_dir = spool_dir
+        self.flusher = flusher
         self.lock = threading.RLock()
         self.spools: dict[str, SpoolFile] = {}
         self.state: RefState
@@ -199,8 +255,8 @@ class BranchView(View):
         if entry.kind == DIR:
             raise IsADirectory(f"/{path} is a directory")
         spool = self.spools.pop(path, None)
-        if spool is not None and spool.opens == 0:
-            spool.close()
+        if spool is not None:
+            self._forget(spool)
         if self.open_commit.lookup(path) is not None:
             self._stage({path: None})
 
@@ -239,8 +295,8 @@ class BranchView(View):
             if target.kind == DIR and self.listdir(dst):
                 raise DirectoryNotEmpty(f"/{dst} is not empty")
             old = self.spools.pop(dst, None)
-            if old is not None and old.opens == 0:
-                old.close()
+            if old is not None:
+                self._forget(old)
         name = parent_and_name(dst)[1]
         # Spools (files being written) move with their names.
         moved = {p: s for p, s in self.spools.items() if p == src or p.startswith(src + "/")}
@@ -248,7 +304,9 @@ class BranchView(View):
             del self.spools[p]
         for p, s in moved.items():
             s.dirty = True  # it must be stored under its new name on the next flush
-            self.spools[dst + p[len(src):]] = s
+            self._set_spool(dst + p[len(src):], s)
+            if s.has_sidecar or s.opens == 0:
+                self._closed(s, renamed=True)  # a restart must find it under its new name
         if src in moved:
             committed = self.open_commit.lookup(src)
             changes: dict[str, Entry | None] = {}
@@ -276,6 +334,8 @@ class BranchView(View):
                 spool.mtime_ns = mtime_ns
             spool.dirty = True  # the next flush stores the new attributes
             spool.generation += 1
+            if spool.has_sidecar or spool.opens == 0:
+                self._closed(spool)
             return self.lookup(path)  # type: ignore[return-value]
         entry = self.lookup(path)
         if entry is None:
@@ -308,7 +368,7 @@ class BranchView(View):
                 raise IsADirectory(f"/{path} is a directory")
             if entry is None:
                 self._parent_dir(path)
-            fd, spool_path = tempfile.mkstemp(dir=self.spool_dir, prefix="spool-")
+            fd, spool_path = tempfile.mkstemp(dir=self.spool_dir, prefix=SPOOL_PREFIX)
             mode = entry.mode if entry is not None else (create_mode or 0o644) & 0o7777
             spool = SpoolFile(spool_path, fd, 0, mode, time.time_ns())
             try:
@@ -320,11 +380,14 @@ class BranchView(View):
                 spool.close()
                 raise
             spool.dirty = entry is None or (truncate and entry.size > 0)
-            self.spools[path] = spool
-        elif truncate and spool.size:
+            self._set_spool(path, spool)
+            return spool
+        spool.reopen()  # a closed file waiting for the flusher
+        if truncate and spool.size:
             os.ftruncate(spool.fd, 0)
             spool.size = 0
             spool.dirty = True
+            spool.generation += 1
             spool.mtime_ns = time.time_ns()
         return spool
 
@@ -352,71 +415,104 @@ class BranchView(View):
         spool.dirty = True
         spool.generation += 1
         spool.mtime_ns = time.time_ns()
-        if spool.opens == 0:
-            self.flush(path)
-            if self.spools.get(path) is spool:
-                del self.spools[path]
-                spool.close()
+        if spool.opens == 0:  # truncate(2) of a file nobody has open: closed at once
+            self._closed(spool)
+            spool.close_fd()
 
-    def flush(self, path: str) -> None:
-        """Store a dirty spool's bytes as blobs and stage the file (durable on return).
+    def close_file(self, spool: SpoolFile) -> None:
+        """A handle of the spool was closed (FUSE flush): have it stored in the background.
 
-        The encoding runs without the view's lock (it can take a while for a big
-        file); a write that lands meanwhile leaves the spool dirty for the next flush.
+        Writes the sidecar (so a ``kill -9`` of the daemon loses nothing) and hands
+        the spool to the flusher; it stays in :attr:`spools`, so lookups and reads
+        see it, until it is staged.
         """
-        with self.lock:
-            spool = self.spools.get(path)
-        if spool is None:
-            return
-        # Flushes of one spool run one at a time, so an older one can never be
-        # staged after a newer one.
-        with spool.flushing:
-            with self.lock:
-                if not spool.dirty or self.path_of(spool) is None:
-                    return
-                generation = spool.generation
-                mode, mtime_ns = spool.mode, spool.mtime_ns
-                # A file description of our own: its offset is not shared with anyone.
-                fd = os.open(spool.spool_path, os.O_RDONLY)
-            with os.fdopen(fd, "rb") as f, self.store.blobs.writer() as writer:
-                ref, size = encode_stream(self.store, f, writer)
-            with self.lock:
-                current = self.path_of(spool)
-                if current is None:
-                    return  # unlinked meanwhile: nothing to stage
-                entry = Entry(parent_and_name(current)[1], FILE, mode, size, mtime_ns, ref)
-                self._stage({**self.open_commit.missing_parents(current), current: entry})
-                if spool.generation == generation:
-                    spool.dirty = False
+        if spool.dirty and self.path_of(spool) is not None:
+            self._closed(spool)
 
-    def release(self, path: str | None, spool: SpoolFile) -> None:
-        """The last handle of a spool closed: flush it and drop it."""
+    def release(self, spool: SpoolFile) -> None:
+        """The spool's last handle went away: keep it for the flusher, or drop it."""
         spool.opens -= 1
         if spool.opens > 0:
             return
-        if path is not None and self.spools.get(path) is spool:
-            self.flush(path)
+        path = self.path_of(spool)
+        if path is None:  # unlinked while open
+            spool.close()
+        elif spool.dirty:
+            self._closed(spool)
+            spool.close_fd()  # thousands of closed files must not hold a descriptor each
+        else:
             del self.spools[path]
-        spool.close()
+            spool.close()
 
-    def flush_all(self) -> None:
-        """Flush every dirty spool (before a commit)."""
-        for path, spool in list(self.spools.items()):
+    def stage_stored(self, stored: list[StoredSpool]) -> None:
+        """Stage what the flusher stored, in one index transaction (caller holds the lock).
+
+        Each file goes under its current name (it may have been renamed meanwhile);
+        a file deleted meanwhile is skipped. A spool that did not change since its
+        bytes were read is then clean: dropped if no handle is open.
+        """
+        changes: dict[str, Entry | None] = {}
+        staged: list[StoredSpool] = []
+        for item in stored:
+            current = self.path_of(item.spool)
+            if current is None:
+                continue
+            entry = Entry(parent_and_name(current)[1], FILE, item.mode, item.size,
+                          item.mtime_ns, item.ref)
+            plan = {**self.open_commit.missing_parents(current), current: entry}
+            self.open_commit.apply(plan)  # the next file sees the parents made here
+            changes.update(plan)
+            staged.append(item)
+        if not changes:
+            return
+        try:
+            self.store.stage(self.state, changes)
+        except BaseException:
+            self.reload()  # undo what was applied in memory only
+            raise
+        for item in staged:
+            spool = item.spool
+            if spool.generation != item.generation:
+                continue  # changed meanwhile: stays dirty, its next close stores it again
+            spool.dirty = False
+            spool.drop_sidecar()
+            if spool.opens == 0:
+                del self.spools[spool.path]
+                spool.close()
+
+    def write_sidecars(self) -> None:
+        """Give every dirty spool a sidecar (at shutdown: whatever happens next, a
+        restarted daemon stages them)."""
+        for spool in self.spools.values():
             if spool.dirty:
-                self.flush(path)
+                self._write_sidecar(spool)
 
     def path_of(self, spool: SpoolFile) -> str | None:
-        for path, candidate in self.spools.items():
-            if candidate is spool:
-                return path
-        return None
+        """The spool's current name, or None if it was unlinked or replaced."""
+        return spool.path if self.spools.get(spool.path) is spool else None
+
+    def _set_spool(self, path: str, spool: SpoolFile) -> None:
+        spool.path = path
+        self.spools[path] = spool
+
+    def _closed(self, spool: SpoolFile, *, renamed: bool = False) -> None:
+        """The spool was closed (or changed while closed): sidecar, then the flusher."""
+        if renamed or spool.sidecar_generation != spool.generation:
+            self._write_sidecar(spool)  # else the one written at the last close holds
+        self.flusher.submit(self, spool)
+
+    def _write_sidecar(self, spool: SpoolFile) -> None:
+        write_sidecar(spool.spool_path, Sidecar(self.repo, self.branch, spool.path,
+                                                spool.mode, spool.mtime_ns),
+                      replace=spool.has_sidecar)
+        spool.has_sidecar = True
+        spool.sidecar_generation = spool.generation
+
+    def _forget(self, spool: SpoolFile) -> None:
+        """The spool's name is gone (unlinked or replaced): a restart must not bring it back."""
+        spool.drop_sidecar()
+        if spool.opens == 0:
+            spool.close()
 
 
-def entry_mode(entry: Entry) -> int:
-    """``st_mode`` for an entry (new directories default to 0755)."""
-    if entry.kind == DIR:
-        return stat.S_IFDIR | (entry.mode & 0o7777 or 0o755)
-    return entry.st_mode
-
-
-__all__ = ["BranchView", "CommitView", "SpoolFile", "View", "entry_mode"]
+__all__ = ["BranchView", "CommitView", "SpoolFile", "StoredSpool", "View"]

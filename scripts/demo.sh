@@ -107,6 +107,32 @@ print(commits[0]["id"][:12])
 run ls -lR "$mnt/images@$latest/raw/notes"
 echo "\$ touch $mnt/images@$latest/raw/x   # commits are read-only"
 touch "$mnt/images@$latest/raw/x" || true
+
+step "A pipeline: count the lines of every label file, in a bwrap sandbox, on every commit"
+cat >"$demo/linecount.yaml" <<'SPEC'
+pipeline: linecount
+description: lines per label file
+input: {repo: images, branch: main, glob: "/raw/labels/*"}
+transform:
+  cmd: ["sh", "-c", "for f in /pfs/images/raw/labels/*; do wc -l < \"$f\" > \"/pfs/out/$(basename \"$f\").lines\"; done"]
+runtime: bwrap
+parallelism: 2
+SPEC
+run cat "$demo/linecount.yaml"
+run vfsctl pipeline create -f "$demo/linecount.yaml"
+run vfsctl wait images@main --timeout 120
+run ls -l "$mnt/linecount@main"
+run cat "$mnt/linecount@main/classes.txt.lines"
+run vfsctl provenance linecount@main
+
+step "Commit one more label file: only that datum runs"
+echo '$ printf "a\nb\nc\n" > .../raw/labels/extra.txt'
+printf 'a\nb\nc\n' >"$mnt/images@main/raw/labels/extra.txt"
+run vfsctl commit images@main -m "one more label file"
+run vfsctl wait images@main --timeout 120
+run vfsctl job list linecount
+run cat "$mnt/linecount@main/extra.txt.lines"
+
 run vfsctl unmount "$mnt"
 trap - EXIT
 

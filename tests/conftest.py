@@ -14,6 +14,9 @@ Three guarantees hold for every test, whichever tier it is in:
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +118,27 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[vfs.Store]
                 )
     finally:
         opened.close()
+
+
+BUSYBOX = "/bin/busybox"
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root filesystem directory with a static busybox and all its applets in /bin."""
+    if not os.path.exists(BUSYBOX):
+        pytest.skip(f"{BUSYBOX} is missing (apt-get install busybox-static)")
+    listing = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True)
+    root = tmp_path_factory.mktemp("busybox") / "rootfs"
+    for directory in ("bin", "etc", "tmp", "proc", "dev", "pfs", "root"):
+        (root / directory).mkdir(parents=True)
+    (root / "tmp").chmod(0o1777)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in listing.stdout.split():
+        if applet != "busybox" and "/" not in applet:
+            (root / "bin" / applet).symlink_to("busybox")
+    (root / "usr").mkdir()
+    (root / "usr" / "bin").symlink_to("../bin")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    return root

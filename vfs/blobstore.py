@@ -111,6 +111,10 @@ class BlobStore:
         return learned
 
     def _remember(self, digest: bytes, data: bytes) -> None:
+        if len(data) > _METADATA_CACHE_BYTES // 4:
+            # A huge tree (a directory of a million files is ~60 MB) would evict
+            # everything else; its decoded form is cached by whoever decodes it.
+            return
         with self._cache_lock:
             if digest in self._cache:
                 return

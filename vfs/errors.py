@@ -58,6 +58,30 @@ class PathNotFound(NotFound):
     pass
 
 
+class PipelineNotFound(NotFound):
+    pass
+
+
+class JobNotFound(NotFound):
+    pass
+
+
+class InvalidSpec(VfsError):
+    """A pipeline spec is malformed or names something that cannot run."""
+
+    errno = _errno.EINVAL
+
+
+class JobFailed(VfsError):
+    """A pipeline job failed, so a commit was not processed (``vfsctl wait``)."""
+
+
+class Timeout(VfsError):
+    """Waiting took longer than the caller allowed."""
+
+    errno = _errno.ETIMEDOUT
+
+
 class AmbiguousRef(VfsError):
     """A commit id prefix matches more than one commit."""
 

@@ -85,6 +85,8 @@ def collect(store, *, grace: float = 3600.0, reflog_retention: float = 30 * 8640
                     _delete_pack(store, pack_id)
                 continue
             live_bytes = sum(size for _, size, is_live in blobs if is_live)
+            if all(is_live for _, _, is_live in blobs):
+                continue  # nothing to free (a small pack is mostly header and index)
             if live_bytes < _REPACK_BELOW * info.size:
                 report.packs_repacked += 1
                 report.bytes_freed += info.size - live_bytes
@@ -116,5 +118,8 @@ def _repack(store, pack_id: bytes, live: list[bytes]) -> None:
             data = store.blobs.read(digest)
             writer.add(store.blobs.codec.encode(location.kind, data), force=True)
     # The new pack is stored and indexed (the writer flushed): the live blobs now
-    # point there, so removing the old pack forgets only dead blobs.
+    # point there, so removing the old pack forgets only dead blobs. (Should the new
+    # pack be byte-identical to the old one, it has the same id: keep it.)
+    if any(store.index.blob_location(d).pack_id == pack_id for d in live):  # type: ignore[union-attr]
+        return
     _delete_pack(store, pack_id)

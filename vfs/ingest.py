@@ -23,7 +23,7 @@ import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -133,11 +133,14 @@ class Ingest:
         open_commit: the branch's open commit view, updated in place.
         progress: called with byte counts as data is read.
         workers: threads for reading, hashing and compression.
+        files_cache: consult the node's files cache (off for short-lived directories
+            such as pipeline outputs, whose paths are reused).
     """
 
     def __init__(self, store, open_commit: OpenCommit, *, progress: Progress | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, files_cache: bool = True) -> None:
         self.store = store
+        self.use_files_cache = files_cache
         self.config: StoreConfig = store.config
         self.open_commit = open_commit
         self.progress = progress
@@ -202,7 +205,7 @@ class Ingest:
     def run(self, sources: list[_Source], writer: BlobWriter) -> None:
         """Read, encode and store every planned source; collect staged changes."""
         files = [s for s in sources if stat.S_ISREG(s.st.st_mode)]
-        cached = self._from_files_cache(files)
+        cached = self._from_files_cache(files) if self.use_files_cache else {}
         with ThreadPoolExecutor(self.workers, thread_name_prefix="vfs-put") as pool:
             pending: deque[tuple[Future, Callable]] = deque()
 
@@ -429,6 +432,81 @@ def encode_stream(store, stream: BinaryIO, writer: BlobWriter) -> tuple[str, int
     for blob in blobs[len(chunks):]:
         writer.add(blob)
     return ref, size
+
+
+def encode_bytes(store, data: bytes) -> tuple[str, list[EncodedBlob]]:
+    """The file ref of a whole file's bytes and the blobs it needs (thread-safe).
+
+    Nothing is written: the caller adds the blobs to a :class:`BlobWriter`.
+    """
+    return _FileEncoder(store.config, store.blobs.codec).encode_data(data)
+
+
+def encode_file(store, fd: int, writer: BlobWriter, *, pool: Executor | None = None,
+                stop: Callable[[], bool] | None = None) -> tuple[str, int] | None:
+    """Encode the bytes of an open regular file into blobs; return its file ref and size.
+
+    A small file is read whole. A large one is read in blocks straight into the
+    chunker's buffers (no copy); with ``pool`` the calling thread reads and cuts
+    while the pool hashes and compresses the chunks, as ``put`` does, so one big
+    file keeps every core busy.
+
+    Args:
+        store: the open store.
+        fd: a descriptor of the file, read from offset 0 (its offset moves).
+        writer: where the blobs go.
+        pool: threads for hashing and compression (None: the calling thread).
+        stop: polled between chunks; once it returns True the encoding is
+            abandoned (what was added so far is unreferenced, garbage for gc).
+
+    Returns:
+        ``(ref, size)``, or None if ``stop`` abandoned the encoding.
+    """
+    size = os.fstat(fd).st_size
+    if size < _SMALL_FILE:
+        data = os.pread(fd, size, 0)
+        ref, blobs = encode_bytes(store, data)
+        writer.add_many(blobs)
+        return ref, len(data)
+    encoder = _FileEncoder(store.config, store.blobs.codec)
+    codec = store.blobs.codec
+    chunks: list[_Slim] = []
+    ahead: deque[Future[EncodedBlob]] = deque()
+
+    def consume(blob: EncodedBlob) -> None:
+        writer.add(blob)
+        chunks.append(_Slim(blob.hash, blob.plain_len))
+
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        try:
+            for data in encoder.chunker().split_stream(f):
+                if stop is not None and stop():
+                    return None
+                if pool is None:
+                    consume(codec.encode(BlobKind.CHUNK, data))
+                    continue
+                ahead.append(pool.submit(codec.encode, BlobKind.CHUNK, data))
+                while len(ahead) > _AHEAD:
+                    consume(ahead.popleft().result())
+            while ahead:
+                consume(ahead.popleft().result())
+        finally:
+            for future in ahead:
+                future.cancel()
+    total = sum(c.plain_len for c in chunks)
+    if total <= store.config.chunker.min_size:
+        # It shrank while being read (a spool written meanwhile): encode it the
+        # ordinary way, so a small file gets the ref a small file must have.
+        data = os.pread(fd, total, 0)
+        ref, blobs = encode_bytes(store, data)
+        writer.add_many(blobs)
+        return ref, len(data)
+    ref, blobs = encoder.finish(chunks)  # type: ignore[arg-type]
+    for blob in blobs[len(chunks):]:
+        writer.add(blob)
+    return ref, total
 
 
 # -- entry points ------------------------------------------------------------------------

@@ -47,7 +47,8 @@ def mark(store, commit_ids: Iterable[str], *, include_staging: bool = True,
          progress: Callable[[int], None] | None = None,
          missing_commits_are_problems: bool = True) -> Reachable:
     """Mark every commit reachable from ``commit_ids`` (all ancestors), their trees,
-    manifests and chunks, plus everything the node's open commits reference."""
+    manifests and chunks, plus everything the node's open commits and the pipelines'
+    datum records reference."""
     live = Reachable()
     stack = list(commit_ids)
     trees: list[str] = []
@@ -72,6 +73,12 @@ def mark(store, commit_ids: Iterable[str], *, include_staging: bool = True,
                 entry = decode_change(value)
                 if entry is not None:
                     _mark_entry(store, live, entry, trees, f"open commit {repo}@{branch}:/{path}")
+    # Recorded datum outputs are reused by later jobs (a rollback of the input):
+    # their blobs live as long as the records, even if no commit names them.
+    from vfs.pipeline.records import all_datum_entries
+
+    for path, entry, key in all_datum_entries(store.objects):
+        _mark_entry(store, live, entry, trees, f"{key}:/{path}")
     snapshot = Snapshot(store.blobs, None)
     while trees:
         tree_hex = trees.pop()

@@ -1,14 +1,16 @@
 """Read access to one tree: path lookup, listing, walking, file contents and diff.
 
 A :class:`Snapshot` is the tree of a commit (or any tree hash). Directories are
-decoded lazily, one tree blob at a time, and kept in a bounded LRU, so a lookup
-costs the depth of the path and a listing of a huge commit never loads it whole.
+decoded lazily, one tree blob at a time, and kept in an LRU bounded by memory (a
+:class:`TreeCache`, which snapshots may share), so a lookup costs the depth of
+the path and a listing of a huge commit never loads it whole.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from vfs.blobstore import BlobStore
@@ -16,38 +18,92 @@ from vfs.errors import NotADirectory, PathNotFound
 from vfs.names import join
 from vfs.tree import (
     DIR,
+    EMPTY_TREE,
     FILE,
     Entry,
+    Tree,
     decode_manifest,
     decode_tree,
     parse_file_ref,
 )
 
-_DECODED_TREES = 256
+_NO_ENTRIES: Mapping[str, Entry] = decode_tree(EMPTY_TREE)
+
+
+class TreeCache:
+    """Decoded trees by hash, the least recently used dropped beyond a memory budget.
+
+    Trees are named by their content, so one cache can serve any number of
+    snapshots (the mount shares one among all its commits). The most recent tree
+    stays even if it alone is over the budget: it is the one being used.
+    Thread-safe.
+
+    Args:
+        budget: bytes, as estimated by :attr:`Tree.memory`; the default holds
+            ~200,000 entries of short names.
+    """
+
+    def __init__(self, budget: int = 24 * 1024 * 1024) -> None:
+        self.budget = budget
+        self._trees: OrderedDict[str, Tree] = OrderedDict()
+        self._memory = 0
+        self._lock = threading.Lock()
+
+    def get(self, tree_hex: str) -> Tree | None:
+        with self._lock:
+            tree = self._trees.get(tree_hex)
+            if tree is not None:
+                self._trees.move_to_end(tree_hex)
+            return tree
+
+    def put(self, tree_hex: str, tree: Tree) -> None:
+        with self._lock:
+            old = self._trees.pop(tree_hex, None)
+            if old is not None:
+                self._memory -= old.memory
+            self._trees[tree_hex] = tree
+            self._memory += tree.memory
+            while self._memory > self.budget and len(self._trees) > 1:
+                self._memory -= self._trees.popitem(last=False)[1].memory
+
+    @property
+    def memory(self) -> int:
+        return self._memory
 
 
 class Snapshot:
-    """The files of one root tree (``root`` is a tree hash in hex, or None for empty)."""
+    """The files of one root tree (``root`` is a tree hash in hex, or None for empty).
 
-    def __init__(self, blobs: BlobStore, root: str | None) -> None:
+    Args:
+        blobs: where the trees are read from.
+        root: the root tree's hash (hex), or None for an empty tree.
+        trees: the cache of decoded trees to use (default: one of its own).
+    """
+
+    def __init__(self, blobs: BlobStore, root: str | None,
+                 trees: TreeCache | None = None) -> None:
         self.blobs = blobs
         self.root = root
-        self._trees: OrderedDict[str, dict[str, Entry]] = OrderedDict()
+        self.trees = trees if trees is not None else TreeCache()
 
-    def tree(self, tree_hex: str) -> dict[str, Entry]:
-        """The decoded entries of one tree blob (name -> entry, sorted by name)."""
-        hit = self._trees.get(tree_hex)
-        if hit is not None:
-            self._trees.move_to_end(tree_hex)
-            return hit
-        entries = decode_tree(self.blobs.read(bytes.fromhex(tree_hex), cache=True))
-        self._trees[tree_hex] = entries
-        if len(self._trees) > _DECODED_TREES:
-            self._trees.popitem(last=False)
-        return entries
+    def tree(self, tree_hex: str) -> Tree:
+        """The decoded entries of one tree blob (name -> entry, sorted by name).
 
-    def root_entries(self) -> dict[str, Entry]:
-        return self.tree(self.root) if self.root else {}
+        Raises:
+            Corruption: the blob is missing, damaged or not a tree.
+        """
+        tree = self.trees.get(tree_hex)
+        if tree is None:
+            tree = decode_tree(self.blobs.read(bytes.fromhex(tree_hex), cache=True))
+            self.trees.put(tree_hex, tree)
+        return tree
+
+    def cached_tree(self, tree_hex: str) -> Tree | None:
+        """The tree if it is decoded already (never reads or decodes)."""
+        return self.trees.get(tree_hex)
+
+    def root_entries(self) -> Mapping[str, Entry]:
+        return self.tree(self.root) if self.root else _NO_ENTRIES
 
     def lookup(self, path: str) -> Entry | None:
         """The entry at a normalized path, None if absent. The root is a DIR entry."""
@@ -66,8 +122,8 @@ class Snapshot:
             entries = self.tree(entry.ref)
         return None
 
-    def listdir(self, path: str) -> dict[str, Entry]:
-        """The entries of a directory.
+    def listdir(self, path: str) -> Mapping[str, Entry]:
+        """The entries of a directory (a read-only mapping, sorted by name).
 
         Raises:
             PathNotFound: nothing at ``path``.
@@ -80,7 +136,7 @@ class Snapshot:
             raise PathNotFound(f"no such file or directory: /{path}")
         if entry.kind != DIR:
             raise NotADirectory(f"/{path} is not a directory")
-        return self.tree(entry.ref) if entry.ref else {}
+        return self.tree(entry.ref) if entry.ref else _NO_ENTRIES
 
     def walk(self, path: str = "") -> Iterator[tuple[str, Entry]]:
         """Yield ``(path, entry)`` for everything below ``path`` (depth first, sorted)."""
@@ -152,8 +208,8 @@ def diff_trees(old: Snapshot, new: Snapshot, path: str = "") -> Iterator[Change]
                              {name: new_root} if new_root else {})
 
 
-def _diff_entries(old: Snapshot, new: Snapshot, path: str, a: dict[str, Entry],
-                  b: dict[str, Entry]) -> Iterator[Change]:
+def _diff_entries(old: Snapshot, new: Snapshot, path: str, a: Mapping[str, Entry],
+                  b: Mapping[str, Entry]) -> Iterator[Change]:
     for name in sorted(a.keys() | b.keys()):
         child = join(path, name)
         ea, eb = a.get(name), b.get(name)

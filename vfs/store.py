@@ -365,8 +365,12 @@ class Store:
 
     def commit(self, repo: str, branch: str, message: str = "", *, author: str | None = None,
                provenance: dict | None = None, metadata: dict | None = None,
-               tree: str | None = None, why: str = "commit") -> Commit:
+               tree: str | None = None, why: str = "commit",
+               allow_empty: bool = False) -> Commit:
         """Seal the open commit of a branch (or commit ``tree`` as is) and move the branch.
+
+        ``allow_empty`` (with ``tree``) commits even when the tree equals the head's:
+        a pipeline records every input commit it processed this way.
 
         Raises:
             NothingToCommit: nothing is staged, or the result equals the head.
@@ -387,7 +391,8 @@ class Store:
                 if new_tree is None:
                     with self.blobs.writer() as writer:
                         new_tree = open_commit.seal(writer)
-                if head is not None and new_tree == head.tree:
+                if head is not None and new_tree == head.tree and not (
+                        allow_empty and tree is not None):
                     if tree is None:
                         self.discard(repo, branch)
                     raise NothingToCommit(

@@ -98,6 +98,9 @@ class Handler:
         store.delete_branch(repo, branch)
         return {}
 
+    def op_wait_staged(self, repo, branch):
+        return {}
+
     def op_repo_delete(self, name, force=False):
         store.delete_repo(name, force=force)
         return {}
@@ -256,11 +259,12 @@ SCENARIO: list[tuple[tuple[str, ...], bytes | None]] = [
     (("rollback", "--json", "photos@main", "--to", "photos@main~1"), None),
     (("branch", "delete", "photos@dev"), None),
     (("repo", "delete", "photos"), None),  # error: has commits
-    (("status", "photos@main"), None),  # a read: direct in both modes
+    # A read, direct in both modes, after the daemon staged the files closed on the mount.
+    (("status", "photos@main"), None),
 ]
 EXPECTED_OPS = ["put", "put", "put", "put", "put", "rm", "rm", "commit", "commit",
                 "branch_create", "branch_create", "put", "discard", "rm", "commit", "rollback",
-                "rollback", "branch_delete", "repo_delete"]
+                "rollback", "branch_delete", "repo_delete", "wait_staged"]
 
 
 def normalize(text: str) -> str:
@@ -320,7 +324,7 @@ def test_status_and_fallback_after_the_daemon_dies(
         "store": cli.env["VFS_STORE"],
         "cache": {"dir": state["cache"]["dir"], "used_bytes": 3 << 20, "limit_bytes": 1 << 30},
         "open_commits": [{"repo": "photos", "branch": "main", "changes": changes}],
-        "open_files": 2}
+        "open_files": 2, "jobs": []}
     assert state["cache"]["dir"].startswith(cli.env["VFS_CACHE"])
     text = cli.ok("status").out
     assert f"pid {fake.process.pid}, mounted at {FAKE_MOUNT}" in text

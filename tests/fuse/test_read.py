@@ -6,6 +6,7 @@ that only read it; the tests that move a branch get a mount of their own.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import mounted
 from fuse_checks import tree_of, wait_for
 
 if TYPE_CHECKING:
@@ -211,6 +213,83 @@ def test_a_large_directory_lists_each_name_once(dataset: Dataset, root: Path) ->
     assert (directory / "file-04321.txt").read_text() == "4321\n"
 
 
+class _Directory:
+    """A directory read with libc's opendir/readdir/telldir/seekdir (os has no seekdir)."""
+
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.opendir.restype = ctypes.c_void_p
+    _libc.opendir.argtypes = [ctypes.c_char_p]
+    _libc.readdir.restype = ctypes.c_void_p
+    _libc.readdir.argtypes = [ctypes.c_void_p]
+    _libc.telldir.restype = ctypes.c_long
+    _libc.telldir.argtypes = [ctypes.c_void_p]
+    _libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    _libc.closedir.argtypes = [ctypes.c_void_p]
+    _NAME = 8 + 8 + 2 + 1  # struct dirent: d_ino, d_off, d_reclen, d_type, d_name (glibc)
+
+    def __init__(self, path: Path) -> None:
+        self._dir = self._libc.opendir(os.fsencode(path))
+        assert self._dir, os.strerror(ctypes.get_errno())
+
+    def read(self) -> tuple[str, int] | None:
+        """The next name and the position after it (for seekdir), or None at the end."""
+        entry = self._libc.readdir(self._dir)
+        if not entry:
+            return None
+        name = ctypes.string_at(entry + self._NAME).decode()
+        return name, self._libc.telldir(self._dir)
+
+    def seek(self, position: int) -> None:
+        self._libc.seekdir(self._dir, position)
+
+    def close(self) -> None:
+        self._libc.closedir(self._dir)
+
+
+def test_directory_offsets_stay_valid_across_calls_and_opens(dataset: Dataset,
+                                                           root: Path) -> None:
+    directory = root / "many"
+    first = _Directory(directory)
+    listing = []
+    while (item := first.read()) is not None:
+        listing.append(item)
+    names = [name for name, _ in listing if name not in (".", "..")]
+    assert sorted(names) == sorted(os.listdir(dataset.source / "many"))
+    # Going back to any position, in this handle or in another one opened later,
+    # continues with the entry that followed it: offsets are positions that last.
+    second = _Directory(directory)
+    rng = random.Random(5)
+    try:
+        for k in sorted(rng.sample(range(len(listing) - 1), 40)) + [0, len(listing) - 2]:
+            for handle in (first, second):
+                handle.seek(listing[k][1])
+                following = handle.read()
+                assert following is not None and following[0] == listing[k + 1][0], k
+        first.seek(listing[-1][1])
+        assert first.read() is None
+    finally:
+        first.close()
+        second.close()
+
+
+def test_inode_numbers_survive_the_kernel_forgetting_them(dataset: Dataset) -> None:
+    # Commits number their entries once for the life of the mount: after the kernel
+    # dropped its inodes (and sent FORGET for them) a path keeps its number.
+    if os.geteuid() != 0:
+        pytest.skip("dropping the kernel's inode cache needs root")
+    root = dataset.commit_path
+    paths = [root / "small.txt", root / "nested", root / "nested" / "deeper" / "leaf.txt",
+             root / "many" / "file-04321.txt", root / "link-to-small"]
+    before = {path: os.lstat(path).st_ino for path in paths}
+    listed = {entry.name: entry.inode() for entry in os.scandir(root / "many")}
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")  # dentries and inodes
+    assert {path: os.lstat(path).st_ino for path in paths} == before
+    assert {entry.name: entry.inode() for entry in os.scandir(root / "many")} == listed
+    assert listed["file-04321.txt"] == before[root / "many" / "file-04321.txt"]
+
+
 # -- tests that move branches: each gets its own mount ------------------------------------
 
 
@@ -265,3 +344,33 @@ def test_the_root_lists_every_branch_and_no_commit(mount: Mount, tmp_path: Path)
     assert os.listdir(mount.path / "data@dev") == ["a.txt"]
     assert os.listdir(mount.path / "data@empty") == []
     assert os.listdir(mount.path / "other@main") == []
+
+
+def _read_ahead_kb(mountpoint: Path) -> int:
+    device = os.stat(mountpoint).st_dev
+    return int(Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+               .read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a device's read-ahead")
+def test_the_mount_reads_ahead_1_mib_or_as_told(dataset: Dataset, tmp_path: Path) -> None:
+    # The kernel's own default for a FUSE mount is 128 KiB, which splits a sequential
+    # read into 128 KiB requests.
+    assert _read_ahead_kb(dataset.mount.path) == 1024
+    with mounted(tmp_path, "--read-ahead-kb", "512") as other:
+        assert _read_ahead_kb(other.path) == 512
+
+
+def test_sequential_and_random_reads_of_one_handle_interleaved(dataset: Dataset,
+                                                               root: Path) -> None:
+    """A handle that streams, jumps, and streams again gets the exact bytes throughout."""
+    expected = (dataset.source / "large.bin").read_bytes()
+    rng = random.Random(7)
+    with open(root / "large.bin", "rb", buffering=0) as f:
+        position = 0
+        for _ in range(40):
+            if rng.random() < 0.3:
+                position = rng.randrange(len(expected))
+            size = rng.choice([4096, 65536, 1 << 20])
+            assert os.pread(f.fileno(), size, position) == expected[position : position + size]
+            position = min(position + size, len(expected))

@@ -396,7 +396,7 @@ def test_sdnotify_sends_to_notify_socket(socket_dir: str,
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
         receiver.bind(path)
         receiver.settimeout(5)
-        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setattr(sdnotify, "_address", path)  # read from the environment at import
         assert sdnotify.notify_ready()
         assert receiver.recv(4096) == b"READY=1"
         assert sdnotify.notify_status("serving\n/pfs")
@@ -410,14 +410,26 @@ def test_sdnotify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
         receiver.bind("\0" + name)
         receiver.settimeout(5)
-        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        monkeypatch.setattr(sdnotify, "_address", "@" + name)
         assert sdnotify.notify_ready()
         assert receiver.recv(4096) == b"READY=1"
 
 
 def test_sdnotify_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setattr(sdnotify, "_address", None)
     assert sdnotify.notify_ready() is False
+
+
+def test_sdnotify_takes_the_socket_out_of_the_environment() -> None:
+    # Children of the daemon (runc!) must not inherit it.
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ['NOTIFY_SOCKET'] = '@x'; from daemon import sdnotify; "
+            "print(sdnotify._address, os.environ.get('NOTIFY_SOCKET'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["@x", "None"]
 
 
 @pytest.mark.expect_warnings

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import random
+import unittest.mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import vfs.tree
 from vfs.errors import Corruption
+from vfs.snapshot import TreeCache
 from vfs.tree import (
     DIR,
     EMPTY_TREE,
     FILE,
     SYMLINK,
     Entry,
+    Tree,
     chunk_ref,
     decode_manifest,
     decode_tree,
@@ -131,6 +135,136 @@ def test_empty_tree() -> None:
 def test_decode_tree_rejects_non_trees(data: bytes) -> None:
     with pytest.raises(Corruption):
         decode_tree(data)
+
+
+# -- the lazy Tree against a plain decode -------------------------------------------------
+
+
+def eager_decode(data: bytes) -> dict[str, Entry]:
+    """Every row through json.loads and Entry.decode, at once (the reader's first version)."""
+    try:
+        raw = json.loads(data)
+        rows = raw["e"]
+        version = raw.get("v")
+        entries = {row[0]: Entry.decode(row) for row in rows}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise Corruption(f"blob is not a tree: {exc}") from exc
+    if version != 1:
+        raise Corruption(f"tree blob has unknown version {version!r}")
+    return entries
+
+
+@settings(max_examples=200, deadline=None)
+@given(directories())
+def test_a_lazy_tree_equals_an_eager_decode(items: list[Entry]) -> None:
+    data = encode_tree(items)
+    check_lazy_tree(data, decode_tree(data))
+    # Huge trees keep no list of names and bisect their text: the same answers.
+    with unittest.mock.patch.object(vfs.tree, "NAMES_KEPT", 3):
+        check_lazy_tree(data, decode_tree(data))
+
+
+def check_lazy_tree(data: bytes, tree: Tree) -> None:
+    expected = eager_decode(data)
+    assert isinstance(tree, Tree)
+    assert dict(tree) == expected
+    assert list(tree.items()) == list(expected.items())
+    assert list(tree.values()) == list(expected.values())
+    assert len(tree) == len(expected) and list(tree) == list(expected)
+    rows = json.loads(data)["e"]
+    for index, (name, entry) in enumerate(expected.items()):
+        assert tree.index(name) == index and tree.name(index) == name
+        assert name in tree and tree[name] == entry and tree.get(name) == entry
+        assert tree.row(index)[:6] == rows[index][:6]
+        assert tree.entry(index) == entry == Entry.of_row(rows[index])
+    for missing in ("", "\0", "zzzz-not-there", "/"):
+        if missing not in expected:
+            assert missing not in tree and tree.get(missing) is None
+            assert tree.index(missing) is None
+            with pytest.raises(KeyError):
+                tree[missing]
+
+
+@settings(max_examples=50, deadline=None)
+@given(directories())
+def test_other_json_layouts_decode_to_the_same_tree(items: list[Entry]) -> None:
+    # Another writer may space its JSON or order its keys differently: same tree.
+    rows = json.loads(encode_tree(items))["e"]
+    for data in (json.dumps({"e": rows, "v": 1}).encode(),
+                 json.dumps({"v": 1, "e": rows}, indent=1).encode("utf-16")):
+        assert dict(decode_tree(data)) == {e.name: e for e in items}
+
+
+def test_a_big_tree_is_decoded_lazily_and_fails_whole() -> None:
+    items = [Entry(f"f{i:06d}", FILE, 0o644, i, i, inline_ref(b"%d" % i), 1)
+             for i in range(20_000)]
+    data = encode_tree(items)
+    tree = decode_tree(data)
+    assert tree.index("f012345") == 12345 and tree["f012345"] == items[12345]
+    # One bad row deep inside makes the whole blob corrupt, at decode time.
+    bad = data.replace(b'["f015000","f",420,', b'["f015000","f","420",')
+    assert bad != data
+    with pytest.raises(Corruption, match="malformed tree entry"):
+        decode_tree(bad)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"v":1,"e":[["a","f",420,0,0,""],]}',  # trailing comma
+        b'{"v":1,"e":[["a","f",420,0,0,""]]}{"v":1,"e":[]}',  # two trees
+        b'{"v":1,"e":[["a","f",420,0,0,""]["b","f",420,0,0,""]]}',  # no comma
+        b'{"v":1,"e":[["a","f",420,0,0,""],["b","f",420,0,0,""]}',  # unclosed list
+        b'{"v":1,"e":[{"a":1}]}',
+        b'{"v":1,"e":[["a","f",420,0,0,""],5]}',
+        b'{"v":1,"e":[["a","f",420,0,0,"\\x"]]}',  # bad escape
+        b'{"v":1,"e":[["a","f",4.5,0,0,""]]}',  # a float
+        b'{"v":1,"e":[[1,"f",420,0,0,""]]}',  # a number for a name
+        b'{"v":1,"e":[["\xff","f",420,0,0,""]]}',  # not UTF-8
+        b'{"v":1,"e":[["a","d",420,0,0,"","7"]]}',  # count is a string
+    ],
+)
+def test_damaged_trees_are_corrupt_for_both_decoders(data: bytes) -> None:
+    with pytest.raises(Corruption):
+        eager_decode(data)
+    with pytest.raises(Corruption):
+        decode_tree(data)
+
+
+@pytest.mark.parametrize("names", [["b", "a"], ["a", "a"], ["a", "c", "b"]])
+def test_trees_out_of_order_are_corrupt(names: list[str]) -> None:
+    # Lookups bisect the names; an unsorted tree (no writer of ours makes one) would
+    # hide some of them, so it is refused as a whole (docs/format.md §6).
+    rows = [[name, "f", 420, 0, 0, inline_ref(b"")] for name in names]
+    with pytest.raises(Corruption, match="out of order"):
+        decode_tree(json.dumps({"v": 1, "e": rows}, separators=(",", ":")).encode())
+
+
+def test_rows_keep_trailing_values_and_json_booleans_as_before() -> None:
+    # Older readers ignored extra values and took JSON true as 1 (Python bools are
+    # ints): a tree that decoded before still decodes.
+    data = b'{"v":1,"e":[["a","f",420,true,0,"i:","extra"]]}'
+    assert dict(decode_tree(data)) == eager_decode(data)
+
+
+def test_the_tree_cache_keeps_to_its_budget_but_keeps_the_newest() -> None:
+    trees = {f"{i:064x}": decode_tree(encode_tree(
+        [Entry(f"f{j}", FILE, 0o644, 1, 0, inline_ref(b"x"), 1) for j in range(100 * i)]))
+        for i in range(1, 6)}
+    sizes = [tree.memory for tree in trees.values()]
+    cache = TreeCache(budget=sizes[3] + sizes[4])
+    for name, tree in trees.items():
+        cache.put(name, tree)
+    assert cache.memory <= cache.budget
+    assert [name for name in trees if cache.get(name) is not None] == list(trees)[3:]
+    # Using a tree makes it the most recent: the next one in evicts the other.
+    assert cache.get(list(trees)[3]) is not None
+    cache.put("ff" * 32, decode_tree(EMPTY_TREE))
+    assert cache.get(list(trees)[4]) is None and cache.get(list(trees)[3]) is not None
+    # A tree over the whole budget still stays while it is the newest.
+    small = TreeCache(budget=10)
+    small.put("aa" * 32, trees[list(trees)[0]])
+    assert small.get("aa" * 32) is not None
 
 
 def test_dir_entry_sums_its_children() -> None:

@@ -1,0 +1,65 @@
+"""Container runtimes: how a pipeline's command runs on its datums, behind one interface.
+
+The scheduler describes each container start as a :class:`ContainerRun` (the command,
+its environment, the image, one or more :class:`DatumIO`) and awaits
+:meth:`Runtime.run`, which returns one exit status per datum. Inside, each datum's
+files are read-only at ``/pfs/<input repo>/<path>``, its output directory is
+``/pfs/out``, and the environment carries ``VFS_DATUM_ID``, ``VFS_JOB_ID``,
+``VFS_INPUT_COMMIT``, ``VFS_PFS=/pfs`` and the spec's ``env``.
+
+========  ==============================  =========  ==================  ===========
+runtime   image                           network    memory              cpus
+========  ==============================  =========  ==================  ===========
+runc      rootfs dir or OCI layout dir    isolated   cgroup              cgroup
+podman    image name                      isolated   engine              engine
+docker    image name                      isolated   engine              engine
+bwrap     none (host programs)            isolated   RLIMIT_AS           not enforced
+process   none (host, no isolation)       not        RLIMIT_AS           not enforced
+========  ==============================  =========  ==================  ===========
+
+``process`` has no ``/pfs``: commands use ``${VFS_PFS}`` (see :class:`ProcessRuntime`).
+A start with several datums (``datum_batch``) runs them one after the other in one
+container through a small ``/bin/sh`` script, where ``/pfs/<input repo>`` and
+``/pfs/out`` are symlinks to the current datum's directories (``find`` needs ``-L``,
+or a trailing ``/``, to descend into them).
+"""
+
+from __future__ import annotations
+
+from daemon.runtimes.base import KILLED, ContainerRun, DatumIO, Runtime
+from daemon.runtimes.bwrap import BwrapRuntime
+from daemon.runtimes.podman import DockerRuntime, PodmanRuntime
+from daemon.runtimes.process import ProcessRuntime
+from daemon.runtimes.runc import RuncRuntime
+from vfs.errors import InvalidSpec
+
+RUNTIMES: dict[str, type[Runtime]] = {
+    "runc": RuncRuntime,
+    "podman": PodmanRuntime,
+    "docker": DockerRuntime,
+    "bwrap": BwrapRuntime,
+    "process": ProcessRuntime,
+}
+
+
+def get_runtime(name: str, *, cache_dir: str | None = None) -> Runtime:
+    """The runtime called ``name``.
+
+    Args:
+        cache_dir: where runc unpacks OCI image layouts (default ``$VFS_CACHE/images``).
+
+    Raises:
+        InvalidSpec: no runtime has that name.
+    """
+    try:
+        runtime_class = RUNTIMES[name]
+    except KeyError:
+        raise InvalidSpec(f"unknown runtime {name!r}: use one of "
+                          f"{', '.join(RUNTIMES)}") from None
+    if runtime_class is RuncRuntime:
+        return RuncRuntime(cache_dir=cache_dir)
+    return runtime_class()
+
+
+__all__ = ["KILLED", "RUNTIMES", "BwrapRuntime", "ContainerRun", "DatumIO", "DockerRuntime",
+           "PodmanRuntime", "ProcessRuntime", "Runtime", "RuncRuntime", "get_runtime"]

@@ -1,0 +1,159 @@
+"""The ``podman`` and ``docker`` runtimes: an image by name, run by the engine's CLI.
+
+Both take the same command line (:func:`build_args`): ``run --rm`` with the datum's
+input bound read-only at ``/pfs/<input repo>`` and its output at ``/pfs/out``, no
+network unless asked, the limits as ``--memory``/``--cpus``, and the command as the
+entrypoint (``transform.cmd`` replaces the image's entrypoint and command). The
+container runs as the image's user. A timeout or a cancellation removes the
+container with ``rm --force``, which stops it first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import uuid
+
+import trio
+
+from daemon.runtimes.base import (
+    KILLED,
+    PFS,
+    ContainerRun,
+    Runtime,
+    batch_argv,
+    batch_mounts,
+    batch_statuses,
+    check_run,
+    datum_env,
+    note,
+    run_process_with_timeout,
+    timeout_message,
+)
+from vfs.errors import InvalidSpec
+
+_KILL_PATIENCE = 10.0
+
+
+def _volume(source: str, target: str, writable: bool) -> str:
+    return f"{source}:{target}" + ("" if writable else ":ro")
+
+
+def build_args(run: ContainerRun, *, name: str, engine: str = "podman",
+               status_dir: str | None = None) -> list[str]:
+    """The ``<engine> run ...`` command line of ``run``, the container being ``name``."""
+    args = [engine, "run", "--rm", "--name", name, "--hostname", "vfs", "--workdir", "/"]
+    if not run.network:
+        args.append("--network=none")
+    if run.memory is not None:
+        args += ["--memory", str(run.memory)]
+    if run.cpus is not None:
+        args += ["--cpus", f"{run.cpus:g}"]
+    if run.batch:
+        assert status_dir is not None
+        args += ["--tmpfs", f"{PFS}:mode=755"]
+        for mount in batch_mounts(run, status_dir):
+            args += ["--volume", _volume(mount.source, mount.target, mount.writable)]
+        env = datum_env(run)
+        command = batch_argv(run)
+    else:
+        datum = run.datums[0]
+        args += ["--volume", _volume(datum.input_dir, f"{PFS}/{run.input_repo}", False),
+                 "--volume", _volume(datum.out_dir, f"{PFS}/out", True)]
+        env = datum_env(run, datum=datum)
+        command = list(run.cmd)
+    # The image's PATH and HOME are better guesses than ours for an image by name.
+    for key, value in env.items():
+        if key not in ("PATH", "HOME") or key in run.env:
+            args += ["--env", f"{key}={value}"]
+    assert run.image is not None
+    return [*args, "--entrypoint", command[0], run.image, *command[1:]]
+
+
+class PodmanRuntime(Runtime):
+    """Run the command with podman (the image is an image name the engine knows)."""
+
+    name = "podman"
+
+    def _binary(self) -> str:
+        path = shutil.which(self.name)
+        if path is None:
+            raise InvalidSpec(f"runtime {self.name} needs {self.name}, which is not installed "
+                              "on this node: install it or use another runtime (runc takes "
+                              "an OCI image layout directory, e.g. from skopeo copy)")
+        return path
+
+    def check(self, image: str | None, *, batch: bool = False) -> None:
+        self._binary()
+        if not image:
+            raise InvalidSpec(f"runtime {self.name} needs 'transform.image' (an image name)")
+
+    def image_digest(self, image: str | None) -> str:
+        engine = self._binary()
+        if not image:
+            raise InvalidSpec(f"runtime {self.name} needs 'transform.image' (an image name)")
+        try:
+            result = subprocess.run([engine, "image", "inspect", "--format", "{{.Id}}", image],
+                                    capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise InvalidSpec(f"cannot ask {self.name} about image {image}: {exc}") from None
+        digest = result.stdout.strip()
+        if result.returncode != 0 or not digest:
+            raise InvalidSpec(f"{self.name} does not know image {image} "
+                              f"({result.stderr.strip() or 'no id'}): pull or build it first")
+        return digest
+
+    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
+        return []
+
+    async def run(self, run: ContainerRun) -> list[int]:
+        check_run(run)
+        engine = self._binary()
+        if not run.image:
+            raise InvalidSpec(f"runtime {self.name} needs 'transform.image' (an image name)")
+        job = re.sub(r"[^\w.-]", "_", run.job_id)[:16]
+        name = f"vfs-{job}-{run.datums[0].datum_id[:16]}-{uuid.uuid4().hex[:8]}"
+        status_dir = None
+        if run.batch:
+            status_dir = os.path.join(run.workdir, f"{name}.status")
+            os.makedirs(status_dir)
+        argv = build_args(run, name=name, engine=engine, status_dir=status_dir)
+
+        async def remove() -> None:
+            await trio.run_process([engine, "rm", "--force", name], check=False,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        async def deliver_cancel(process: trio.Process) -> None:
+            # The container may not exist yet while `run` creates it: try until it ends.
+            deadline = trio.current_time() + _KILL_PATIENCE
+            while trio.current_time() < deadline:
+                await remove()
+                await trio.sleep(0.2)
+            process.kill()
+
+        log_path = run.datums[0].log_path if not run.batch else f"{status_dir}.log"
+        finished = False
+        try:
+            with open(log_path, "ab") as log:
+                status = await run_process_with_timeout(
+                    argv, timeout=run.timeout, deliver_cancel=deliver_cancel, log=log)
+            finished = status is not None
+        finally:
+            if not finished:  # `run --rm` removes it only when it ends by itself
+                with trio.CancelScope(shield=True):
+                    await remove()
+        if run.batch:
+            assert status_dir is not None
+            return batch_statuses(run, status_dir, status, log_path)
+        if status is None:
+            note(log_path, timeout_message(run, True))
+            return [KILLED]
+        return [status]
+
+
+class DockerRuntime(PodmanRuntime):
+    """Run the command with docker (same command line as podman)."""
+
+    name = "docker"

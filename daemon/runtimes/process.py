@@ -1,0 +1,116 @@
+"""The ``process`` runtime: the command runs directly on the host, without isolation.
+
+For development only, never a default: the command sees the whole host, runs as the
+daemon's user and can reach the network whatever the spec says.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+
+import trio
+
+from daemon.runtimes.base import (
+    DEFAULT_PATH,
+    KILLED,
+    ContainerRun,
+    DatumIO,
+    Runtime,
+    check_run,
+    datum_env,
+    exit_status,
+    kill_process_group,
+    memory_rlimit_argv,
+    note,
+    timeout_message,
+)
+from vfs.errors import InvalidSpec
+
+
+class ProcessRuntime(Runtime):
+    """Run the command as a plain host process.
+
+    There is no ``/pfs`` on the host, so ``VFS_PFS`` names a host directory laid out
+    like it: ``$VFS_PFS/<input repo>`` (a symlink to the datum's input directory) and
+    ``$VFS_PFS/out`` (a symlink to its output directory). **Commands meant to run under
+    this runtime must use ``${VFS_PFS}`` instead of ``/pfs``**, e.g.
+    ``["sh", "-c", "tr a-z A-Z < \"$VFS_PFS/docs/a.txt\" > \"$VFS_PFS/out/a.txt\""]``;
+    ``${VFS_PFS}`` is ``/pfs`` in the other runtimes, so such a command runs in all.
+
+    The environment is the spec's plus ``PATH`` and ``HOME`` of the daemon; the working
+    directory is the run's scratch directory. ``memory`` is enforced as an address-space
+    limit (RLIMIT_AS); ``cpus`` is not enforced; ``network`` is ignored. A batch runs
+    the datums one after the other, ``timeout`` covering all of them. Each datum runs
+    in its own process group, killed at the end, so background processes it leaves
+    behind do not outlive it (one that calls ``setsid`` escapes: no isolation here).
+    """
+
+    name = "process"
+    isolates_network = False
+
+    def check(self, image: str | None, *, batch: bool = False) -> None:
+        if image is not None:
+            raise InvalidSpec("runtime process runs host binaries: remove 'transform.image' "
+                              "or use runtime runc, podman or docker")
+
+    def image_digest(self, image: str | None) -> str:
+        return "host"
+
+    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
+        return ["cpus"] if cpus is not None else []
+
+    async def run(self, run: ContainerRun) -> list[int]:
+        check_run(run)
+        deadline = math.inf if run.timeout is None else trio.current_time() + run.timeout
+        statuses: list[int] = []
+        reached = True
+        for index, datum in enumerate(run.datums):
+            remaining = deadline - trio.current_time()
+            status = None
+            if remaining > 0:
+                status = await self._run_datum(run, index, datum, remaining)
+            if status is None:
+                note(datum.log_path, timeout_message(run, reached))
+                reached = False
+                status = KILLED
+            statuses.append(status)
+        return statuses
+
+    async def _run_datum(self, run: ContainerRun, index: int, datum: DatumIO,
+                         timeout: float) -> int | None:
+        pfs = os.path.join(run.workdir, f"pfs-{index}")
+        os.makedirs(pfs, exist_ok=True)
+        for name, target in ((run.input_repo, datum.input_dir), ("out", datum.out_dir)):
+            link = os.path.join(pfs, name)
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink(os.path.abspath(target), link)
+        host = {"PATH": os.environ.get("PATH", DEFAULT_PATH),
+                "HOME": os.environ.get("HOME", run.workdir)}
+        env = datum_env(run, base=host, datum=datum, pfs=pfs)
+
+        try:
+            with open(datum.log_path, "ab") as log:
+                process = await trio.lowlevel.open_process(
+                    [*memory_rlimit_argv(run.memory), *run.cmd], stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, env=env, cwd=run.workdir, start_new_session=True,
+                )
+        except OSError as exc:
+            # The command is missing or not executable: the datum fails as under a shell.
+            note(datum.log_path, f"cannot run {run.cmd[0]!r}: {exc.strerror}")
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        try:
+            with trio.move_on_after(timeout) as scope:
+                await process.wait()
+        finally:
+            # Whether the leader exited, timed out or we are cancelled: anything left
+            # in its process group goes too, and the leader is reaped before we return.
+            kill_process_group(process.pid)
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        if scope.cancelled_caught:
+            return None
+        assert process.returncode is not None
+        return exit_status(process.returncode)

@@ -1,0 +1,174 @@
+"""Root filesystem directories used as images: checks and content digests.
+
+The digest of a root filesystem identifies the transform's image in every datum's
+hash, so it must change when anything the command could observe changes, and must
+not change otherwise. It is BLAKE3 over every entry, sorted by relative path, of:
+the path, the mode (type and permission bits), the symlink target, the device
+number, and the BLAKE3 of the content of regular files. Owners and timestamps are
+left out (copying an image elsewhere keeps its digest). Hashing the content of a
+large image takes a while, so file hashes are cached in memory by (path, size,
+mtime_ns, inode): a later digest of the same image only stats its files. The cache
+of an image holds the files its last digest saw, so it does not grow with every
+version of an image rebuilt in place.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import threading
+from collections.abc import Iterator
+
+from blake3 import blake3
+
+from vfs.errors import InvalidSpec
+
+# The top-level entries of which a root filesystem has at least one.
+_ROOTFS_MARKERS = ("bin", "usr", "sbin", "lib", "etc")
+_READ_SIZE = 1 << 20
+_MAX_SYMLINKS = 40
+
+# Per image root: relative path -> (size, mtime_ns, inode, BLAKE3 of the content).
+_FileHashes = dict[bytes, tuple[int, int, int, bytes]]
+_file_hashes: dict[str, _FileHashes] = {}
+_file_hashes_lock = threading.Lock()
+
+
+def check_rootfs(path: str, *, batch: bool = False) -> None:
+    """Check that ``path`` is a usable root filesystem directory.
+
+    Raises:
+        InvalidSpec: it is missing, not a directory, does not look like a root
+            filesystem, or (``batch``) lacks the ``/bin/sh`` and ``ln`` a batch needs.
+    """
+    if not os.path.exists(path):
+        raise InvalidSpec(f"image directory {path} does not exist")
+    if not os.path.isdir(path):
+        raise InvalidSpec(f"image {path} is not a directory (runc needs a root filesystem "
+                          "directory or an OCI image layout directory)")
+    try:
+        entries = set(os.listdir(path))
+    except OSError as exc:
+        raise InvalidSpec(f"image directory {path} cannot be read: {exc.strerror}") from None
+    if not entries & set(_ROOTFS_MARKERS):
+        raise InvalidSpec(
+            f"image directory {path} is neither a root filesystem (none of "
+            f"{', '.join(_ROOTFS_MARKERS)} at its top) nor an OCI image layout "
+            "(no oci-layout and index.json)")
+    if batch:
+        check_batch_programs(path)
+
+
+def check_batch_programs(root: str) -> None:
+    """Check that the image at ``root`` has what the batch wrapper script runs.
+
+    Raises:
+        InvalidSpec: ``/bin/sh`` or ``ln`` is missing.
+    """
+    for program in ("/bin/sh", "ln"):
+        if find_program(root, program) is None:
+            raise InvalidSpec(
+                f"datum_batch > 1 runs a small /bin/sh script in the image, and image "
+                f"{root} has no {program}: add it to the image or set datum_batch: 1")
+
+
+def find_program(root: str, program: str) -> str | None:
+    """The host path of an executable ``program`` inside ``root`` (an absolute path, or
+    a name looked up in the usual bin directories), following symlinks as the
+    container would see them; None if there is none."""
+    if program.startswith("/"):
+        candidates = [program]
+    else:
+        candidates = [f"{directory}/{program}" for directory in
+                      ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")]
+    for candidate in candidates:
+        host_path = resolve_in_root(root, candidate)
+        if host_path is not None and os.path.isfile(host_path) and os.access(host_path, os.X_OK):
+            return host_path
+    return None
+
+
+def resolve_in_root(root: str, path: str) -> str | None:
+    """Resolve ``path`` as if ``root`` were ``/`` (symlinks, even absolute ones, stay
+    inside); None if it does not exist or has a symlink loop."""
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        host_path = os.path.join(root, *resolved, part)
+        try:
+            st = os.lstat(host_path)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > _MAX_SYMLINKS:
+                return None
+            target = os.readlink(host_path)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+def rootfs_digest(root: str) -> str:
+    """``blake3:<hex>`` of the root filesystem at ``root`` (see the module docstring).
+
+    Raises:
+        InvalidSpec: ``root`` cannot be read.
+    """
+    hasher = blake3()
+    try:
+        entries = sorted(_walk(os.fsencode(root), b""))
+    except OSError as exc:
+        raise InvalidSpec(f"image directory {root} cannot be read: {exc}") from None
+    key = os.path.abspath(root)
+    with _file_hashes_lock:
+        known = _file_hashes.get(key, {})
+    seen: _FileHashes = {}
+    for relative, host_path, st in entries:
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFLNK:
+            detail = os.readlink(host_path)
+        elif kind == stat.S_IFREG:
+            cached = known.get(relative)
+            if cached is not None and cached[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
+                detail = cached[3]
+            else:
+                detail = _content_hash(host_path)
+            seen[relative] = (st.st_size, st.st_mtime_ns, st.st_ino, detail)
+        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            detail = struct.pack(">Q", st.st_rdev)
+        else:
+            detail = b""
+        hasher.update(struct.pack(">I", len(relative)) + relative
+                      + struct.pack(">II", st.st_mode, len(detail)) + detail)
+    with _file_hashes_lock:
+        _file_hashes[key] = seen
+    return "blake3:" + hasher.hexdigest()
+
+
+def _walk(root: bytes, relative: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
+    with os.scandir(os.path.join(root, relative) if relative else root) as scan:
+        for entry in scan:
+            path = os.path.join(relative, entry.name) if relative else entry.name
+            st = entry.stat(follow_symlinks=False)
+            yield path, entry.path, st
+            if stat.S_ISDIR(st.st_mode):
+                yield from _walk(root, path)
+
+
+def _content_hash(host_path: bytes) -> bytes:
+    hasher = blake3()
+    with open(host_path, "rb") as f:
+        while chunk := f.read(_READ_SIZE):
+            hasher.update(chunk)
+    return hasher.digest()

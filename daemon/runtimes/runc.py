@@ -1,0 +1,346 @@
+"""The ``runc`` runtime: an OCI bundle per container start, from a local image directory.
+
+The image is a root filesystem directory, or an OCI image layout directory unpacked
+once into a cached root filesystem (:mod:`daemon.runtimes.oci`). Each start gets a
+bundle in the run's scratch directory: ``config.json`` and a ``root`` directory that
+is only a skeleton. The image's top-level directories and files are bind-mounted
+read-only into that skeleton, and its top-level symlinks copied, instead of using the
+image directory itself as the root: runc creates the mount points it needs (``/pfs``,
+``/proc``...) inside the root directory, and doing that in the user's image would
+change the image (and its digest, and so every datum's hash) behind their back.
+
+Inside: the image read-only, ``/proc``, a tmpfs ``/dev`` with runc's default devices,
+``/dev/shm``, a read-only ``/sys``, a tmpfs ``/tmp``, and the datum under ``/pfs``;
+new pid, ipc, uts and mount namespaces and a network namespace holding only a
+loopback interface unless ``network`` is true; uid 0 with runc's default minimal
+capabilities and no new privileges; memory and cpu limits as cgroup limits.
+
+``runc run`` stays in the foreground, its stdout and stderr (and so the command's) go
+to the datum's log. Killing ``runc run`` would orphan the container, so a timeout or a
+cancellation kills the container with ``runc kill`` and removes it with ``runc delete
+--force``; containers live under their own state root (``runc --root``), so
+``runc --root /run/vfs-runc list`` shows only ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import uuid
+
+import trio
+
+from daemon.runtimes import oci
+from daemon.runtimes.base import (
+    KILLED,
+    PFS,
+    ContainerRun,
+    Runtime,
+    batch_argv,
+    batch_mounts,
+    batch_statuses,
+    check_run,
+    datum_env,
+    env_list,
+    note,
+    run_process_with_timeout,
+    timeout_message,
+)
+from daemon.runtimes.rootfs import check_batch_programs, check_rootfs, rootfs_digest
+from vfs.errors import InvalidSpec
+
+DEFAULT_STATE_ROOT = "/run/vfs-runc"
+_CPU_PERIOD = 100_000  # microseconds
+# runc's default spec (``runc spec``): the minimal capabilities and hidden /proc parts.
+_CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+_MASKED_PATHS = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                 "/proc/sched_debug", "/sys/firmware", "/proc/scsi"]
+_READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+# Top-level names of the image that the container gets from elsewhere.
+_NOT_FROM_IMAGE = {"proc", "dev", "sys", "tmp", "pfs"}
+_KILL_PATIENCE = 5.0  # seconds of `runc kill` attempts before killing `runc run` itself
+
+
+def _system_mounts() -> list[dict]:
+    return [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=1777"]},
+    ]
+
+
+def _bind(source: str, destination: str, writable: bool) -> dict:
+    return {"destination": destination, "type": "bind", "source": source,
+            "options": ["rbind", "rw" if writable else "ro"]}
+
+
+def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict[str, str],
+                 status_dir: str | None = None, memory_swap: bool = False,
+                 supported: frozenset[str] = frozenset({"memory", "cpus"})) -> dict:
+    """The OCI runtime ``config.json`` of ``run`` (the root is the bundle's ``root``).
+
+    Args:
+        image_mounts: the read-only binds of the image's top-level entries.
+        image_env: the image's own environment (under the spec's).
+        status_dir: where a batch's wrapper writes each datum's status.
+        memory_swap: also cap memory+swap at the memory limit (no swapping instead).
+        supported: the limits this host's cgroups can enforce; others are left out.
+    """
+    mounts = [*image_mounts, *_system_mounts()]
+    if run.batch:
+        assert status_dir is not None
+        mounts.append({"destination": PFS, "type": "tmpfs", "source": "tmpfs",
+                       "options": ["nosuid", "nodev", "mode=755"]})
+        mounts += [_bind(mount.source, mount.target, mount.writable)
+                   for mount in batch_mounts(run, status_dir)]
+        args = batch_argv(run)
+        env = datum_env(run, base=image_env)
+    else:
+        datum = run.datums[0]
+        mounts += [_bind(datum.input_dir, f"{PFS}/{run.input_repo}", False),
+                   _bind(datum.out_dir, f"{PFS}/out", True)]
+        args = list(run.cmd)
+        env = datum_env(run, base=image_env, datum=datum)
+    resources: dict = {"devices": [{"allow": False, "access": "rwm"}]}
+    if run.memory is not None and "memory" in supported:
+        resources["memory"] = {"limit": run.memory}
+        if memory_swap:
+            resources["memory"]["swap"] = run.memory
+    if run.cpus is not None and "cpus" in supported:
+        resources["cpu"] = {"quota": max(1000, int(run.cpus * _CPU_PERIOD)),
+                            "period": _CPU_PERIOD}
+    namespaces = [{"type": kind} for kind in ("pid", "ipc", "uts", "mount")]
+    if not run.network:
+        namespaces.append({"type": "network"})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": env_list(env),
+            "cwd": "/",
+            "capabilities": {kind: list(_CAPABILITIES)
+                             for kind in ("bounding", "effective", "permitted", "ambient")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": soft, "hard": hard}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "root", "readonly": True},
+        "hostname": "vfs",
+        "mounts": mounts,
+        "linux": {
+            "resources": resources,
+            "namespaces": namespaces,
+            "maskedPaths": list(_MASKED_PATHS),
+            "readonlyPaths": list(_READONLY_PATHS),
+        },
+    }
+
+
+def make_skeleton(rootfs: str, root: str, *, network: bool = False) -> list[dict]:
+    """Create the bundle's ``root`` for image ``rootfs`` and return the binds filling it."""
+    os.makedirs(root)
+    mounts = []
+    with os.scandir(rootfs) as entries:
+        for entry in sorted(entries, key=lambda entry: entry.name):
+            if entry.name in _NOT_FROM_IMAGE:
+                continue
+            target = os.path.join(root, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), target)
+                continue
+            if entry.is_dir():
+                os.mkdir(target)
+            elif entry.is_file():
+                open(target, "wb").close()
+            else:
+                continue
+            mounts.append(_bind(entry.path, f"/{entry.name}", False))
+    if network:
+        # A container on the host's network resolves names as the host does, when the
+        # image has a file to put the host's over (runc cannot create one in it).
+        for name in ("resolv.conf", "hosts"):
+            in_image = os.path.join(rootfs, "etc", name)
+            if (os.path.isfile(f"/etc/{name}") and os.path.isfile(in_image)
+                    and not os.path.islink(in_image)):
+                mounts.append(_bind(f"/etc/{name}", f"/etc/{name}", False))
+    return mounts
+
+
+def cgroup_support() -> tuple[frozenset[str], bool]:
+    """The limits the host's cgroups can enforce, and whether swap is accounted."""
+    unified = "/sys/fs/cgroup/cgroup.controllers"
+    if os.path.exists(unified):
+        with open(unified) as f:
+            controllers = set(f.read().split())
+        supported = {"memory"} & controllers | ({"cpus"} if "cpu" in controllers else set())
+        own = ""
+        try:
+            with open("/proc/self/cgroup") as f:
+                own = next((line.split("::", 1)[1].strip() for line in f
+                            if line.startswith("0::")), "")
+        except OSError:
+            pass
+        swap = os.path.exists(f"/sys/fs/cgroup{own.rstrip('/')}/memory.swap.max")
+        return frozenset(supported), swap
+    supported = set()
+    if os.path.isdir("/sys/fs/cgroup/memory"):
+        supported.add("memory")
+    if os.path.isdir("/sys/fs/cgroup/cpu"):
+        supported.add("cpus")
+    swap = os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes")
+    return frozenset(supported), swap
+
+
+class RuncRuntime(Runtime):
+    """Run the command with runc (see the module docstring).
+
+    Args:
+        cache_dir: where OCI image layouts are unpacked (default ``$VFS_CACHE/images``).
+        state_root: runc's state directory for our containers (``runc --root``).
+    """
+
+    name = "runc"
+
+    def __init__(self, *, cache_dir: str | None = None,
+                 state_root: str = DEFAULT_STATE_ROOT) -> None:
+        self._cache_dir = cache_dir
+        self.state_root = state_root
+        self._cgroups: tuple[frozenset[str], bool] | None = None
+
+    @property
+    def cache_dir(self) -> str:
+        if self._cache_dir is None:
+            from vfs.store import default_cache_dir
+
+            return os.path.join(default_cache_dir(), "images")
+        return self._cache_dir
+
+    def _binary(self) -> str:
+        path = shutil.which("runc")
+        if path is None:
+            raise InvalidSpec("runtime runc needs runc, which is not installed on this node: "
+                              "install it (apt-get install runc) or use another runtime")
+        return path
+
+    def check(self, image: str | None, *, batch: bool = False) -> None:
+        self._binary()
+        if not image:
+            raise InvalidSpec("runtime runc needs 'transform.image': a root filesystem "
+                              "directory or an OCI image layout directory")
+        image = os.path.abspath(image)
+        if os.path.isdir(image) and oci.is_layout(image):
+            oci.read_manifest(image, check_layers=True)
+            # Whether a layout has /bin/sh is known once it is unpacked: run() checks.
+            return
+        check_rootfs(image, batch=batch)
+
+    def image_digest(self, image: str | None) -> str:
+        if not image:
+            raise InvalidSpec("runtime runc needs 'transform.image'")
+        image = os.path.abspath(image)
+        if not os.path.isdir(image):
+            raise InvalidSpec(f"image directory {image} does not exist")
+        if oci.is_layout(image):
+            return oci.read_manifest(image).digest
+        return rootfs_digest(image)
+
+    def _cgroup_support(self) -> tuple[frozenset[str], bool]:
+        if self._cgroups is None:
+            self._cgroups = cgroup_support()
+        return self._cgroups
+
+    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
+        supported, _ = self._cgroup_support()
+        return [name for name, value in (("memory", memory), ("cpus", cpus))
+                if value is not None and name not in supported]
+
+    async def run(self, run: ContainerRun) -> list[int]:
+        check_run(run)
+        runc = self._binary()
+        if not run.image:
+            raise InvalidSpec("runtime runc needs 'transform.image'")
+        image = os.path.abspath(run.image)
+        image_env: dict[str, str] = {}
+        if os.path.isdir(image) and oci.is_layout(image):
+            unpacked = await trio.to_thread.run_sync(
+                oci.unpack, image, self.cache_dir, abandon_on_cancel=True)
+            rootfs, image_env = unpacked.rootfs, unpacked.env
+        else:
+            rootfs = image
+            if not os.path.isdir(rootfs):
+                raise InvalidSpec(f"image directory {rootfs} does not exist")
+        if run.batch:
+            check_batch_programs(rootfs)
+
+        container_id = _container_id(run)
+        bundle = os.path.join(run.workdir, container_id)
+        image_mounts = make_skeleton(rootfs, os.path.join(bundle, "root"), network=run.network)
+        status_dir = None
+        if run.batch:
+            status_dir = os.path.join(bundle, "status")
+            os.mkdir(status_dir)
+        supported, swap = self._cgroup_support()
+        config = build_config(run, image_mounts=image_mounts, image_env=image_env,
+                              status_dir=status_dir, memory_swap=swap, supported=supported)
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump(config, f)
+
+        runc_cmd = [runc, "--root", self.state_root]
+
+        async def deliver_cancel(process: trio.Process) -> None:
+            # Killing the container's init ends `runc run` (which then removes the
+            # container). It may not exist yet: `runc run` could still be creating it.
+            deadline = trio.current_time() + _KILL_PATIENCE
+            while trio.current_time() < deadline:
+                await trio.run_process([*runc_cmd, "kill", container_id, "KILL"], check=False,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                await trio.sleep(0.05)
+            process.kill()  # `runc run` is stuck: the delete below removes the container
+
+        log_path = run.datums[0].log_path if not run.batch else f"{bundle}.log"
+        try:
+            with open(log_path, "ab") as log:
+                status = await run_process_with_timeout(
+                    [*runc_cmd, "run", "--bundle", bundle, container_id],
+                    timeout=run.timeout, deliver_cancel=deliver_cancel, log=log)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._delete(runc_cmd, container_id)
+        if run.batch:
+            assert status_dir is not None
+            return batch_statuses(run, status_dir, status, log_path)
+        if status is None:
+            note(log_path, timeout_message(run, True))
+            return [KILLED]
+        return [status]
+
+    async def _delete(self, runc_cmd: list[str], container_id: str) -> None:
+        """Remove the container if `runc run` did not (it does when it ends normally)."""
+        if not os.path.exists(os.path.join(self.state_root, container_id)):
+            return
+        await trio.run_process([*runc_cmd, "delete", "--force", container_id], check=False,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _container_id(run: ContainerRun) -> str:
+    """A unique container id that says which job and datum it belongs to."""
+    job = re.sub(r"[^\w.+-]", "_", run.job_id)[:16]
+    datum = re.sub(r"[^\w.+-]", "_", run.datums[0].datum_id)[:16]
+    return f"vfs-{job}-{datum}-{uuid.uuid4().hex[:8]}"

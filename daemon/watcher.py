@@ -1,0 +1,421 @@
+"""The pipeline watcher: runs a job whenever a pipeline's input branch advances.
+
+One trio task per daemon. It wakes when a commit is made through this daemon
+(:meth:`Watcher.nudge`, at once) and every ``poll_interval`` seconds (heads moved
+by other writers, pipelines created elsewhere), waits ``debounce`` seconds so a
+burst of commits becomes one job, and starts a job for every pipeline whose
+input head is not processed yet. A pipeline runs at most one job at a time;
+commits that land meanwhile are picked up by the next one, which processes the
+newest head (the diff covers everything in between).
+
+A job (:meth:`Watcher._run_job`): plan (:func:`vfs.pipeline.jobs.plan_job`), run the
+datums that have no recorded output (``parallelism`` container starts at once,
+``datum_batch`` datums per start, ``datum_tries`` tries each), record each
+datum's output as soon as it succeeds (so a job cut short by a crash resumes
+where it was: the next job reuses them), then commit the merged outputs. A datum
+that fails every try fails the job; nothing is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from daemon.runtimes import ContainerRun, DatumIO, get_runtime
+from daemon.runtimes.runc import DEFAULT_STATE_ROOT
+from vfs.errors import VfsError
+from vfs.pipeline import records, registry
+from vfs.pipeline.jobs import (
+    DatumTask,
+    JobPlan,
+    collect_outputs,
+    commit_outputs,
+    materialize,
+    plan_job,
+)
+from vfs.pipeline.records import DatumRecord, FailedDatum, JobRecord
+from vfs.pipeline.registry import PipelineVersion
+from vfs.refs import current_user, now_iso
+
+log = logging.getLogger("daemon.watcher")
+
+PROGRESS_SAVE_SECONDS = 2.0
+
+
+class DatumFailed(Exception):
+    def __init__(self, failure: FailedDatum) -> None:
+        super().__init__(failure.error)
+        self.failure = failure
+
+
+@dataclass
+class _Running:
+    job: JobRecord
+    scope: trio.CancelScope
+    cancelled_by_user: bool = False
+
+
+@dataclass
+class _State:
+    """What the watcher knows of one pipeline between ticks."""
+
+    done: tuple[str, int] | None = None  # (input head, version) known to need nothing
+    running: _Running | None = None
+    last_error: str = ""
+    image_cache: dict = field(default_factory=dict)
+
+
+class Watcher:
+    """Runs the pipelines of one store on this node."""
+
+    def __init__(self, store, scratch_dir: str, *, poll_interval: float = 2.0,
+                 debounce: float = 0.2,
+                 on_commit: Callable[[str, str], None] | None = None) -> None:
+        self.store = store
+        self.scratch_dir = scratch_dir
+        self.poll_interval = poll_interval
+        self.debounce = debounce
+        self.on_commit = on_commit or (lambda repo, branch: None)
+        self.node = current_user()
+        self._states: dict[str, _State] = {}
+        self._runtimes: dict[str, object] = {}  # one per name: they cache image digests
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    # -- entry points ------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        os.makedirs(self.scratch_dir, exist_ok=True)
+        await trio.to_thread.run_sync(self._recover)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                with trio.move_on_after(self.poll_interval):
+                    await self._wake.wait()
+                if self._wake.is_set():
+                    self._wake = trio.Event()
+                    await trio.sleep(self.debounce)
+                    self._wake = trio.Event()  # commits during the debounce: same tick
+                try:
+                    await self._tick()
+                except VfsError as exc:
+                    log.error("pipeline watcher: %s", exc)
+                except Exception:  # a bug must not take the mount down with it
+                    log.exception("pipeline watcher: unexpected error (retrying)")
+
+    def nudge(self) -> None:
+        """Something changed (a commit, a pipeline): look now. Thread-safe."""
+        if self._token is None:
+            return
+        try:
+            trio.from_thread.run_sync(self._wake.set, trio_token=self._token)
+        except RuntimeError:  # called from the trio thread itself
+            self._wake.set()
+        except trio.RunFinishedError:
+            pass
+
+    def cancel_job(self, job_id: str) -> bool:
+        """Cancel a running job of this daemon; False if it is not running here.
+
+        Thread-safe (the control socket's requests run in worker threads).
+        """
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            return trio.from_thread.run_sync(self._cancel, job_id, trio_token=self._token)
+        return self._cancel(job_id)
+
+    def _cancel(self, job_id: str) -> bool:
+        for state in self._states.values():
+            if state.running is not None and state.running.job.id == job_id:
+                state.running.cancelled_by_user = True
+                state.running.scope.cancel()
+                return True
+        return False
+
+    def running_jobs(self) -> list[JobRecord]:
+        return [s.running.job for s in self._states.values() if s.running is not None]
+
+    # -- ticks -------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Jobs this node was running when it died: mark them killed (the next job resumes)."""
+        self._sweep_containers()
+        shutil.rmtree(self.scratch_dir, ignore_errors=True)
+        os.makedirs(self.scratch_dir, exist_ok=True)
+        for version in registry.list_pipelines(self.store.objects):
+            for job in records.list_jobs(self.store.objects, version.name):
+                if job.state == "running" and job.node == self.node:
+                    job.state = "killed"
+                    job.finished = now_iso()
+                    job.error = ("vfsd stopped during the job; the next job reuses the "
+                                 "datums it finished")
+                    records.save_job(self.store.objects, job)
+                    log.warning("job %s was cut short by a daemon stop: marked killed", job.id)
+
+    def _sweep_containers(self) -> None:
+        """Delete runc containers a killed daemon left behind (bundles in our scratch dir)."""
+        runc = shutil.which("runc")
+        if runc is None or not os.path.isdir(DEFAULT_STATE_ROOT):
+            return
+        argv = [runc, "--root", DEFAULT_STATE_ROOT]
+        try:
+            listing = subprocess.run([*argv, "list", "--format", "json"], capture_output=True,
+                                     text=True, timeout=60, check=True).stdout
+            containers = json.loads(listing or "null") or []
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            log.warning("cannot list runc containers to clean up: %s", exc)
+            return
+        for container in containers:
+            if container.get("bundle", "").startswith(self.scratch_dir + os.sep):
+                subprocess.run([*argv, "delete", "--force", container["id"]], check=False,
+                               capture_output=True, timeout=60)
+                log.warning("deleted container %s left by a daemon that died",
+                            container["id"])
+
+    async def _tick(self) -> None:
+        pipelines = await trio.to_thread.run_sync(registry.list_pipelines, self.store.objects)
+        names = {p.name for p in pipelines}
+        for name, state in self._states.items():
+            if name not in names and state.running is not None:
+                log.info("pipeline %s was deleted: cancelling job %s", name,
+                         state.running.job.id)
+                state.running.scope.cancel()
+        for version in pipelines:
+            state = self._states.setdefault(version.name, _State())
+            if state.running is not None:
+                continue
+            assert version.spec is not None
+            head = await trio.to_thread.run_sync(
+                self.store.head, version.spec.input_repo, version.spec.input_branch)
+            key = (head.commit or "", version.version)
+            if state.done == key:
+                continue
+            try:
+                plan = await trio.to_thread.run_sync(self._plan, version, state)
+            except VfsError as exc:
+                if str(exc) != state.last_error:
+                    log.error("pipeline %s: cannot start a job: %s", version.name, exc)
+                    state.last_error = str(exc)
+                continue
+            if plan is None:
+                state.done = key
+                continue
+            state.last_error = ""
+            assert self._nursery is not None
+            scope = trio.CancelScope()
+            state.running = _Running(plan.job, scope)
+            self._nursery.start_soon(self._job_task, state, plan, scope)
+
+    def runtime(self, name: str):
+        if name not in self._runtimes:
+            self._runtimes[name] = get_runtime(
+                name, cache_dir=os.path.join(self.store.cache_dir, "images"))
+        return self._runtimes[name]
+
+    def _plan(self, version: PipelineVersion, state: _State) -> JobPlan | None:
+        assert version.spec is not None
+        runtime = self.runtime(version.spec.runtime)
+        runtime.check(version.spec.image, batch=version.spec.datum_batch > 1)
+        digest = runtime.image_digest(version.spec.image)
+        return plan_job(self.store, version, image_digest=digest, node=self.node)
+
+    async def _job_task(self, state: _State, plan: JobPlan, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                try:
+                    await self._run_job(plan)
+                except Exception as exc:  # a bug or a store failure: fail the job, not vfsd
+                    if not isinstance(exc, VfsError):
+                        log.exception("job %s: unexpected error", plan.job.id)
+                    plan.job.state = "failed"
+                    plan.job.error = f"{type(exc).__name__}: {exc}" if not isinstance(
+                        exc, VfsError) else str(exc)
+                    plan.job.finished = now_iso()
+                    with trio.CancelScope(shield=True):
+                        await self._save(plan.job)
+        finally:
+            running = state.running
+            state.running = None
+            job = plan.job
+            if job.state in ("failed", "cancelled") or (running and running.cancelled_by_user):
+                # Not again for this head and version: the next commit or update retries.
+                state.done = (job.input_commit, plan.version.version)
+            if not job.done:  # cancelled (by a user, a pipeline delete, or a shutdown)
+                job.state = "cancelled" if running and running.cancelled_by_user else "killed"
+                job.finished = now_iso()
+                job.error = job.error or ("cancelled by the user"
+                                          if job.state == "cancelled"
+                                          else "stopped before it finished")
+                with trio.CancelScope(shield=True):
+                    await self._save(job)
+            shutil.rmtree(os.path.join(self.scratch_dir, job.id), ignore_errors=True)
+            self._wake.set()  # the head may have moved while the job ran
+
+    # -- one job -----------------------------------------------------------------------------
+
+    async def _save(self, job: JobRecord) -> None:
+        """Store the job record; a failure is logged (the job's own outcome stands)."""
+        try:
+            await trio.to_thread.run_sync(records.save_job, self.store.objects, job)
+        except (VfsError, OSError) as exc:
+            log.error("cannot save the record of job %s: %s", job.id, exc)
+
+    async def _run_job(self, plan: JobPlan) -> None:
+        job = plan.job
+        spec = plan.version.spec
+        assert spec is not None
+        await self._save(job)
+        log.info("job %s: %s@%s, %d datums to run, %d reused, %d removed", job.id,
+                 spec.input_repo, job.input_commit[:12], len(plan.tasks), job.datums_skipped,
+                 job.datums_removed)
+        runtime = self.runtime(spec.runtime)
+        unsupported = runtime.unsupported_limits(spec.memory, spec.cpu)
+        if unsupported:
+            log.warning("pipeline %s: runtime %s cannot enforce %s", spec.pipeline,
+                        spec.runtime, ", ".join(unsupported))
+        ran: dict[str, DatumRecord] = {}
+        limiter = trio.CapacityLimiter(spec.parallelism)
+        batches = [plan.tasks[i:i + spec.datum_batch]
+                   for i in range(0, len(plan.tasks), spec.datum_batch)]
+        failure: FailedDatum | None = None
+        self._saved = time.monotonic()
+        try:
+            async with trio.open_nursery() as nursery:
+                for batch in batches:
+                    nursery.start_soon(self._run_batch, plan, runtime, batch, limiter, ran)
+        except* DatumFailed as group:
+            job.failed = [e.failure for e in _leaves(group)]
+            failure = job.failed[0]
+        if failure is not None:
+            job.state = "failed"
+            job.datums_failed = len(job.failed)
+            job.error = (f"datum {failure.id} (/{failure.root}) failed after {failure.tries} "
+                         f"tr{'y' if failure.tries == 1 else 'ies'}: {failure.error}; see "
+                         f"'vfsctl job logs {job.id} --datum {failure.id}'")
+            job.finished = now_iso()
+            await self._save(job)
+            log.error("job %s failed: %s", job.id, job.error)
+            return
+        try:
+            commit = await trio.to_thread.run_sync(commit_outputs, self.store, plan, ran)
+        except VfsError as exc:
+            job.state = "failed"
+            job.error = str(exc)
+            job.finished = now_iso()
+            await self._save(job)
+            log.error("job %s failed: %s", job.id, exc)
+            return
+        job.output_commit = commit.id
+        job.state = "success"
+        job.finished = now_iso()
+        await self._save(job)
+        log.info("job %s: committed %s@%s", job.id, spec.pipeline, commit.id[:12])
+        await trio.to_thread.run_sync(self.on_commit, spec.pipeline, spec.output_branch)
+        self._wake.set()  # pipelines downstream of the output
+
+    async def _run_batch(self, plan: JobPlan, runtime, batch: list[DatumTask],
+                         limiter: trio.CapacityLimiter, ran: dict[str, DatumRecord]) -> None:
+        """Run datums in one container start; retry the failed ones (together)."""
+        spec = plan.version.spec
+        assert spec is not None
+        job = plan.job
+        tries = dict.fromkeys((task.root for task in batch), 0)
+        todo = list(batch)
+        while todo:
+            async with limiter:
+                statuses, errors, results = await self._start(plan, runtime, todo)
+            retry = []
+            for task, status in zip(todo, statuses, strict=True):
+                tries[task.root] += 1
+                if status == 0:
+                    ran[task.root] = results[task.root]
+                    job.datums_processed += 1
+                elif tries[task.root] < spec.datum_tries:
+                    log.info("job %s: datum %s (/%s) failed (%s): retrying", job.id, task.id,
+                             task.root, errors.get(task.root) or f"exit status {status}")
+                    retry.append(task)
+                else:
+                    error = errors.get(task.root) or (
+                        f"exit status {status}" if status is not None else "could not start")
+                    raise DatumFailed(FailedDatum(task.id, task.root, tries[task.root],
+                                                  status, error))
+            todo = retry
+        if time.monotonic() - self._saved > PROGRESS_SAVE_SECONDS:
+            self._saved = time.monotonic()
+            await self._save(job)
+
+    async def _start(self, plan: JobPlan, runtime, tasks: list[DatumTask]
+                     ) -> tuple[list[int | None], dict[str, str], dict[str, DatumRecord]]:
+        """One container start for ``tasks``; store the outputs of those that succeed."""
+        spec = plan.version.spec
+        assert spec is not None
+        job = plan.job
+        base = os.path.join(self.scratch_dir, job.id)
+        ios = []
+        for task in tasks:
+            root = os.path.join(base, task.id)
+            shutil.rmtree(root, ignore_errors=True)
+            # The log is outside the datum's directory: it keeps every try.
+            io = DatumIO(task.id, os.path.join(root, "in"), os.path.join(root, "out"),
+                         f"{root}.log")
+            os.makedirs(io.input_dir)
+            os.makedirs(io.out_dir)
+            ios.append(io)
+
+        def prepare() -> None:
+            for task, io in zip(tasks, ios, strict=True):
+                materialize(self.store, task.files, io.input_dir)
+
+        errors: dict[str, str] = {}
+        results: dict[str, DatumRecord] = {}
+        try:
+            await trio.to_thread.run_sync(prepare)
+            if job.first_start is None:
+                job.first_start = now_iso()
+            workdir = os.path.join(base, f"run-{tasks[0].id}")
+            os.makedirs(workdir, exist_ok=True)
+            statuses: list[int | None] = list(await runtime.run(ContainerRun(
+                job_id=job.id, input_repo=spec.input_repo, input_commit=job.input_commit,
+                cmd=list(spec.cmd), env=dict(spec.env), image=spec.image, datums=ios,
+                workdir=workdir, network=spec.network, memory=spec.memory, cpus=spec.cpu,
+                timeout=spec.datum_timeout)))
+        except (VfsError, OSError) as exc:
+            statuses = [None] * len(tasks)
+            errors = {task.root: str(exc) for task in tasks}
+        for task, io, status in zip(tasks, ios, statuses, strict=True):
+            if status == 0:
+                try:
+                    outputs = await trio.to_thread.run_sync(collect_outputs, self.store,
+                                                            io.out_dir)
+                except (VfsError, OSError) as exc:
+                    statuses[tasks.index(task)] = None
+                    errors[task.root] = f"cannot store its outputs: {exc}"
+                    continue
+                record = DatumRecord(task.root, job.id, outputs)
+                await trio.to_thread.run_sync(records.save_datum, self.store.objects,
+                                              spec.pipeline, task.hash, record)
+                results[task.root] = record
+            if os.path.exists(io.log_path) and os.path.getsize(io.log_path):
+                await trio.to_thread.run_sync(records.save_log, self.store.objects, job.id,
+                                              task.id, io.log_path)
+        return statuses, errors, results
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

@@ -1,0 +1,572 @@
+"""The container runtimes, run for real: process, bwrap, and runc (rootfs and OCI layout).
+
+Every behaviour the scheduler relies on is checked by running a busybox command and
+looking at what it did: outputs, logs, exit statuses, the environment, read-only
+inputs, the network namespace, batching, timeouts, cancellation (nothing left running,
+no runc container left behind) and limits. podman and docker are not installed on the
+test machines: only their command lines are checked.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from daemon.runtimes import (
+    KILLED,
+    RUNTIMES,
+    BwrapRuntime,
+    ContainerRun,
+    DatumIO,
+    ProcessRuntime,
+    RuncRuntime,
+    Runtime,
+    get_runtime,
+    oci,
+)
+from daemon.runtimes.podman import DockerRuntime, PodmanRuntime, build_args
+from daemon.runtimes.rootfs import rootfs_digest
+from daemon.runtimes.runc import build_config
+from vfs.errors import InvalidSpec
+
+REPO = "images"
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
+                                 reason="bwrap is not installed (apt-get install bubblewrap)")
+needs_runc = pytest.mark.skipif(shutil.which("runc") is None or os.geteuid() != 0,
+                                reason="runc is not installed (apt-get install runc) "
+                                       "or we are not root")
+
+
+@dataclass
+class Case:
+    """A runtime and the image it runs the busybox commands with."""
+
+    name: str
+    runtime: Runtime
+    image: str | None
+    isolated: bool  # read-only inputs, own network and filesystem
+
+    def leftover_containers(self) -> list[str]:
+        if not isinstance(self.runtime, RuncRuntime):
+            return []
+        listing = subprocess.run(["runc", "--root", self.runtime.state_root, "list", "-q"],
+                                 capture_output=True, text=True, check=True)
+        return listing.stdout.split()
+
+
+@pytest.fixture(params=[
+    "process",
+    pytest.param("bwrap", marks=needs_bwrap),
+    pytest.param("runc", marks=needs_runc),
+    pytest.param("runc-oci", marks=needs_runc),
+])
+def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Case]:
+    """Each runtime with its image; after the test, no runc container may be left."""
+    if request.param == "process":
+        yield Case("process", ProcessRuntime(), None, False)
+        return
+    if request.param == "bwrap":
+        yield Case("bwrap", BwrapRuntime(), None, True)
+        return
+    runtime = RuncRuntime(cache_dir=str(tmp_path / "images"),
+                          state_root=str(tmp_path / "runc-state"))
+    if request.param == "runc":
+        image = request.getfixturevalue("busybox_rootfs")
+    else:
+        image = request.getfixturevalue("oci_layout")
+    runc_case = Case(request.param, runtime, str(image), True)
+    yield runc_case
+    assert runc_case.leftover_containers() == []
+
+
+def make_run(tmp_path: Path, case: Case, script: str, *, inputs: list[bytes] | None = None,
+             env: dict[str, str] | None = None, **options) -> ContainerRun:
+    """A run of ``sh -c script`` over one datum per input (file ``a.txt`` of each)."""
+    datums = []
+    for index, content in enumerate(inputs or [b"hello\n"]):
+        root = tmp_path / f"datum{index}"
+        (root / "in").mkdir(parents=True)
+        (root / "out").mkdir()
+        (root / "in" / "a.txt").write_bytes(content)
+        datums.append(DatumIO(f"{index:016x}", str(root / "in"), str(root / "out"),
+                              str(tmp_path / f"datum{index}.log")))
+    workdir = tmp_path / "work"
+    workdir.mkdir(exist_ok=True)
+    return ContainerRun(job_id="job-1", input_repo=REPO, input_commit="c0ffee" * 4,
+                        cmd=["sh", "-c", script], env=env or {}, image=case.image,
+                        datums=datums, workdir=str(workdir), **options)
+
+
+def log_of(run: ContainerRun, index: int = 0) -> str:
+    return Path(run.datums[index].log_path).read_text()
+
+
+def output_of(run: ContainerRun, index: int, name: str) -> bytes:
+    return (Path(run.datums[index].out_dir) / name).read_bytes()
+
+
+def processes_matching(marker: str) -> list[str]:
+    """The processes whose command line has ``marker``, allowing the kernel a moment to
+    finish off a pid namespace whose init just died."""
+    deadline = time.monotonic() + 1
+    while True:
+        found = subprocess.run(["pgrep", "-a", "-f", marker], capture_output=True, text=True)
+        if not found.stdout or time.monotonic() > deadline:
+            return found.stdout.splitlines()
+        time.sleep(0.05)
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def interfaces(proc_net_dev: str) -> set[str]:
+    return {line.split(":", 1)[0].strip() for line in proc_net_dev.splitlines()[2:]
+            if ":" in line}
+
+
+# --- what every runtime does -------------------------------------------------------
+
+@pytest.mark.trio
+async def test_transforms_input_to_output_and_logs(case: Case, tmp_path: Path) -> None:
+    run = make_run(tmp_path, case, 'tr a-z A-Z < "$VFS_PFS/images/a.txt" > '
+                                   '"$VFS_PFS/out/a.txt"; echo to-stdout; echo to-stderr >&2')
+    assert await case.runtime.run(run) == [0]
+    assert output_of(run, 0, "a.txt") == b"HELLO\n"
+    lines = log_of(run).splitlines()
+    if case.name.startswith("runc"):
+        # runc copies the command's stdout and stderr through two pipes of its own:
+        # both arrive, but their relative order is not kept.
+        lines.sort(reverse=True)
+    assert lines == ["to-stdout", "to-stderr"]
+    # The input is untouched and the output directory holds only what was written.
+    assert (Path(run.datums[0].input_dir) / "a.txt").read_bytes() == b"hello\n"
+    assert os.listdir(run.datums[0].out_dir) == ["a.txt"]
+
+
+@pytest.mark.trio
+async def test_environment(case: Case, tmp_path: Path) -> None:
+    run = make_run(tmp_path, case, "env", env={"THRESHOLD": "0.4"})
+    assert await case.runtime.run(run) == [0]
+    env = dict(line.split("=", 1) for line in log_of(run).splitlines() if "=" in line)
+    assert env["VFS_DATUM_ID"] == run.datums[0].datum_id
+    assert env["VFS_JOB_ID"] == "job-1"
+    assert env["VFS_INPUT_COMMIT"] == "c0ffee" * 4
+    assert env["THRESHOLD"] == "0.4"
+    if case.isolated:
+        assert env["VFS_PFS"] == "/pfs"
+        assert set(env) <= {"VFS_DATUM_ID", "VFS_JOB_ID", "VFS_INPUT_COMMIT", "VFS_PFS",
+                            "THRESHOLD", "PATH", "HOME", "IMAGE_VAR", "PWD", "SHLVL"}
+    if case.name == "runc-oci":
+        assert env["IMAGE_VAR"] == "from-image"  # the image config's Env
+        assert env["PATH"] == "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@pytest.mark.trio
+async def test_exit_status_is_reported(case: Case, tmp_path: Path) -> None:
+    run = make_run(tmp_path, case, "echo failing; exit 7")
+    assert await case.runtime.run(run) == [7]
+    assert "failing" in log_of(run)
+
+
+@pytest.mark.trio
+async def test_killed_command_reports_128_plus_signal(case: Case, tmp_path: Path) -> None:
+    # Under runc the command is the pid 1 of its namespace, which no signal from inside
+    # can kill: a child shell is killed instead and reports it the shell's way.
+    script = "sh -c 'kill -KILL $$'; exit $?" if case.name.startswith("runc") else "kill -KILL $$"
+    run = make_run(tmp_path, case, script)
+    assert await case.runtime.run(run) == [KILLED]
+
+
+@pytest.mark.trio
+async def test_batch_runs_each_datum_separately(case: Case, tmp_path: Path) -> None:
+    script = ('v=$(cat "$VFS_PFS/images/a.txt"); echo "$VFS_DATUM_ID saw $v"; '
+              'ls "$VFS_PFS/out"; echo "$v" > "$VFS_PFS/out/copy"; '
+              '[ "$v" != two ] || exit 3')
+    run = make_run(tmp_path, case, script, inputs=[b"one", b"two", b"three"])
+    assert await case.runtime.run(run) == [0, 3, 0]
+    for index, value in enumerate(["one", "two", "three"]):
+        assert output_of(run, index, "copy") == f"{value}\n".encode()
+        # Each log has its own datum's lines only, and each output dir started empty.
+        assert log_of(run, index) == f"{run.datums[index].datum_id} saw {value}\n"
+
+
+@pytest.mark.trio
+async def test_timeout_kills_and_says_so(case: Case, tmp_path: Path) -> None:
+    run = make_run(tmp_path, case, "echo started; sleep 60", timeout=1)
+    started = time.monotonic()
+    assert await case.runtime.run(run) == [KILLED]
+    assert time.monotonic() - started < 10
+    assert log_of(run).startswith("started\n")
+    assert "vfs: killed: the container start ran longer than its timeout" in log_of(run)
+
+
+@pytest.mark.trio
+async def test_batch_timeout_marks_the_rest(case: Case, tmp_path: Path) -> None:
+    script = '[ "$(cat "$VFS_PFS/images/a.txt")" = quick ] || sleep 60'
+    run = make_run(tmp_path, case, script, inputs=[b"quick", b"slow", b"quick"], timeout=2)
+    assert await case.runtime.run(run) == [0, KILLED, KILLED]
+    assert "vfs: killed" in log_of(run, 1)
+    assert "vfs: not run" in log_of(run, 2)
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("datums", [1, 3])
+async def test_cancellation_leaves_nothing_running(case: Case, tmp_path: Path,
+                                                   datums: int) -> None:
+    # A unique sleep duration marks every process of this run (sh, sleep, runc, bwrap).
+    marker = f"6{uuid.uuid4().int % 10**8}.5"
+    run = make_run(tmp_path, case, f"echo started; sleep {marker}",
+                   inputs=[b"x"] * datums)
+    started = time.monotonic()
+    with trio.move_on_after(1.5) as scope:
+        await case.runtime.run(run)
+    assert scope.cancelled_caught
+    assert time.monotonic() - started < 10
+    assert processes_matching(marker) == []
+    assert "started" in log_of(run)
+    # (the case fixture checks that no runc container is left)
+
+
+# --- isolation ----------------------------------------------------------------------
+
+@pytest.mark.trio
+async def test_inputs_and_image_are_read_only(case: Case, tmp_path: Path) -> None:
+    if not case.isolated:
+        pytest.skip("the process runtime does not isolate anything")
+    script = ('echo x > /pfs/images/new && echo WROTE-NEW; '
+              'echo x >> /pfs/images/a.txt && echo WROTE-INPUT; '
+              'echo x > /bin/new && echo WROTE-ROOT; '
+              'echo x > /tmp/new && echo WROTE-TMP; '
+              'echo ok > /pfs/out/ok')
+    run = make_run(tmp_path, case, script)
+    assert await case.runtime.run(run) == [0]
+    log = log_of(run)
+    assert "WROTE-NEW" not in log and "WROTE-INPUT" not in log and "WROTE-ROOT" not in log
+    assert "Read-only file system" in log
+    assert "WROTE-TMP" in log
+    assert os.listdir(run.datums[0].input_dir) == ["a.txt"]
+    assert output_of(run, 0, "ok") == b"ok\n"
+
+
+@pytest.mark.trio
+async def test_no_network_unless_asked(case: Case, tmp_path: Path) -> None:
+    if not case.isolated:
+        pytest.skip("the process runtime does not isolate the network")
+    run = make_run(tmp_path, case, "cat /proc/net/dev")
+    assert await case.runtime.run(run) == [0]
+    assert interfaces(log_of(run)) == {"lo"}
+
+    host = interfaces(Path("/proc/net/dev").read_text())
+    if host == {"lo"}:
+        pytest.skip("this host has only a loopback interface: network: true looks the same")
+    shared = make_run(tmp_path / "shared", case, "cat /proc/net/dev", network=True)
+    assert await case.runtime.run(shared) == [0]
+    assert interfaces(log_of(shared)) == host
+
+
+@pytest.mark.trio
+async def test_sees_only_its_own_processes(case: Case, tmp_path: Path) -> None:
+    if not case.isolated:
+        pytest.skip("the process runtime does not isolate processes")
+    run = make_run(tmp_path, case, "ls /proc | grep -c '^[0-9]'")
+    assert await case.runtime.run(run) == [0]
+    assert int(log_of(run)) <= 4  # bwrap's init, sh, ls and grep at most
+
+
+# --- limits ---------------------------------------------------------------------------
+
+@pytest.mark.trio
+@needs_runc
+async def test_runc_memory_limit_kills_a_greedy_command(busybox_rootfs: Path,
+                                                        tmp_path: Path) -> None:
+    runtime = RuncRuntime(cache_dir=str(tmp_path / "images"),
+                          state_root=str(tmp_path / "runc-state"))
+    if runtime.unsupported_limits(64 << 20, None):
+        pytest.skip("this host's cgroups have no memory controller")
+    case = Case("runc", runtime, str(busybox_rootfs), True)
+    # busybox tail keeps a whole line in memory: /dev/zero is one endless line.
+    greedy = make_run(tmp_path / "greedy", case,
+                      "head -c 300000000 /dev/zero | tail >/dev/null", memory=64 << 20)
+    modest = make_run(tmp_path / "modest", case,
+                      "head -c 10000000 /dev/zero | tail >/dev/null", memory=64 << 20)
+    assert await runtime.run(greedy) == [KILLED]
+    assert await runtime.run(modest) == [0]
+    assert case.leftover_containers() == []
+
+
+@pytest.mark.trio
+@needs_runc
+async def test_runc_cpu_limit_is_accepted(busybox_rootfs: Path, tmp_path: Path) -> None:
+    runtime = RuncRuntime(cache_dir=str(tmp_path / "images"),
+                          state_root=str(tmp_path / "runc-state"))
+    if runtime.unsupported_limits(None, 0.5):
+        pytest.skip("this host's cgroups have no cpu controller")
+    run = make_run(tmp_path, Case("runc", runtime, str(busybox_rootfs), True), "true",
+                   cpus=0.5)
+    assert await runtime.run(run) == [0]
+
+
+def test_runc_config_carries_limits_and_namespaces(tmp_path: Path) -> None:
+    case = Case("runc", RuncRuntime(), "/image", True)
+    run = make_run(tmp_path, case, "true", memory=256 << 20, cpus=1.5)
+    config = build_config(run, image_mounts=[], image_env={}, memory_swap=True)
+    assert config["linux"]["resources"]["memory"] == {"limit": 256 << 20, "swap": 256 << 20}
+    assert config["linux"]["resources"]["cpu"] == {"quota": 150000, "period": 100000}
+    kinds = {namespace["type"] for namespace in config["linux"]["namespaces"]}
+    assert kinds == {"pid", "ipc", "uts", "mount", "network"}
+    assert config["root"]["readonly"] and config["process"]["noNewPrivileges"]
+    assert "CAP_SYS_ADMIN" not in config["process"]["capabilities"]["bounding"]
+    binds = {mount["destination"]: mount["options"] for mount in config["mounts"]
+             if mount["type"] == "bind"}
+    assert binds == {"/pfs/images": ["rbind", "ro"], "/pfs/out": ["rbind", "rw"]}
+
+    run.network = True
+    unlimited = build_config(run, image_mounts=[], image_env={},
+                             supported=frozenset({"memory"}))
+    assert "cpu" not in unlimited["linux"]["resources"]
+    assert "swap" not in unlimited["linux"]["resources"]["memory"]
+    assert "network" not in {ns["type"] for ns in unlimited["linux"]["namespaces"]}
+
+
+@pytest.mark.trio
+async def test_address_space_limit_where_there_are_no_cgroups(case: Case,
+                                                              tmp_path: Path) -> None:
+    if isinstance(case.runtime, RuncRuntime):
+        pytest.skip("runc enforces memory with a cgroup (test above)")
+    run = make_run(tmp_path, case, "ulimit -v", memory=512 << 20, cpus=1)
+    assert await case.runtime.run(run) == [0]
+    assert int(log_of(run)) == 512 << 10  # KiB
+    assert case.runtime.unsupported_limits(512 << 20, 1) == ["cpus"]
+    assert case.runtime.unsupported_limits(512 << 20, None) == []
+
+
+# --- images -------------------------------------------------------------------------
+
+def test_rootfs_digest_is_stable_and_follows_content(busybox_rootfs: Path,
+                                                     tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(busybox_rootfs, copy, symlinks=True)
+    runtime = RuncRuntime()
+    digest = runtime.image_digest(str(busybox_rootfs))
+    assert digest.startswith("blake3:")
+    assert runtime.image_digest(str(busybox_rootfs)) == digest
+    assert runtime.image_digest(str(copy)) == digest  # the place does not matter
+
+    (copy / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    changed = runtime.image_digest(str(copy))
+    assert changed != digest
+    (copy / "etc" / "passwd").chmod(0o600)
+    assert runtime.image_digest(str(copy)) not in (digest, changed)
+    (copy / "bin" / "sh").unlink()
+    (copy / "bin" / "sh").symlink_to("/bin/busybox")
+    assert rootfs_digest(str(copy)) not in (digest, changed)
+
+
+@pytest.mark.trio
+@needs_runc
+async def test_runc_leaves_the_image_untouched(busybox_rootfs: Path, tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    shutil.copytree(busybox_rootfs, image, symlinks=True)
+    for name in ("pfs", "proc", "dev"):  # runc would create these mount points
+        (image / name).rmdir()
+    before = rootfs_digest(str(image))
+    case = Case("runc", RuncRuntime(state_root=str(tmp_path / "state")), str(image), True)
+    run = make_run(tmp_path, case, 'cat "$VFS_PFS/images/a.txt" > /pfs/out/a', inputs=[b"x"])
+    assert await case.runtime.run(run) == [0]
+    assert sorted(os.listdir(image)) == ["bin", "etc", "root", "tmp", "usr"]
+    assert rootfs_digest(str(image)) == before
+
+
+def test_oci_digest_is_the_manifest_digest(oci_layout: Path) -> None:
+    index = json.loads((oci_layout / "index.json").read_text())
+    assert RuncRuntime().image_digest(str(oci_layout)) == index["manifests"][0]["digest"]
+
+
+def test_oci_layout_unpacks_layers_with_whiteouts(oci_layout: Path, tmp_path: Path) -> None:
+    unpacked = oci.unpack(str(oci_layout), str(tmp_path / "cache"))
+    rootfs = Path(unpacked.rootfs)
+    assert (rootfs / "bin" / "busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+    assert os.readlink(rootfs / "bin" / "sh") == "busybox"
+    assert (rootfs / "etc" / "layer2").read_text() == "upper layer\n"
+    assert not (rootfs / "etc" / "removed").exists()
+    assert os.listdir(rootfs / "opaque") == ["new"]
+    assert os.path.samefile(rootfs / "etc" / "passwd.hard", rootfs / "etc" / "passwd")
+    assert unpacked.env["IMAGE_VAR"] == "from-image"
+    # A second call uses the cache.
+    assert oci.unpack(str(oci_layout), str(tmp_path / "cache")) == unpacked
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_oci_layout_other_layer_compressions(compression: str, tmp_path: Path,
+                                             make_layout) -> None:
+    def layer(tar: tarfile.TarFile) -> None:
+        add_file(tar, "etc/hello", b"hi\n")
+
+    digest = make_layout(tmp_path / "image", [layer], [], compression=compression)
+    assert RuncRuntime().image_digest(str(tmp_path / "image")) == digest
+    unpacked = oci.unpack(str(tmp_path / "image"), str(tmp_path / "cache"))
+    assert (Path(unpacked.rootfs) / "etc" / "hello").read_bytes() == b"hi\n"
+
+
+def test_oci_layout_refuses_entries_escaping_the_image(tmp_path: Path, make_layout) -> None:
+    def escaping(tar: tarfile.TarFile) -> None:
+        add_file(tar, "../outside", b"x")
+
+    def through_symlink(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("etc")
+        info.type = tarfile.SYMTYPE
+        info.linkname = str(tmp_path / "victim")
+        tar.addfile(info)
+        add_file(tar, "etc/passwd", b"x")
+
+    (tmp_path / "victim").mkdir()
+    for name, layer in (("escaping", escaping), ("symlink", through_symlink)):
+        make_layout(tmp_path / name, [layer], [])
+        with pytest.raises(InvalidSpec, match="outside the image|not a directory"):
+            oci.unpack(str(tmp_path / name), str(tmp_path / "cache"))
+    assert not (tmp_path / "outside").exists()
+    assert os.listdir(tmp_path / "victim") == []
+
+
+def test_oci_layout_detects_a_damaged_blob(oci_layout: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(oci_layout, damaged)
+    manifest = oci.read_manifest(str(damaged))
+    blob = damaged / "blobs" / "sha256" / manifest.layers[-1].digest.split(":")[1]
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # the gzip trailer: the tar still reads, the digest does not match
+    blob.write_bytes(bytes(data))
+    with pytest.raises(InvalidSpec, match="digest|unpacked"):
+        oci.unpack(str(damaged), str(tmp_path / "cache"))
+    assert [name for name in os.listdir(tmp_path / "cache")] == []
+
+
+# --- check() and get_runtime() --------------------------------------------------------
+
+def test_check_accepts_good_images(busybox_rootfs: Path, oci_layout: Path) -> None:
+    if shutil.which("runc"):
+        get_runtime("runc").check(str(busybox_rootfs), batch=True)
+        get_runtime("runc").check(str(oci_layout))
+    if shutil.which("bwrap"):
+        get_runtime("bwrap").check(None, batch=True)
+    get_runtime("process").check(None, batch=True)
+
+
+@needs_runc
+def test_check_explains_bad_images(busybox_rootfs: Path, oci_layout: Path,
+                                   tmp_path: Path) -> None:
+    runc = get_runtime("runc")
+    with pytest.raises(InvalidSpec, match="does not exist"):
+        runc.check(str(tmp_path / "missing"))
+    with pytest.raises(InvalidSpec, match="needs 'transform.image'"):
+        runc.check(None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidSpec, match="neither a root filesystem"):
+        runc.check(str(tmp_path / "empty"))
+    no_shell = tmp_path / "no-shell"
+    shutil.copytree(busybox_rootfs, no_shell, symlinks=True)
+    (no_shell / "bin" / "sh").unlink()
+    runc.check(str(no_shell))  # one datum per start needs no shell
+    with pytest.raises(InvalidSpec, match="datum_batch > 1 .* no /bin/sh"):
+        runc.check(str(no_shell), batch=True)
+    broken = tmp_path / "broken"
+    shutil.copytree(oci_layout, broken)
+    manifest = oci.read_manifest(str(broken))
+    (broken / "blobs" / "sha256" / manifest.layers[0].digest.split(":")[1]).unlink()
+    with pytest.raises(InvalidSpec, match="OCI image layout .* is missing"):
+        runc.check(str(broken))
+    (broken / "index.json").write_text("{}")
+    with pytest.raises(InvalidSpec, match="no list of manifests"):
+        runc.check(str(broken))
+    with pytest.raises(InvalidSpec, match="runs host binaries"):
+        get_runtime("process").check(str(busybox_rootfs))
+
+
+def test_unknown_runtime_lists_the_known_ones() -> None:
+    with pytest.raises(InvalidSpec, match="unknown runtime 'lxc': use one of runc, podman"):
+        get_runtime("lxc")
+    assert {name: type(get_runtime(name)).name for name in RUNTIMES} == {
+        name: name for name in RUNTIMES}
+
+
+@pytest.mark.parametrize("engine", ["podman", "docker"])
+def test_missing_engine_is_a_clear_error(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(InvalidSpec, match=f"needs {engine}, which is not installed"):
+        get_runtime(engine).check("docker.io/library/busybox")
+    with pytest.raises(InvalidSpec, match="not installed"):
+        get_runtime(engine).image_digest("docker.io/library/busybox")
+
+
+@pytest.mark.trio
+async def test_missing_command_fails_the_datum(tmp_path: Path) -> None:
+    case = Case("process", ProcessRuntime(), None, False)
+    run = make_run(tmp_path, case, "")
+    run.cmd = ["/nonexistent/program"]
+    assert await case.runtime.run(run) == [127]
+    assert "cannot run '/nonexistent/program'" in log_of(run)
+
+
+@pytest.mark.trio
+async def test_input_repo_named_out_is_refused(tmp_path: Path) -> None:
+    case = Case("process", ProcessRuntime(), None, False)
+    run = make_run(tmp_path, case, "true")
+    run.input_repo = "out"
+    with pytest.raises(InvalidSpec, match="/pfs/out is the output directory"):
+        await case.runtime.run(run)
+
+
+# --- podman and docker: the command line only ------------------------------------------
+
+def test_podman_command_line(tmp_path: Path) -> None:
+    case = Case("podman", PodmanRuntime(), "docker.io/library/python:3.12", True)
+    run = make_run(tmp_path, case, "true", env={"THRESHOLD": "0.4"}, memory=1 << 30,
+                   cpus=0.5)
+    run.cmd = ["python3", "/code/edges.py", "--fast"]
+    args = build_args(run, name="vfs-x", engine="podman")
+    datum = run.datums[0]
+    assert args[:4] == ["podman", "run", "--rm", "--name"]
+    assert "--network=none" in args
+    assert args[args.index("--memory") + 1] == str(1 << 30)
+    assert args[args.index("--cpus") + 1] == "0.5"
+    volumes = [args[i + 1] for i, arg in enumerate(args) if arg == "--volume"]
+    assert volumes == [f"{datum.input_dir}:/pfs/images:ro", f"{datum.out_dir}:/pfs/out"]
+    envs = {args[i + 1] for i, arg in enumerate(args) if arg == "--env"}
+    assert envs == {"THRESHOLD=0.4", f"VFS_DATUM_ID={datum.datum_id}", "VFS_JOB_ID=job-1",
+                    f"VFS_INPUT_COMMIT={'c0ffee' * 4}", "VFS_PFS=/pfs"}
+    assert args[-5:] == ["--entrypoint", "python3", "docker.io/library/python:3.12",
+                         "/code/edges.py", "--fast"]
+
+    run.network = True
+    assert "--network=none" not in build_args(run, name="vfs-x", engine="docker")
+
+
+def test_docker_batch_command_line(tmp_path: Path) -> None:
+    case = Case("docker", DockerRuntime(), "busybox", True)
+    run = make_run(tmp_path, case, "true", inputs=[b"a", b"b"])
+    status = tmp_path / "status"
+    args = build_args(run, name="vfs-x", engine="docker", status_dir=str(status))
+    assert args[0] == "docker" and "--tmpfs" in args
+    volumes = [args[i + 1] for i, arg in enumerate(args) if arg == "--volume"]
+    assert f"{run.datums[1].input_dir}:/pfs/.in/1:ro" in volumes
+    assert f"{run.datums[1].out_dir}:/pfs/.out/1" in volumes
+    assert f"{status}:/pfs/.status" in volumes
+    entrypoint = args.index("--entrypoint")
+    assert args[entrypoint + 1:entrypoint + 4] == ["/bin/sh", "busybox", "-c"]
+    assert args[-5:] == [run.datums[0].datum_id, run.datums[1].datum_id, "sh", "-c", "true"]

@@ -1,0 +1,180 @@
+"""Datums: which parts of an input commit a pipeline processes one at a time.
+
+The spec's glob picks them: ``/*`` makes every top-level file or directory one
+datum, ``/*/*`` every second-level one, ``/`` the whole repository a single
+datum, and a final ``**`` (``/**``, ``/images/**``) every file at any depth.
+Each path segment is an ``fnmatch`` pattern (``*``, ``?``, ``[...]``).
+
+A datum's identity is its **hash**: the paths and content ids of its files plus
+the pipeline's transform hash. Two runs that would see the same bytes under the
+same names with the same command and image have the same hash, so an output
+recorded once is reused instead of being computed again. Content ids come from
+the trees (a file's ``ref`` names its content), so hashing never reads file data.
+
+The datums a new input commit affects are found from the tree diff with the
+commit processed before (:func:`changed_datums`): the cost grows with the size of
+the change, not of the repository.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from vfs.blobs import blob_hash
+from vfs.errors import InvalidSpec
+from vfs.refs import canonical_json
+from vfs.snapshot import Snapshot, diff_trees
+from vfs.tree import DIR, Entry
+
+DATUM_ID_CHARS = 16
+
+
+class Glob:
+    """A compiled datum glob.
+
+    Raises:
+        InvalidSpec: the pattern is not absolute, has empty, ``.`` or ``..``
+            segments, an unbalanced ``[``, or a ``**`` that is not the last segment.
+    """
+
+    def __init__(self, pattern: str) -> None:
+        if not pattern.startswith("/"):
+            raise InvalidSpec(f"glob {pattern!r} must start with '/' (e.g. \"/*\")")
+        body = pattern.strip("/")
+        segments = body.split("/") if body else []
+        self.pattern = pattern
+        self.files_below = bool(segments) and segments[-1] == "**"
+        if self.files_below:
+            segments = segments[:-1]
+        for segment in segments:
+            if segment in ("", ".", ".."):
+                raise InvalidSpec(f"glob {pattern!r} has an empty, '.' or '..' segment")
+            if "**" in segment:
+                raise InvalidSpec(f"glob {pattern!r}: '**' is only allowed as the last "
+                                  "segment (every file below)")
+            if segment.count("[") != segment.count("]"):
+                raise InvalidSpec(f"glob {pattern!r}: unbalanced '[' in {segment!r}")
+        self.segments = segments
+        self._compiled = [None if _is_literal(s) else re.compile(fnmatch.translate(s))
+                          for s in segments]
+
+    def _match(self, index: int, name: str) -> bool:
+        regex = self._compiled[index]
+        return name == self.segments[index] if regex is None else bool(regex.match(name))
+
+    def datum_of(self, path: str) -> str | None:
+        """The datum (root path) a file at ``path`` belongs to, or None."""
+        parts = path.split("/") if path else []
+        depth = len(self.segments)
+        if len(parts) < depth + (1 if self.files_below else 0):
+            return None
+        if not all(self._match(i, parts[i]) for i in range(depth)):
+            return None
+        if self.files_below:
+            return path
+        return "/".join(parts[:depth])
+
+    def datums(self, snapshot: Snapshot) -> Iterator[str]:
+        """Every datum root of a snapshot, in path order."""
+        yield from self._walk(snapshot, "", 0)
+
+    def _walk(self, snapshot: Snapshot, path: str, level: int) -> Iterator[str]:
+        if level == len(self.segments):
+            if not self.files_below:
+                yield path
+                return
+            for sub, entry in snapshot.walk(path):
+                if entry.kind != DIR:
+                    yield sub
+            return
+        regex = self._compiled[level]
+        if regex is None:  # a literal name: one lookup, no listing
+            name = self.segments[level]
+            child = f"{path}/{name}" if path else name
+            entry = snapshot.lookup(child)
+            if entry is not None and (entry.kind == DIR or self._is_last(level)):
+                yield from self._walk(snapshot, child, level + 1)
+            return
+        for name, entry in snapshot.listdir(path).items():
+            if not regex.match(name):
+                continue
+            if entry.kind != DIR and not self._is_last(level):
+                continue
+            yield from self._walk(snapshot, f"{path}/{name}" if path else name, level + 1)
+
+    def _is_last(self, level: int) -> bool:
+        return level == len(self.segments) - 1 and not self.files_below
+
+
+def _is_literal(segment: str) -> bool:
+    return not any(ch in segment for ch in "*?[")
+
+
+# -- datum hashes ---------------------------------------------------------------------
+
+
+def datum_files(snapshot: Snapshot, root: str) -> list[tuple[str, Entry]]:
+    """The files and symlinks of the datum at ``root`` (path order); [] if none."""
+    entry = snapshot.lookup(root) if root else None
+    if root and entry is None:
+        return []
+    if root and entry.kind != DIR:  # type: ignore[union-attr]
+        return [(root, entry)]  # type: ignore[list-item]
+    return [(path, e) for path, e in snapshot.walk(root) if e.kind != DIR]
+
+
+def datum_hash(transform_hash: str, root: str, files: list[tuple[str, Entry]]) -> str:
+    """The hash naming a datum: its root, its files' paths and contents, the transform."""
+    body = [transform_hash, root, [[path, e.kind, e.ref] for path, e in files]]
+    return blob_hash(canonical_json(body)).hex()
+
+
+def datum_id(digest: str) -> str:
+    """The short id shown to users and given to the command (``VFS_DATUM_ID``)."""
+    return digest[:DATUM_ID_CHARS]
+
+
+@dataclass(frozen=True)
+class DatumChange:
+    """A datum root whose content differs between two input commits."""
+
+    root: str
+    old_hash: str | None  # None: the datum did not exist in the old commit
+    new_hash: str | None  # None: the datum is gone in the new commit
+    new_files: tuple[tuple[str, Entry], ...] = ()
+
+
+def changed_datums(glob: Glob, old: Snapshot | None, new: Snapshot, old_transform: str | None,
+                   new_transform: str) -> list[DatumChange]:
+    """The datums that differ between ``old`` and ``new`` (all of ``new`` when old is None).
+
+    Old hashes are computed with ``old_transform`` (the transform that processed the
+    old commit), new ones with ``new_transform``.
+    """
+    if old is None:
+        roots: Iterable[str] = glob.datums(new)
+    else:
+        found = set()
+        for change in diff_trees(old, new):
+            root = glob.datum_of(change.path)
+            if root is not None:
+                found.add(root)
+        roots = sorted(found)
+    out = []
+    for root in roots:
+        new_files = datum_files(new, root)
+        new_hash = datum_hash(new_transform, root, new_files) if new_files else None
+        old_hash = None
+        if old is not None:
+            old_files = datum_files(old, root)
+            if old_files:
+                old_hash = datum_hash(old_transform or new_transform, root, old_files)
+        if old_hash != new_hash:
+            out.append(DatumChange(root, old_hash, new_hash, tuple(new_files)))
+    return out
+
+
+__all__ = ["DatumChange", "Glob", "changed_datums", "datum_files", "datum_hash", "datum_id"]

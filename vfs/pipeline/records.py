@@ -1,0 +1,271 @@
+"""What pipelines leave in the store: job records, datum outputs, logs, provenance.
+
+Store keys (see docs/format.md):
+
+* ``jobs/<pipeline>/<job id>``: JSON job record (state, input commit, counts,
+  times, failed datums); rewritten as the job progresses.
+* ``datums/<pipeline>/<datum hash>``: JSON ``{"root", "job", "outputs": {path:
+  entry row}}``, written once when a datum succeeds. A later job that meets the
+  same hash reuses these outputs instead of running the datum (gc keeps the blobs
+  they name alive).
+* ``joblogs/<pipeline>/<job id>/<datum id>``: the last bytes of a datum's output.
+
+Output commits carry ``provenance`` ``{"pipeline", "version", "job", "image",
+"transform", "keep_outputs", "inputs": [{"repo", "branch", "commit"}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from vfs.errors import JobNotFound, ObjectNotFound
+from vfs.names import check_name
+from vfs.refs import canonical_json
+from vfs.tree import Entry
+
+LOG_LIMIT = 1 << 20  # bytes of a datum's log kept in the store (the end of it)
+FINISHED = ("success", "failed", "cancelled", "killed")
+
+
+@dataclass
+class FailedDatum:
+    id: str
+    root: str
+    tries: int
+    status: int | None  # exit status of the last try (None: it could not start)
+    error: str = ""
+
+
+@dataclass
+class JobRecord:
+    """One run of a pipeline over one input commit."""
+
+    id: str
+    pipeline: str
+    version: int
+    input_repo: str
+    input_branch: str
+    input_commit: str
+    state: str = "running"  # running | success | failed | cancelled | killed
+    started: str = ""  # when the job was planned (its datums known)
+    first_start: str | None = None  # when its first container started
+    finished: str | None = None
+    datums_total: int = 0
+    datums_processed: int = 0
+    datums_skipped: int = 0
+    datums_failed: int = 0
+    datums_removed: int = 0
+    datums_reused: int = 0  # of the skipped: changed datums whose output was recorded before
+    output_commit: str | None = None
+    full: bool = False  # every datum of the input was considered (not only the diff)
+    keep_outputs: bool = False
+    transform: str = ""
+    image: str = ""
+    error: str = ""
+    node: str = ""
+    failed: list[FailedDatum] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> JobRecord:
+        failed = [FailedDatum(**f) for f in raw.pop("failed", [])]
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(**known, failed=failed)
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINISHED
+
+
+def new_job_id(pipeline: str) -> str:
+    """``<pipeline>.<UTC time>-<random>``: sortable by start time within a pipeline."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")[:-3]
+    return f"{pipeline}.{stamp}-{secrets.token_hex(2)}"
+
+
+def pipeline_of_job(job_id: str) -> str:
+    name, dot, tail = job_id.rpartition(".")
+    if not dot or not tail:
+        raise JobNotFound(f"{job_id!r} is not a job id (see 'vfsctl job list')")
+    check_name(name, "pipeline")
+    return name
+
+
+def job_key(job_id: str) -> str:
+    return f"jobs/{pipeline_of_job(job_id)}/{job_id}"
+
+
+def save_job(objects, job: JobRecord) -> None:
+    objects.put(job_key(job.id), canonical_json(job.to_dict()))
+
+
+def load_job(objects, job_id: str) -> JobRecord:
+    try:
+        return JobRecord.from_dict(json.loads(objects.get(job_key(job_id))))
+    except ObjectNotFound:
+        raise JobNotFound(f"no job {job_id} (see 'vfsctl job list')") from None
+
+
+def list_jobs(objects, pipeline: str) -> list[JobRecord]:
+    """Every job of a pipeline, oldest first."""
+    check_name(pipeline, "pipeline")
+    return [JobRecord.from_dict(json.loads(objects.get(info.key)))
+            for info in objects.list(f"jobs/{pipeline}/")]
+
+
+def latest_job(objects, pipeline: str) -> JobRecord | None:
+    """The most recently started job of a pipeline (one listing, one read)."""
+    last = None
+    for info in objects.list(f"jobs/{pipeline}/"):
+        last = info.key
+    return JobRecord.from_dict(json.loads(objects.get(last))) if last else None
+
+
+def find_job(objects, prefix: str) -> JobRecord:
+    """A job by id (the pipeline part is needed; the tail may be a unique prefix)."""
+    try:
+        return load_job(objects, prefix)
+    except JobNotFound:
+        pass
+    pipeline = pipeline_of_job(prefix) if "." in prefix else None
+    if pipeline is None:
+        raise JobNotFound(f"no job {prefix} (see 'vfsctl job list')")
+    matches = [info.key for info in objects.list(f"jobs/{pipeline}/{prefix}")]
+    if len(matches) != 1:
+        raise JobNotFound(f"no job {prefix}" if not matches
+                          else f"{prefix} names {len(matches)} jobs: give more of the id")
+    return JobRecord.from_dict(json.loads(objects.get(matches[0])))
+
+
+# -- datum outputs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatumRecord:
+    root: str
+    job: str
+    outputs: dict[str, Entry]
+
+
+def datum_key(pipeline: str, digest: str) -> str:
+    return f"datums/{pipeline}/{digest}"
+
+
+def save_datum(objects, pipeline: str, digest: str, record: DatumRecord) -> None:
+    body = {"root": record.root, "job": record.job,
+            "outputs": {path: entry.encode() for path, entry in sorted(record.outputs.items())}}
+    objects.put(datum_key(pipeline, digest), canonical_json(body))
+
+
+def load_datum(objects, pipeline: str, digest: str) -> DatumRecord | None:
+    try:
+        raw = json.loads(objects.get(datum_key(pipeline, digest)))
+    except ObjectNotFound:
+        return None
+    return DatumRecord(raw["root"], raw.get("job", ""),
+                       {path: Entry.decode(row) for path, row in raw["outputs"].items()})
+
+
+def all_datum_entries(objects):
+    """Yield every entry named by any datum record (for gc's reachability)."""
+    for info in objects.list("datums/"):
+        raw = json.loads(objects.get(info.key))
+        for path, row in raw.get("outputs", {}).items():
+            yield path, Entry.decode(row), info.key
+
+
+# -- logs -----------------------------------------------------------------------------------
+
+
+def log_key(job_id: str, datum: str) -> str:
+    return f"joblogs/{pipeline_of_job(job_id)}/{job_id}/{datum}"
+
+
+def save_log(objects, job_id: str, datum: str, path: str) -> None:
+    """Store the end of a datum's log file (at most LOG_LIMIT bytes)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size > LOG_LIMIT:
+                f.seek(size - LOG_LIMIT)
+            data = f.read()
+    except FileNotFoundError:
+        data = b""
+    objects.put(log_key(job_id, datum), data)
+
+
+def job_logs(objects, job_id: str) -> dict[str, bytes]:
+    """Datum id -> stored log of a job."""
+    prefix = f"joblogs/{pipeline_of_job(job_id)}/{job_id}/"
+    return {info.key[len(prefix):]: objects.get(info.key) for info in objects.list(prefix)}
+
+
+# -- provenance -------------------------------------------------------------------------------
+
+
+def provenance(pipeline: str, version: int, job: JobRecord) -> dict:
+    return {"pipeline": pipeline, "version": version, "job": job.id, "image": job.image,
+            "transform": job.transform, "keep_outputs": job.keep_outputs,
+            "datums": job.datums_total,
+            "inputs": [{"repo": job.input_repo, "branch": job.input_branch,
+                        "commit": job.input_commit}]}
+
+
+@dataclass(frozen=True)
+class Processed:
+    """The last input commit a pipeline turned into an output commit."""
+
+    output: str  # output commit id
+    input_commit: str
+    transform: str
+    version: int
+
+
+def last_processed(store, pipeline: str, branch: str, *, limit: int = 10_000
+                   ) -> Processed | None:
+    """The newest commit on the output branch that the pipeline made, if any."""
+    from vfs.errors import NotFound
+    from vfs.names import RefSpec
+
+    try:
+        for commit in store.log(RefSpec(pipeline, branch), limit=limit):
+            prov = commit.provenance or {}
+            if prov.get("pipeline") == pipeline and prov.get("inputs"):
+                return Processed(commit.id, prov["inputs"][0]["commit"],
+                                 prov.get("transform", ""), int(prov.get("version", 0)))
+    except NotFound:  # no output repository or branch yet: nothing processed
+        return None
+    return None
+
+
+def covers(store, newer: str, older: str, *, limit: int = 100_000) -> bool:
+    """True if ``older`` is ``newer`` or one of its ancestors."""
+    seen = 0
+    stack = [newer]
+    visited = set()
+    while stack and seen < limit:
+        current = stack.pop()
+        if current == older:
+            return True
+        if current in visited:
+            continue
+        visited.add(current)
+        seen += 1
+        stack.extend(store.read_commit(current).parents)
+    return False
+
+
+def now() -> float:
+    return time.time()
+
+
+__all__ = ["DatumRecord", "FailedDatum", "JobRecord", "Processed", "covers", "find_job",
+           "job_logs", "last_processed", "list_jobs", "load_datum", "load_job", "new_job_id",
+           "provenance", "save_datum", "save_job", "save_log"]

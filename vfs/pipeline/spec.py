@@ -1,0 +1,300 @@
+"""Pipeline specs: parsing (YAML or JSON), validation and the normalized form.
+
+A spec names an input (repo, branch, glob), a transform (image, cmd, env), the
+runtime that runs it, and how (parallelism, retries, batching, limits). Parsing
+fills in defaults and rejects anything unknown or malformed with a message that
+names the offending key, so a typo never becomes a silently ignored setting.
+Checks that need the store (the input repo exists, no cycle between pipelines)
+are in :mod:`vfs.pipeline.registry`; checks that need the node (the runtime's
+binary, the image directory) are the daemon's (``daemon.runtimes``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from vfs.errors import InvalidSpec, VfsError
+from vfs.names import check_name
+
+RUNTIMES = ("runc", "bwrap", "podman", "docker", "process")
+IMAGE_RUNTIMES = ("runc", "podman", "docker")
+
+_TOP_KEYS = {"pipeline", "description", "input", "transform", "runtime", "parallelism",
+             "datum_tries", "datum_batch", "datum_timeout", "output_branch", "resources",
+             "network"}
+_INPUT_KEYS = {"repo", "branch", "glob"}
+_TRANSFORM_KEYS = {"image", "cmd", "env"}
+_RESOURCE_KEYS = {"memory", "cpu"}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated pipeline spec with every default filled in."""
+
+    pipeline: str
+    input_repo: str
+    input_branch: str
+    glob: str
+    cmd: tuple[str, ...]
+    runtime: str
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    parallelism: int = 1
+    datum_tries: int = 3
+    datum_batch: int = 1
+    datum_timeout: float | None = None
+    output_branch: str = "main"
+    memory: int | None = None  # bytes
+    cpu: float | None = None
+    network: bool = False
+
+    def to_dict(self) -> dict:
+        """The spec in the document form users write (stored, shown by inspect)."""
+        out: dict = {
+            "pipeline": self.pipeline,
+            "description": self.description,
+            "input": {"repo": self.input_repo, "branch": self.input_branch,
+                      "glob": self.glob},
+            "transform": {"image": self.image, "cmd": list(self.cmd), "env": dict(self.env)},
+            "runtime": self.runtime,
+            "parallelism": self.parallelism,
+            "datum_tries": self.datum_tries,
+            "datum_batch": self.datum_batch,
+            "datum_timeout": self.datum_timeout,
+            "output_branch": self.output_branch,
+            "resources": {"memory": self.memory, "cpu": self.cpu},
+            "network": self.network,
+        }
+        return out
+
+    def transform(self) -> dict:
+        """What decides a datum's output besides its input (hashed with the image)."""
+        return {"cmd": list(self.cmd), "env": dict(sorted(self.env.items())),
+                "runtime": self.runtime, "image": self.image}
+
+    def fields(self) -> dict:
+        return asdict(self)
+
+
+def load_spec_text(text: str, *, source: str = "spec", base_dir: str | None = None) -> Spec:
+    """Parse a YAML or JSON pipeline spec.
+
+    Args:
+        text: the document.
+        source: where it came from (for messages).
+        base_dir: relative ``image`` paths of the runc runtime are taken relative to
+            this directory (the spec file's), and stored absolute.
+
+    Raises:
+        InvalidSpec: the document is not valid YAML/JSON or not a valid spec.
+    """
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InvalidSpec(f"{source}: not valid YAML or JSON{where}: {problem}") from None
+    return parse_spec(document, source=source, base_dir=base_dir)
+
+
+def load_spec_file(path: str) -> Spec:
+    """Read and parse the spec file at ``path`` (``-`` is not accepted here)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise InvalidSpec(f"no such spec file: {path}") from None
+    except UnicodeDecodeError:
+        raise InvalidSpec(f"{path}: not a text file (a pipeline spec is YAML or JSON)") from None
+    return load_spec_text(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def parse_spec(document: object, *, source: str = "spec", base_dir: str | None = None) -> Spec:
+    """Validate a parsed spec document (a dict) and fill in the defaults."""
+
+    def fail(message: str) -> InvalidSpec:
+        return InvalidSpec(f"{source}: {message}")
+
+    top = _mapping(document, "the spec", fail)
+    _no_unknown(top, _TOP_KEYS, "", fail)
+    name = top.get("pipeline")
+    if not isinstance(name, str):
+        raise fail("'pipeline' (the pipeline's name, also its output repository) is required")
+    try:
+        check_name(name, "pipeline")
+    except VfsError as exc:
+        raise fail(str(exc)) from None
+
+    inp = _mapping(top.get("input"), "'input'", fail)
+    _no_unknown(inp, _INPUT_KEYS, "input.", fail)
+    repo = inp.get("repo")
+    if not isinstance(repo, str):
+        raise fail("'input.repo' (the repository to read) is required")
+    if repo == "out":
+        raise fail("'input.repo': a repository named 'out' cannot be an input: /pfs/out is "
+                   "where the command writes its output")
+    branch = inp.get("branch", "main")
+    for value, what in ((repo, "input.repo"), (branch, "input.branch")):
+        if not isinstance(value, str):
+            raise fail(f"'{what}' must be a name")
+        try:
+            check_name(value, "repository" if what == "input.repo" else "branch")
+        except VfsError as exc:
+            raise fail(f"'{what}': {exc}") from None
+    glob = inp.get("glob", "/*")
+    if not isinstance(glob, str):
+        raise fail("'input.glob' must be a string such as \"/*\"")
+    try:
+        from vfs.pipeline.datums import Glob
+
+        Glob(glob)
+    except InvalidSpec as exc:
+        raise fail(f"'input.glob': {exc}") from None
+
+    transform = _mapping(top.get("transform"), "'transform'", fail)
+    _no_unknown(transform, _TRANSFORM_KEYS, "transform.", fail)
+    cmd = transform.get("cmd")
+    if isinstance(cmd, str):
+        raise fail("'transform.cmd' must be a list of strings, e.g. [\"sh\", \"-c\", \"...\"]")
+    if (not isinstance(cmd, list) or not cmd
+            or not all(isinstance(part, str) for part in cmd)):
+        raise fail("'transform.cmd' is required: a non-empty list of strings")
+    env_doc = transform.get("env") or {}
+    if not isinstance(env_doc, dict):
+        raise fail("'transform.env' must be a mapping of names to values")
+    env: dict[str, str] = {}
+    for key, value in env_doc.items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            raise fail(f"'transform.env': {key!r} is not a valid environment variable name")
+        if key.startswith("VFS_"):
+            raise fail(f"'transform.env': {key} is reserved (VFS_* variables are set by vfs)")
+        if isinstance(value, (dict, list)) or value is None:
+            raise fail(f"'transform.env.{key}' must be a string or a number")
+        env[key] = _scalar(value)
+
+    image = transform.get("image")
+    if image is not None and not isinstance(image, str):
+        raise fail("'transform.image' must be a string")
+    runtime = top.get("runtime", "runc" if image else "bwrap")
+    if runtime not in RUNTIMES:
+        raise fail(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if runtime in IMAGE_RUNTIMES and not image:
+        raise fail(f"runtime {runtime} needs 'transform.image' "
+                   + ("(a root filesystem or OCI image layout directory)" if runtime == "runc"
+                      else "(an image name)"))
+    if runtime in ("bwrap", "process") and image:
+        raise fail(f"runtime {runtime} runs host binaries: remove 'transform.image' "
+                   "or use runtime runc, podman or docker")
+    if runtime == "runc" and image and not os.path.isabs(image):
+        image = os.path.normpath(os.path.join(base_dir or os.getcwd(), image))
+
+    resources = _mapping(top.get("resources") or {}, "'resources'", fail)
+    _no_unknown(resources, _RESOURCE_KEYS, "resources.", fail)
+    memory = None
+    if resources.get("memory") is not None:
+        memory = parse_size(resources["memory"], fail)
+    cpu = resources.get("cpu")
+    if cpu is not None:
+        if isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or cpu <= 0:
+            raise fail("'resources.cpu' must be a positive number of CPUs, e.g. 1 or 0.5")
+        cpu = float(cpu)
+    network = top.get("network", False)
+    if not isinstance(network, bool):
+        raise fail("'network' must be true or false")
+    description = top.get("description") or ""
+    if not isinstance(description, str):
+        raise fail("'description' must be a string")
+    output_branch = top.get("output_branch", "main")
+    try:
+        check_name(output_branch if isinstance(output_branch, str) else "", "branch")
+    except VfsError as exc:
+        raise fail(f"'output_branch': {exc}") from None
+    timeout = top.get("datum_timeout")
+    if timeout is not None and (isinstance(timeout, bool)
+                                or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise fail("'datum_timeout' must be a positive number of seconds")
+    return Spec(
+        pipeline=name,
+        input_repo=repo,
+        input_branch=branch,
+        glob=glob,
+        cmd=tuple(cmd),
+        runtime=runtime,
+        image=image,
+        env=env,
+        description=description,
+        parallelism=_positive(top, "parallelism", 1, fail),
+        datum_tries=_positive(top, "datum_tries", 3, fail),
+        datum_batch=_positive(top, "datum_batch", 1, fail),
+        datum_timeout=float(timeout) if timeout is not None else None,
+        output_branch=output_branch,
+        memory=memory,
+        cpu=cpu,
+        network=network,
+    )
+
+
+def spec_from_stored(document: dict) -> Spec:
+    """A spec as stored by the registry (already validated when it was stored)."""
+    return parse_spec(document, source="stored spec")
+
+
+def parse_size(value: object, fail=InvalidSpec) -> int:
+    """``2G``, ``512Mi``, ``1.5GB`` or a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise fail(f"'resources.memory': {value!r} is not a size")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(str(value).strip())
+        if not match:
+            raise fail(f"'resources.memory': {value!r} is not a size such as 512M or 2G")
+        number, unit = float(match.group(1)), match.group(2).upper()
+        size = int(number * (1 << (10 * " KMGT".index(unit or " "))))
+    if size < 1 << 20:
+        raise fail(f"'resources.memory': {value!r} is below 1 MiB")
+    return size
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _mapping(value: object, what: str, fail) -> dict:
+    if not isinstance(value, dict):
+        raise fail(f"{what} must be a mapping" + (" (it is missing)" if value is None else ""))
+    return value
+
+
+def _no_unknown(mapping: dict, known: set[str], prefix: str, fail) -> None:
+    unknown = sorted(str(key) for key in mapping if key not in known)
+    if unknown:
+        raise fail(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                   f"{', '.join(repr(prefix + key) for key in unknown)} "
+                   f"(known: {', '.join(sorted(known))})")
+
+
+def _positive(top: dict, key: str, default: int, fail) -> int:
+    value = top.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise fail(f"'{key}' must be a whole number of at least 1")
+    return value
+
+
+def spec_json(spec: Spec) -> str:
+    return json.dumps(spec.to_dict(), indent=2, sort_keys=False)
+
+
+__all__ = ["IMAGE_RUNTIMES", "RUNTIMES", "Spec", "load_spec_file", "load_spec_text",
+           "parse_size", "parse_spec", "spec_from_stored"]
