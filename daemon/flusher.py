@@ -307,7 +307,7 @@ class Flusher:
             size = os.fstat(job.fd).st_size
             if size >= _LARGE_FILE:
                 collect(0)
-                result = encode_file(store, job.fd, writer, pool=self._pool,
+                result = encode_file(store, job.fd, writer, pool=None if os.environ.get("VFS_TEMP_SERIAL") else self._pool,  # TEMP
                                      stop=job.superseded)
                 if result is not None:
                     job.ref, job.size = result

@@ -260,7 +260,11 @@ class Watcher:
                                           else "stopped before it finished")
                 with trio.CancelScope(shield=True):
                     await self._save(job)
-            shutil.rmtree(os.path.join(self.scratch_dir, job.id), ignore_errors=True)
+            # A big job leaves many files: never remove them in the trio thread (the
+            # mount would stop answering meanwhile).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(
+                    shutil.rmtree, os.path.join(self.scratch_dir, job.id), True)
             self._wake.set()  # the head may have moved while the job ran
 
     # -- one job -----------------------------------------------------------------------------
@@ -356,6 +360,17 @@ class Watcher:
             self._saved = time.monotonic()
             await self._save(job)
 
+    def _finish_datum(self, pipeline: str, job_id: str, task: DatumTask, io: DatumIO,
+                      succeeded: bool) -> DatumRecord | None:
+        """Store a datum's outputs and record them (if it succeeded), and keep its log."""
+        record = None
+        if succeeded:
+            record = DatumRecord(task.root, job_id, collect_outputs(self.store, io.out_dir))
+            records.save_datum(self.store.objects, pipeline, task.hash, record)
+        if os.path.exists(io.log_path) and os.path.getsize(io.log_path):
+            records.save_log(self.store.objects, job_id, task.id, io.log_path)
+        return record
+
     async def _start(self, plan: JobPlan, runtime, tasks: list[DatumTask]
                      ) -> tuple[list[int | None], dict[str, str], dict[str, DatumRecord]]:
         """One container start for ``tasks``; store the outputs of those that succeed."""
@@ -366,17 +381,17 @@ class Watcher:
         ios = []
         for task in tasks:
             root = os.path.join(base, task.id)
-            shutil.rmtree(root, ignore_errors=True)
             # The log is outside the datum's directory: it keeps every try.
-            io = DatumIO(task.id, os.path.join(root, "in"), os.path.join(root, "out"),
-                         f"{root}.log")
-            os.makedirs(io.input_dir)
-            os.makedirs(io.out_dir)
-            ios.append(io)
+            ios.append(DatumIO(task.id, os.path.join(root, "in"), os.path.join(root, "out"),
+                               f"{root}.log"))
 
-        def prepare() -> None:
+        def prepare() -> None:  # file work stays out of the trio thread
             for task, io in zip(tasks, ios, strict=True):
+                shutil.rmtree(os.path.dirname(io.input_dir), ignore_errors=True)
+                os.makedirs(io.input_dir)
+                os.makedirs(io.out_dir)
                 materialize(self.store, task.files, io.input_dir)
+            os.makedirs(os.path.join(base, f"run-{tasks[0].id}"), exist_ok=True)
 
         errors: dict[str, str] = {}
         results: dict[str, DatumRecord] = {}
@@ -385,7 +400,6 @@ class Watcher:
             if job.first_start is None:
                 job.first_start = now_iso()
             workdir = os.path.join(base, f"run-{tasks[0].id}")
-            os.makedirs(workdir, exist_ok=True)
             statuses: list[int | None] = list(await runtime.run(ContainerRun(
                 job_id=job.id, input_repo=spec.input_repo, input_commit=job.input_commit,
                 cmd=list(spec.cmd), env=dict(spec.env), image=spec.image, datums=ios,
@@ -394,22 +408,16 @@ class Watcher:
         except (VfsError, OSError) as exc:
             statuses = [None] * len(tasks)
             errors = {task.root: str(exc) for task in tasks}
-        for task, io, status in zip(tasks, ios, statuses, strict=True):
-            if status == 0:
-                try:
-                    outputs = await trio.to_thread.run_sync(collect_outputs, self.store,
-                                                            io.out_dir)
-                except (VfsError, OSError) as exc:
-                    statuses[tasks.index(task)] = None
-                    errors[task.root] = f"cannot store its outputs: {exc}"
-                    continue
-                record = DatumRecord(task.root, job.id, outputs)
-                await trio.to_thread.run_sync(records.save_datum, self.store.objects,
-                                              spec.pipeline, task.hash, record)
+        for index, (task, io, status) in enumerate(zip(tasks, ios, statuses, strict=True)):
+            try:
+                record = await trio.to_thread.run_sync(self._finish_datum, spec.pipeline,
+                                                       job.id, task, io, status == 0)
+            except (VfsError, OSError) as exc:
+                statuses[index] = None
+                errors[task.root] = f"cannot store its outputs: {exc}"
+                continue
+            if record is not None:
                 results[task.root] = record
-            if os.path.exists(io.log_path) and os.path.getsize(io.log_path):
-                await trio.to_thread.run_sync(records.save_log, self.store.objects, job.id,
-                                              task.id, io.log_path)
         return statuses, errors, results
 
 

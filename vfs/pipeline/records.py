@@ -17,16 +17,19 @@ Output commits carry ``provenance`` ``{"pipeline", "version", "job", "image",
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from vfs.errors import JobNotFound, ObjectNotFound
+from vfs.errors import JobNotFound, ObjectNotFound, VfsError
 from vfs.names import check_name
 from vfs.refs import canonical_json
 from vfs.tree import Entry
+
+log = logging.getLogger("vfs.pipeline")
 
 LOG_LIMIT = 1 << 20  # bytes of a datum's log kept in the store (the end of it)
 FINISHED = ("success", "failed", "cancelled", "killed")
@@ -161,16 +164,23 @@ def datum_key(pipeline: str, digest: str) -> str:
 def save_datum(objects, pipeline: str, digest: str, record: DatumRecord) -> None:
     body = {"root": record.root, "job": record.job,
             "outputs": {path: entry.encode() for path, entry in sorted(record.outputs.items())}}
-    objects.put(datum_key(pipeline, digest), canonical_json(body))
+    # Not fsync'd: the blobs it names are durable already (the writer synced them),
+    # and a record lost to a power cut only means the datum runs again.
+    objects.put_deferred(datum_key(pipeline, digest), canonical_json(body))
 
 
 def load_datum(objects, pipeline: str, digest: str) -> DatumRecord | None:
     try:
         raw = json.loads(objects.get(datum_key(pipeline, digest)))
+        return DatumRecord(raw["root"], raw.get("job", ""),
+                           {path: Entry.decode(row) for path, row in raw["outputs"].items()})
     except ObjectNotFound:
         return None
-    return DatumRecord(raw["root"], raw.get("job", ""),
-                       {path: Entry.decode(row) for path, row in raw["outputs"].items()})
+    except (ValueError, KeyError, TypeError, AttributeError, VfsError) as exc:
+        # Damaged (e.g. cut short by a power loss): the datum simply runs again.
+        log.warning("ignoring the damaged datum record %s: %s",
+                    datum_key(pipeline, digest), exc)
+        return None
 
 
 def all_datum_entries(objects):
@@ -198,7 +208,7 @@ def save_log(objects, job_id: str, datum: str, path: str) -> None:
             data = f.read()
     except FileNotFoundError:
         data = b""
-    objects.put(log_key(job_id, datum), data)
+    objects.put_deferred(log_key(job_id, datum), data)
 
 
 def job_logs(objects, job_id: str) -> dict[str, bytes]:
