@@ -99,6 +99,13 @@ class Flusher:
         self._gates: dict[tuple[str, str], threading.Lock] = {}
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="vfs-flusher", daemon=True)
+        _sync = store.objects.sync  # TEMP
+
+        def _timed_sync():  # TEMP
+            t = time.perf_counter()
+            _sync()
+            log.info("TEMP syncfs %.3f s", time.perf_counter() - t)
+        store.objects.sync = _timed_sync  # TEMP
 
     def start(self) -> None:
         self._thread.start()
