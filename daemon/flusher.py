@@ -34,6 +34,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from daemon.spools import SpoolFiles
 from daemon.views import BranchView, SpoolFile, StoredSpool
 from vfs.blobstore import BlobWriter
 from vfs.errors import StoreError, StoreFull, VfsError
@@ -44,6 +45,9 @@ log = logging.getLogger("daemon.flusher")
 MAX_BACKLOG_FILES = 4096  # closed files not yet stored before close() waits
 MAX_BACKLOG_BYTES = 256 << 20  # their bytes (on the spool disk, not in memory)
 RETRY_SECONDS = 10.0  # after a failed round, its files are tried again this much later
+# Rounds start at most this often unless someone waits: each ends with a syncfs and
+# a journal commit, and a writer's creates wait behind those.
+ROUND_INTERVAL = 0.05
 _LARGE_FILE = 8 << 20  # from this size a file's chunks are encoded by the worker threads
 _WORKER_FILE = 64 << 10  # from this size a whole file is encoded by a worker thread
 _AHEAD = 8  # files being encoded by workers at once (bounds the bytes read ahead)
@@ -73,14 +77,18 @@ class Flusher:
 
     Args:
         store: the open store.
+        spool_dir: where spool files live (:attr:`spool_files` hands them out);
+            ``<cache>/spool`` by default.
         workers: threads that hash and compress.
         max_backlog_files: closed files waiting to be stored before :meth:`wait_backlog` blocks.
         max_backlog_bytes: their bytes.
     """
 
-    def __init__(self, store, *, workers: int = 2, max_backlog_files: int = MAX_BACKLOG_FILES,
+    def __init__(self, store, spool_dir: str | None = None, *, workers: int = 2,
+                 max_backlog_files: int = MAX_BACKLOG_FILES,
                  max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
         self.store = store
+        self.spool_files = SpoolFiles(spool_dir or os.path.join(store.cache_dir, "spool"))
         self.max_backlog_files = max_backlog_files
         self.max_backlog_bytes = max_backlog_bytes
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vfs-flush")
@@ -99,15 +107,9 @@ class Flusher:
         self._gates: dict[tuple[str, str], threading.Lock] = {}
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="vfs-flusher", daemon=True)
-        _sync = store.objects.sync  # TEMP
-
-        def _timed_sync():  # TEMP
-            t = time.perf_counter()
-            _sync()
-            log.info("TEMP syncfs %.3f s", time.perf_counter() - t)
-        store.objects.sync = _timed_sync  # TEMP
 
     def start(self) -> None:
+        self.spool_files.top_up()
         self._thread.start()
 
     def close(self) -> None:
@@ -118,6 +120,7 @@ class Flusher:
         if self._thread.is_alive():
             self._thread.join()
         self._pool.shutdown(wait=True)
+        self.spool_files.close()
 
     # -- for the views and the FUSE layer ---------------------------------------------
 
@@ -198,6 +201,7 @@ class Flusher:
     # -- the rounds ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        started = 0.0
         while True:
             with self._cond:
                 while not self._queue:
@@ -211,6 +215,13 @@ class Flusher:
                     timeout = max(0.0, self._retry_at - time.monotonic()) \
                         if self._failed else None
                     self._cond.wait(timeout)
+                # Let closes gather into a bigger round, unless someone waits for one.
+                while not (self._waited or self._closing or self._backlog_full()):
+                    delay = started + ROUND_INTERVAL - time.monotonic()
+                    if delay <= 0:
+                        break
+                    self._cond.wait(delay)
+                started = time.monotonic()
                 batch, self._queue = self._queue, {}
                 waited = self._waited & batch.keys()
                 self._waited -= waited
@@ -229,6 +240,10 @@ class Flusher:
                 self._done = upto
                 self._busy_files = self._busy_bytes = 0
                 self._cond.notify_all()
+            try:
+                self.spool_files.top_up()  # between rounds, off the path of any create
+            except OSError as exc:
+                log.debug("cannot make spare spool files: %s", exc)
 
     def _round(self, batch: dict[SpoolFile, BranchView], waited: set[SpoolFile]) -> None:
         jobs = self._jobs(batch, waited)
@@ -237,13 +252,8 @@ class Flusher:
         with self.store.lock():
             try:
                 try:
-                    _t0 = time.perf_counter()  # TEMP
                     with self.store.blobs.writer() as writer:
                         self._encode(jobs, writer)
-                        _t1 = time.perf_counter()  # TEMP
-                    _t2 = time.perf_counter()  # TEMP
-                    _s = sum(os.fstat(j.fd).st_size for j in jobs)  # TEMP
-                    log.info("TEMP round %d files %d MiB: encode %.3f s, close %.3f s", len(jobs), _s >> 20, _t1 - _t0, _t2 - _t1)  # TEMP
                 finally:
                     for job in jobs:
                         os.close(job.fd)
@@ -314,7 +324,7 @@ class Flusher:
             size = os.fstat(job.fd).st_size
             if size >= _LARGE_FILE:
                 collect(0)
-                result = encode_file(store, job.fd, writer, pool=None if os.environ.get("VFS_TEMP_SERIAL") else self._pool,  # TEMP
+                result = encode_file(store, job.fd, writer, pool=self._pool,
                                      stop=job.superseded)
                 if result is not None:
                     job.ref, job.size = result

@@ -242,8 +242,7 @@ class VfsOperations(pyfuse3.Operations):
                 if spec.ancestor:
                     raise BranchNotFound("ancestor")
                 self.store.head(spec.repo, spec.ref)
-                view = BranchView(self.store, name, spec.repo, spec.ref, self.spool_dir,
-                                  self.flusher)
+                view = BranchView(self.store, name, spec.repo, spec.ref, self.flusher)
             except BranchNotFound:
                 commit = self.store.resolve(spec)
                 if commit is None:
@@ -767,7 +766,11 @@ class VfsOperations(pyfuse3.Operations):
         views = [v for v in list(self.views.values()) if isinstance(v, BranchView)]
         for view in views:
             with view.lock:
-                view.write_sidecars()
+                try:
+                    view.write_sidecars()
+                except OSError as exc:
+                    log.error("could not record the files written to %s for the next start: "
+                              "%s", view.name, exc)
         for view in views:
             try:
                 self.flusher.wait_branch(view, include_open=True, durable=True)

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on-disk chunk cache limit (default: 0 for a local store, "
                              "2G otherwise)")
     parser.add_argument("--memory-cache-size", type=parse_size, default=MEMORY_LIMIT,
-                        help="decoded chunks kept in memory for random readers "
+                        metavar="SIZE", help="decoded chunks kept in memory for random readers "
                              f"(default {MEMORY_LIMIT >> 20}M)")
     parser.add_argument("--read-ahead-kb", type=int, default=1024, metavar="KB",
                         help="the kernel's read-ahead on the mount (default 1024: 1 MiB "
@@ -151,7 +151,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
     disk = DiskCache(os.path.join(store.cache_dir, "chunks"), limit) if limit else None
     cache = ChunkCache(store.blobs, disk, limiter=trio.CapacityLimiter(4),
                        memory_limit=options.memory_cache_size)
-    flusher = Flusher(store)
+    flusher = Flusher(store, spool_dir)
     flusher.start()
     operations = VfsOperations(store, spool_dir, cache, flusher)
     mountpoint = os.path.abspath(options.mount)

@@ -3,10 +3,14 @@
 A file written through the mount keeps its bytes in a *spool file* under
 ``<cache>/spool/`` until the flusher (:mod:`daemon.flusher`) has stored them as
 blobs and staged the file in its branch's open commit. When a file is closed, a
-*sidecar* is written next to its spool (``spool-XXXX`` + ``.meta``): one JSON
-object naming the repository, branch, path, mode and mtime. The sidecar is what
-makes a closed file survive a ``kill -9`` of the daemon (not a power loss: it is
-written without fsync, like the spool itself). Its invariants:
+*sidecar* is attached to its spool: one JSON object naming the repository,
+branch, path, mode and mtime. The sidecar is what makes a closed file survive a
+``kill -9`` of the daemon (not a power loss: it is written without fsync, like the
+spool itself). It is the extended attribute ``user.vfs.sidecar`` of the spool
+file: one syscall, replaced atomically, gone with the spool, and no second file
+to create and delete for every file written (a small-file writer's closes were
+waiting on exactly that). Where the filesystem has no user extended attributes
+it is a file next to the spool (``spool-XXXX`` + ``.meta``). Its invariants:
 
 * a spool with a sidecar holds a closed file that is not staged yet (or not
   with its latest bytes); the sidecar names the file's current path;
@@ -14,9 +18,9 @@ written without fsync, like the spool itself). Its invariants:
   was last staged: a restarted daemon drops it (those writes were never closed,
   so nothing promised them);
 * once the flusher has staged a spool's latest bytes it deletes the sidecar first
-  and then the spool;
-* an empty sidecar is a first one whose write a crash interrupted: the close that
-  wrote it never returned, so it counts as no sidecar.
+  and then the spool (one step when the sidecar is an attribute);
+* an empty sidecar file is a first one whose write a crash interrupted: the close
+  that wrote it never returned, so it counts as no sidecar.
 
 :func:`recover_spools` runs before a new daemon mounts: it stages every spool
 that has a sidecar into its branch's open commit (against the branch's current
@@ -25,9 +29,12 @@ state), and moves the ones it cannot stage to ``<cache>/lost+found/``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import tempfile
+from collections import deque
 from dataclasses import dataclass
 
 from vfs.errors import InvalidName, NotADirectory, NotFound, VfsError
@@ -38,9 +45,13 @@ from vfs.tree import DIR, FILE, Entry
 log = logging.getLogger("daemon.spools")
 
 SPOOL_PREFIX = "spool-"
-SIDECAR_SUFFIX = ".meta"
+SIDECAR_XATTR = "user.vfs.sidecar"
+SIDECAR_SUFFIX = ".meta"  # a sidecar file, where there are no extended attributes
 _TEMP_SUFFIX = ".tmp"
 LOST_AND_FOUND = "lost+found"
+_STOCK = 64  # empty spool files made ahead of need
+_RECYCLED = 1024  # at most this many spool files kept for reuse
+_RECYCLE_MAX = 1 << 20  # larger spools are deleted, not truncated for reuse
 
 
 @dataclass(frozen=True)
@@ -70,38 +81,146 @@ class Sidecar:
             raise ValueError("not a version 1 sidecar")
         sidecar = cls(str(raw["repo"]), str(raw["branch"]), str(raw["path"]),
                       int(raw["mode"]), int(raw["mtime_ns"]))
-        if not sidecar.path or normalize_path(sidecar.path) != sidecar.path:
+        try:
+            normalized = normalize_path(sidecar.path)
+        except VfsError as exc:
+            raise ValueError(str(exc)) from None
+        if not sidecar.path or normalized != sidecar.path:
             raise ValueError(f"bad path {sidecar.path!r}")
         return sidecar
 
 
+_use_xattr = True  # until the spool directory's filesystem refuses one
+
+
 def sidecar_path(spool_path: str) -> str:
+    """Where the sidecar of a spool is kept when it is a file."""
     return spool_path + SIDECAR_SUFFIX
 
 
-def write_sidecar(spool_path: str, sidecar: Sidecar, *, replace: bool) -> None:
-    """Write the sidecar of a spool, without fsync.
+def write_sidecar(spool_path: str, sidecar: Sidecar, *, replace: bool, fd: int = -1) -> None:
+    """Attach (or replace) the sidecar of a spool, without fsync.
 
-    A first sidecar is written in place (one small write: a crash leaves it whole
-    or empty). One that ``replace`` s an existing sidecar is written aside and
-    renamed over it, so a crash leaves the old one or the new one, never neither.
+    Args:
+        spool_path: the spool file.
+        sidecar: what to record.
+        replace: a sidecar exists already (as a file it is then written aside and
+            renamed over the old one, so a crash leaves one of the two whole; a
+            first one is written in place: a crash leaves it whole or empty).
+        fd: an open descriptor of the spool, or -1.
     """
+    global _use_xattr
+    data = sidecar.encode()
+    if _use_xattr:
+        try:
+            os.setxattr(fd if fd >= 0 else spool_path, SIDECAR_XATTR, data)
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOTSUP:
+                raise
+            _use_xattr = False
+            log.info("the spool directory has no user extended attributes: sidecars are "
+                     "files next to the spools")
     final = sidecar_path(spool_path)
     target = final + _TEMP_SUFFIX if replace else final
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, sidecar.encode())
+        os.write(out, data)
     finally:
-        os.close(fd)
+        os.close(out)
     if replace:
         os.replace(target, final)
 
 
-def remove_sidecar(spool_path: str) -> None:
+def remove_sidecar(spool_path: str, *, fd: int = -1) -> None:
+    """Detach the sidecar of a spool that stays (its latest bytes are staged)."""
+    if _use_xattr:
+        try:
+            os.removexattr(fd if fd >= 0 else spool_path, SIDECAR_XATTR)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOENT):
+                raise
+    else:
+        remove_sidecar_file(spool_path)
+
+
+def remove_sidecar_file(spool_path: str) -> None:
+    """Delete a sidecar kept as a file, if any (before its spool is deleted: an
+    attribute goes with the spool by itself)."""
     try:
         os.unlink(sidecar_path(spool_path))
     except FileNotFoundError:
         pass
+
+
+def read_sidecar(spool_path: str) -> bytes | None:
+    """The sidecar of a spool (attribute or file), or None if it has none."""
+    try:
+        return os.getxattr(spool_path, SIDECAR_XATTR)
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
+    try:
+        with open(sidecar_path(spool_path), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+class SpoolFiles:
+    """Where spool files come from: made ahead of need, and recycled once staged.
+
+    Making a file and deleting one are journaled metadata operations; a small-file
+    writer would wait for one of each on every file it writes. Instead the flusher
+    gives staged spools back here (sidecar detached, truncated) and tops the stock
+    up between its rounds, so a create only takes a file that is ready.
+    Thread-safe. A spool in the stock is empty and has no sidecar: a restarted
+    daemon deletes it without a word.
+    """
+
+    def __init__(self, directory: str, *, stock: int = _STOCK,
+                 recycled: int = _RECYCLED) -> None:
+        self.directory = directory
+        self.stock = stock
+        self.recycled = recycled
+        self._ready: deque[str] = deque()  # paths: open descriptors would run out
+
+    def take(self) -> tuple[int, str]:
+        """An empty spool file: its descriptor (read-write) and its path."""
+        while True:
+            try:
+                path = self._ready.popleft()
+            except IndexError:
+                return tempfile.mkstemp(dir=self.directory, prefix=SPOOL_PREFIX)
+            try:
+                return os.open(path, os.O_RDWR), path
+            except FileNotFoundError:
+                continue  # deleted from under us: take another
+
+    def give_back(self, fd: int, path: str, size: int) -> None:
+        """A spool that is no longer needed (its sidecar already detached)."""
+        try:
+            if len(self._ready) >= self.recycled or size > _RECYCLE_MAX:
+                os.unlink(path)
+                return
+            if size:
+                os.truncate(fd if fd >= 0 else path, 0)
+            self._ready.append(path)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def top_up(self) -> None:
+        """Make spool files ahead of need, if the stock ran low."""
+        if len(self._ready) < self.stock // 4:
+            while len(self._ready) < self.stock:
+                fd, path = tempfile.mkstemp(dir=self.directory, prefix=SPOOL_PREFIX)
+                os.close(fd)
+                self._ready.append(path)
+
+    def close(self) -> None:
+        while self._ready:
+            os.unlink(self._ready.popleft())
 
 
 # -- recovery at start --------------------------------------------------------------------
@@ -143,16 +262,16 @@ def recover_spools(store, spool_dir: str) -> RecoveryReport:
             if name.removesuffix(SIDECAR_SUFFIX) not in names:
                 os.unlink(path)  # its spool was deleted just before the crash
             continue
-        if name + SIDECAR_SUFFIX not in names or \
-                os.path.getsize(sidecar_path(path)) == 0:
-            remove_sidecar(path)
+        data = read_sidecar(path)
+        if not data:
+            remove_sidecar_file(path)
+            if os.path.getsize(path):  # an empty one is a spare: nothing was lost
+                report.dropped += 1
             os.unlink(path)
-            report.dropped += 1
             continue
         try:
-            with open(sidecar_path(path), "rb") as f:
-                sidecar = Sidecar.decode(f.read())
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            sidecar = Sidecar.decode(data)
+        except (ValueError, KeyError, TypeError) as exc:
             _lose(store, path, f"its sidecar is unreadable ({exc})")
             report.lost += 1
             continue
@@ -207,7 +326,7 @@ def _recover_branch(store, repo: str, branch: str, files: list[_Recovered]) -> i
         store.stage(state, changes)
         store.index.sync()  # staged for good before the spools go
     for item in placed:
-        remove_sidecar(item.spool_path)
+        remove_sidecar_file(item.spool_path)
         os.unlink(item.spool_path)
     return len(placed)
 
@@ -223,5 +342,6 @@ def _lose(store, spool_path: str, why: str) -> None:
     log.error("%s; its bytes are kept in %s", why, os.path.join(lost_dir, name))
 
 
-__all__ = ["LOST_AND_FOUND", "SIDECAR_SUFFIX", "SPOOL_PREFIX", "RecoveryReport", "Sidecar",
-           "recover_spools", "remove_sidecar", "sidecar_path", "write_sidecar"]
+__all__ = ["LOST_AND_FOUND", "SIDECAR_SUFFIX", "SIDECAR_XATTR", "SPOOL_PREFIX",
+           "RecoveryReport", "Sidecar", "SpoolFiles", "read_sidecar", "recover_spools",
+           "remove_sidecar", "remove_sidecar_file", "sidecar_path", "write_sidecar"]

@@ -15,14 +15,19 @@ exceptions into errnos.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from daemon.spools import SPOOL_PREFIX, Sidecar, remove_sidecar, write_sidecar
+from daemon.spools import (
+    Sidecar,
+    SpoolFiles,
+    remove_sidecar,
+    remove_sidecar_file,
+    write_sidecar,
+)
 from vfs.errors import (
     AlreadyExists,
     DirectoryNotEmpty,
@@ -127,16 +132,26 @@ class SpoolFile:
 
     def drop_sidecar(self) -> None:
         if self.has_sidecar:
-            remove_sidecar(self.spool_path)
+            remove_sidecar(self.spool_path, fd=self.fd)
             self.has_sidecar = False
             self.sidecar_generation = -1
 
-    def close(self) -> None:
-        """Forget the spool: close it, delete its sidecar (first) and its bytes."""
+    def close(self, recycle: SpoolFiles | None = None) -> None:
+        """Forget the spool: its sidecar first, then its bytes (or give the file back
+        to ``recycle`` for another file)."""
+        if self.has_sidecar:
+            if recycle is not None:
+                remove_sidecar(self.spool_path, fd=self.fd)
+            else:
+                remove_sidecar_file(self.spool_path)  # an attribute goes with the spool
+            self.has_sidecar = False
+        if recycle is not None:
+            fd, self.fd = self.fd, -1
+            recycle.give_back(fd, self.spool_path, self.size)
+            return
         try:
             self.close_fd()
         finally:
-            self.drop_sidecar()
             try:
                 os.unlink(self.spool_path)
             except FileNotFoundError:
@@ -165,11 +180,11 @@ class BranchView(View):
     writable = True
 
     def __init__(self, store: Store, name: str, repo: str, branch: str,
-                 spool_dir: str, flusher: Flusher) -> None:
+                 flusher: Flusher) -> None:
         super().__init__(store, name, repo)
         self.branch = branch
-        self.spool_dir = spool_dir
         self.flusher = flusher
+        self.spool_files: SpoolFiles = flusher.spool_files
         self.lock = threading.RLock()
         self.spools: dict[str, SpoolFile] = {}
         self.state: RefState
@@ -368,7 +383,7 @@ class BranchView(View):
                 raise IsADirectory(f"/{path} is a directory")
             if entry is None:
                 self._parent_dir(path)
-            fd, spool_path = tempfile.mkstemp(dir=self.spool_dir, prefix=SPOOL_PREFIX)
+            fd, spool_path = self.spool_files.take()
             mode = entry.mode if entry is not None else (create_mode or 0o644) & 0o7777
             spool = SpoolFile(spool_path, fd, 0, mode, time.time_ns())
             try:
@@ -438,11 +453,13 @@ class BranchView(View):
         if path is None:  # unlinked while open
             spool.close()
         elif spool.dirty:
-            self._closed(spool)
-            spool.close_fd()  # thousands of closed files must not hold a descriptor each
+            try:
+                self._closed(spool)
+            finally:
+                spool.close_fd()  # thousands of closed files must not hold a descriptor each
         else:
             del self.spools[path]
-            spool.close()
+            spool.close(self.spool_files)
 
     def stage_stored(self, stored: list[StoredSpool]) -> None:
         """Stage what the flusher stored, in one index transaction (caller holds the lock).
@@ -475,10 +492,11 @@ class BranchView(View):
             if spool.generation != item.generation:
                 continue  # changed meanwhile: stays dirty, its next close stores it again
             spool.dirty = False
-            spool.drop_sidecar()
             if spool.opens == 0:
                 del self.spools[spool.path]
-                spool.close()
+                spool.close(self.spool_files)
+            else:
+                spool.drop_sidecar()
 
     def write_sidecars(self) -> None:
         """Give every dirty spool a sidecar (at shutdown: whatever happens next, a
@@ -504,15 +522,16 @@ class BranchView(View):
     def _write_sidecar(self, spool: SpoolFile) -> None:
         write_sidecar(spool.spool_path, Sidecar(self.repo, self.branch, spool.path,
                                                 spool.mode, spool.mtime_ns),
-                      replace=spool.has_sidecar)
+                      replace=spool.has_sidecar, fd=spool.fd)
         spool.has_sidecar = True
         spool.sidecar_generation = spool.generation
 
     def _forget(self, spool: SpoolFile) -> None:
         """The spool's name is gone (unlinked or replaced): a restart must not bring it back."""
-        spool.drop_sidecar()
         if spool.opens == 0:
             spool.close()
+        else:
+            spool.drop_sidecar()  # it lives on through its handles only
 
 
 __all__ = ["BranchView", "CommitView", "SpoolFile", "StoredSpool", "View"]
