@@ -46,8 +46,6 @@ class LocalStore(ObjectStore):
         self._lock_path = os.path.join(self.root, ".lock")
         self._thread_lock = threading.Lock()
         self._made_dirs: set[str] = set()
-        self._unsynced: set[str] = set()  # EXPERIMENT
-        self._unsynced_lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------
 
@@ -156,29 +154,10 @@ class LocalStore(ObjectStore):
         return _content_tag(data)
 
     def put_deferred(self, key: str, data: Buffers) -> None:
-        path = self._path(key)
-        self._write_atomic(path, data, durable=False)
-        with self._unsynced_lock:
-            self._unsynced.add(path)
+        self._write_atomic(self._path(key), data, durable=False)
 
     def sync(self) -> None:
         """One ``syncfs`` of the store's filesystem: data, and the renames."""
-        if os.environ.get("VFS_EXPERIMENT_FSYNC"):
-            with self._unsynced_lock:
-                paths, self._unsynced = self._unsynced, set()
-            from concurrent.futures import ThreadPoolExecutor
-            def one(path):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-            dirs = {os.path.dirname(p) for p in paths}
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(one, paths))
-                list(pool.map(one, dirs))
-                list(pool.map(one, {os.path.dirname(d) for d in dirs}))
-            return
         fd = os.open(self.root, os.O_RDONLY)
         try:
             if _libc.syncfs(fd) != 0:
