@@ -9,7 +9,8 @@ branches, and:
 1. encodes them through one :class:`vfs.blobstore.BlobWriter`, so small files
    share packs (a large file is cut in this thread while worker threads hash and
    compress its chunks);
-2. makes the packs durable with one checkpoint (one ``syncfs``) and indexes them;
+2. makes the packs durable with one checkpoint (one sync of the store) and indexes
+   them;
 3. stages each branch's files in one index transaction (holding that branch's
    :meth:`Flusher.sealing` lock, so a commit never clears what it did not seal);
 4. forgets the spools that did not change meanwhile (their ``generation`` is the
@@ -45,8 +46,8 @@ log = logging.getLogger("daemon.flusher")
 MAX_BACKLOG_FILES = 4096  # closed files not yet stored before close() waits
 MAX_BACKLOG_BYTES = 256 << 20  # their bytes (on the spool disk, not in memory)
 RETRY_SECONDS = 10.0  # after a failed round, its files are tried again this much later
-# Rounds start at most this often unless someone waits: each ends with a syncfs and
-# a journal commit, and a writer's creates wait behind those.
+# Rounds start at most this often unless someone waits: each ends with fsyncs and a
+# journal commit, and a writer's creates wait behind those.
 ROUND_INTERVAL = 0.05
 _LARGE_FILE = 8 << 20  # from this size a file's chunks are encoded by the worker threads
 _WORKER_FILE = 64 << 10  # from this size a whole file is encoded by a worker thread
@@ -128,7 +129,8 @@ class Flusher:
         """Queue a spool for the next round (never blocks; the view's lock may be held).
 
         Returns:
-            A ticket: :meth:`_wait_ticket` of it returns after the round that took it.
+            A ticket: once a round that took the spool is over, ``_done`` is at
+            least this (what :meth:`wait_stored` waits for).
         """
         with self._cond:
             self._ticket += 1
@@ -177,7 +179,10 @@ class Flusher:
                 ticket = self.submit(view, spool, waited=True)
         with self._cond:
             while self._done < ticket:
-                self._cond.wait()
+                if not self._thread.is_alive():
+                    raise StoreError("the files written through the mount cannot be stored: "
+                                     "vfsd is stopping")
+                self._cond.wait(1.0)
             errors = [self._failed[s][1] for s in targets if s in self._failed]
         if errors:
             raise errors[0]
@@ -249,11 +254,16 @@ class Flusher:
         jobs = self._jobs(batch, waited)
         if not jobs:
             return
+        started = time.monotonic()
         with self.store.lock():
             try:
                 try:
                     with self.store.blobs.writer() as writer:
                         self._encode(jobs, writer)
+                        encoded = time.monotonic()
+                    log.debug("round of %d files: %d bytes stored, encoded in %.3f s, "
+                              "synced in %.3f s", len(jobs), writer.bytes_written,
+                              encoded - started, time.monotonic() - encoded)
                 finally:
                     for job in jobs:
                         os.close(job.fd)

@@ -137,8 +137,9 @@ class BlobWriter:
     checkpoint waits for the uploads, makes them durable with the store's
     ``sync()`` and only then records the packs in the index, so the index never
     names a pack that a crash could lose (step 1 of the commit protocol). One
-    ``syncfs`` per checkpoint instead of two fsyncs per pack is what lets a put
-    run at the disk's speed.
+    ``sync()`` per checkpoint (the local store's issues the fsyncs of all those
+    objects at once) instead of two fsyncs per pack, each waited for in turn, is
+    what lets a put run at the disk's speed.
     """
 
     def __init__(self, blobs: BlobStore, *, max_inflight: int = 3) -> None:

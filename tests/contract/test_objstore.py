@@ -89,6 +89,21 @@ def test_delete(object_store: ObjectStore) -> None:
     object_store.delete("never/existed")
 
 
+def test_deferred_puts_are_readable_at_once_and_sync_is_repeatable(
+        object_store: ObjectStore) -> None:
+    """put_deferred + sync (what packs use): readable before the sync, and a sync
+    copes with an object deleted since it was written and with nothing to do."""
+    for i in range(20):
+        object_store.put_deferred(f"packs/{i % 3:02x}/p{i}", bytes([i]) * 1000)
+    object_store.put_deferred("index/gone", b"deleted before the sync")
+    assert object_store.get("packs/01/p1") == bytes([1]) * 1000
+    object_store.delete("index/gone")
+    object_store.sync()
+    object_store.sync()
+    assert sorted(info.key for info in object_store.list("packs/")) == sorted(
+        f"packs/{i % 3:02x}/p{i}" for i in range(20))
+
+
 def test_stat(object_store: ObjectStore) -> None:
     before = time.time()
     object_store.put("dir/k", b"12345")

