@@ -72,7 +72,7 @@ def test_spool_files_are_made_ahead_and_recycled(tmp_path: Path) -> None:
     assert len(os.listdir(tmp_path)) == 4
     taken = [files.take() for _ in range(6)]  # four from the stock, two made on demand
     assert len({path for _, path in taken}) == 6
-    for fd, path in taken:
+    for fd, _ in taken:
         os.write(fd, b"x" * 10)
     for fd, path in taken:
         files.give_back(fd, path, 10)
