@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -70,7 +70,6 @@ class _State:
     done: tuple[str, int] | None = None  # (input head, version) known to need nothing
     running: _Running | None = None
     last_error: str = ""
-    image_cache: dict = field(default_factory=dict)
 
 
 class Watcher:
@@ -203,7 +202,7 @@ class Watcher:
             if state.done == key:
                 continue
             try:
-                plan = await trio.to_thread.run_sync(self._plan, version, state)
+                plan = await trio.to_thread.run_sync(self._plan, version)
             except VfsError as exc:
                 if str(exc) != state.last_error:
                     log.error("pipeline %s: cannot start a job: %s", version.name, exc)
@@ -224,7 +223,7 @@ class Watcher:
                 name, cache_dir=os.path.join(self.store.cache_dir, "images"))
         return self._runtimes[name]
 
-    def _plan(self, version: PipelineVersion, state: _State) -> JobPlan | None:
+    def _plan(self, version: PipelineVersion) -> JobPlan | None:
         assert version.spec is not None
         runtime = self.runtime(version.spec.runtime)
         runtime.check(version.spec.image, batch=version.spec.datum_batch > 1)
