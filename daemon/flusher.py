@@ -17,11 +17,15 @@ branches, and:
    one it read), deleting sidecar and spool.
 
 While one round syncs, the next closes accumulate: batches form by themselves
-(group commit). ``fsync``, ``vfsctl commit`` and a clean shutdown wait for a
-round with :meth:`Flusher.wait_stored`. A round that fails (a full disk, a store
-error) keeps its spools pending: it is logged once, retried later, and the next
-wait for those files raises the error, so fsync and commit fail instead of
-silently succeeding.
+(group commit). A large file written in order is also encoded while it is being
+written (:meth:`Flusher.submit_head`: its *head*, whole chunks of its first
+bytes, is stored in steps of ``encode_ahead`` bytes), so its close or fsync encodes and
+syncs only the rest, and the disk writes packs while the writer writes.
+``fsync``, ``vfsctl commit`` and a clean shutdown wait for a round with
+:meth:`Flusher.wait_stored`. A round that fails (a full disk, a store error)
+keeps its spools pending: it is logged once, retried later, and the next wait for
+those files raises the error, so fsync and commit fail instead of silently
+succeeding.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ from daemon.spools import SpoolFiles
 from daemon.views import BranchView, SpoolFile, StoredSpool
 from vfs.blobstore import BlobWriter
 from vfs.errors import StoreError, StoreFull, VfsError
-from vfs.ingest import encode_bytes, encode_file
+from vfs.ingest import EncodedPrefix, encode_bytes, encode_file, encode_prefix
 
 log = logging.getLogger("daemon.flusher")
 
+ENCODE_AHEAD = 32 << 20  # default step of encoding ahead of the close
 MAX_BACKLOG_FILES = 4096  # closed files not yet stored before close() waits
 MAX_BACKLOG_BYTES = 256 << 20  # their bytes (on the spool disk, not in memory)
 RETRY_SECONDS = 10.0  # after a failed round, its files are tried again this much later
@@ -66,11 +71,25 @@ class _Job:
     mtime_ns: int
     must_finish: bool  # someone waits for it: never abandoned for newer writes
     fd: int
+    prefix: EncodedPrefix | None = None  # its head, stored before
     ref: str = ""
     size: int = 0
 
     def superseded(self) -> bool:
         return not self.must_finish and self.spool.generation != self.generation
+
+
+@dataclass(eq=False)
+class _HeadJob:
+    """Encoding more of a file that is being written: ``[base.size, end)``."""
+
+    view: BranchView
+    spool: SpoolFile
+    epoch: int  # the spool's epoch when it was read: the result counts only if unchanged
+    base: EncodedPrefix
+    end: int
+    fd: int
+    result: EncodedPrefix | None = None
 
 
 class Flusher:
@@ -81,21 +100,26 @@ class Flusher:
         spool_dir: where spool files live (:attr:`spool_files` hands them out);
             ``<cache>/spool`` by default.
         workers: threads that hash and compress.
+        encode_ahead: encode a file written in order while it is being written,
+            in steps of this many bytes (0: only once it is closed).
         max_backlog_files: closed files waiting to be stored before :meth:`wait_backlog` blocks.
         max_backlog_bytes: their bytes.
     """
 
     def __init__(self, store, spool_dir: str | None = None, *, workers: int = 2,
+                 encode_ahead: int = ENCODE_AHEAD,
                  max_backlog_files: int = MAX_BACKLOG_FILES,
                  max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
         self.store = store
         self.spool_files = SpoolFiles(spool_dir or os.path.join(store.cache_dir, "spool"))
         self.max_backlog_files = max_backlog_files
+        self.encode_ahead = encode_ahead
         self.max_backlog_bytes = max_backlog_bytes
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vfs-flush")
         self._cond = threading.Condition()
         # Everything below is guarded by _cond. Lock order: a view's lock, then _cond.
         self._queue: dict[SpoolFile, BranchView] = {}
+        self._heads: dict[SpoolFile, BranchView] = {}  # files to encode ahead of the close
         self._queued_bytes = 0
         self._busy_files = 0
         self._busy_bytes = 0
@@ -141,6 +165,13 @@ class Flusher:
                 self._waited.add(spool)
             self._cond.notify_all()
             return self._ticket
+
+    def submit_head(self, view: BranchView, spool: SpoolFile) -> None:
+        """Encode more of a file that is being written in order, in the next round
+        (the caller set ``spool.head_busy``; never blocks)."""
+        with self._cond:
+            self._heads[spool] = view
+            self._cond.notify_all()
 
     def backlog_full(self) -> bool:
         with self._cond:
@@ -209,7 +240,7 @@ class Flusher:
         started = 0.0
         while True:
             with self._cond:
-                while not self._queue:
+                while not self._queue and not self._heads:
                     if self._closing:
                         return
                     if self._failed and time.monotonic() >= self._retry_at:
@@ -228,13 +259,14 @@ class Flusher:
                     self._cond.wait(delay)
                 started = time.monotonic()
                 batch, self._queue = self._queue, {}
+                heads, self._heads = self._heads, {}
                 waited = self._waited & batch.keys()
                 self._waited -= waited
                 upto = self._ticket
                 self._busy_files, self._busy_bytes = len(batch), self._queued_bytes
                 self._queued_bytes = 0
             try:
-                self._round(batch, waited)
+                self._round(batch, waited, heads)
             except Exception:  # a bug: keep the files pending and the daemon serving
                 log.exception("storing %d closed files failed", len(batch))
                 with self._cond:
@@ -250,26 +282,44 @@ class Flusher:
             except OSError as exc:
                 log.debug("cannot make spare spool files: %s", exc)
 
-    def _round(self, batch: dict[SpoolFile, BranchView], waited: set[SpoolFile]) -> None:
-        jobs = self._jobs(batch, waited)
-        if not jobs:
+    def _round(self, batch: dict[SpoolFile, BranchView], waited: set[SpoolFile],
+               heads: dict[SpoolFile, BranchView]) -> None:
+        head_jobs = self._head_jobs(heads, batch)
+        try:
+            jobs = self._jobs(batch, waited)
+        except BaseException:
+            self._heads_done(head_jobs, failed=True)
+            raise
+        if not jobs and not head_jobs:
             return
         started = time.monotonic()
         with self.store.lock():
             try:
                 try:
                     with self.store.blobs.writer() as writer:
+                        self._encode_heads(head_jobs, writer)
                         self._encode(jobs, writer)
                         encoded = time.monotonic()
-                    log.debug("round of %d files: %d bytes stored, encoded in %.3f s, "
-                              "synced in %.3f s", len(jobs), writer.bytes_written,
-                              encoded - started, time.monotonic() - encoded)
+                    log.debug("round of %d files and %d heads: %d bytes stored, encoded in "
+                              "%.3f s, synced in %.3f s", len(jobs), len(head_jobs),
+                              writer.bytes_written, encoded - started,
+                              time.monotonic() - encoded)
                 finally:
                     for job in jobs:
                         os.close(job.fd)
+                    for head in head_jobs:
+                        os.close(head.fd)
             except (VfsError, OSError) as exc:
-                self._fail(jobs, exc)
+                self._heads_done(head_jobs, failed=True)
+                if jobs:
+                    self._fail(jobs, exc)
+                else:
+                    log.debug("encoding ahead of the close failed: %s", exc)
                 return
+            except BaseException:
+                self._heads_done(head_jobs, failed=True)
+                raise
+            self._heads_done(head_jobs, failed=False)
             by_view: dict[BranchView, list[_Job]] = {}
             for job in jobs:
                 if job.ref:
@@ -308,8 +358,65 @@ class Flusher:
                     self._fail([_Job(view, spool, 0, 0, 0, False, -1)], exc)
                     continue
                 jobs.append(_Job(view, spool, spool.generation, spool.mode, spool.mtime_ns,
-                                 spool in waited, fd))
+                                 spool in waited, fd, spool.valid_head()))
         return jobs
+
+    # -- encoding ahead of the close ------------------------------------------------------
+
+    def _head_jobs(self, heads: dict[SpoolFile, BranchView],
+                   batch: dict[SpoolFile, BranchView]) -> list[_HeadJob]:
+        """What to encode ahead: every queued head whose file is not stored whole in
+        this round anyway. Marks the bytes it will read as protected."""
+        out = []
+        for spool, view in heads.items():
+            with view.lock:
+                base = spool.valid_head() or EncodedPrefix()
+                end = spool.seq_end
+                if spool in batch or view.path_of(spool) is None or \
+                        end - base.size < self.encode_ahead // 2:
+                    spool.head_busy = False
+                    continue
+                try:
+                    fd = os.open(spool.spool_path, os.O_RDONLY)
+                except OSError as exc:
+                    log.debug("cannot read %s ahead of its close: %s", spool.spool_path, exc)
+                    spool.head_busy = False
+                    continue
+                # From here a write below ``end`` makes what is encoded now useless
+                # (the FUSE thread checks ``protected`` after each write).
+                spool.protected = end
+                out.append(_HeadJob(view, spool, spool.epoch, base, end, fd))
+        return out
+
+    def _encode_heads(self, head_jobs: list[_HeadJob], writer: BlobWriter) -> None:
+        for head in head_jobs:
+            if False and head.spool.epoch != head.epoch:
+                continue  # rewritten meanwhile: the next close encodes it whole
+            try:
+                head.result = encode_prefix(self.store, head.fd, head.base, head.end, writer,
+                                            pool=self._pool)
+            except OSError as exc:  # the close stores the file whole, and reports errors
+                log.debug("encoding %s ahead of its close failed: %s", head.spool.path, exc)
+
+    def _heads_done(self, head_jobs: list[_HeadJob], *, failed: bool) -> None:
+        """Record the heads made in a round (their packs are durable and indexed)."""
+        for head in head_jobs:
+            view, spool = head.view, head.spool
+            with view.lock:
+                spool.head_busy = False
+                if False and spool.epoch != head.epoch:
+                    continue  # rewritten meanwhile; the FUSE thread reset ``protected``
+                ok = head.result is not None and not failed
+                if ok:
+                    assert head.result is not None
+                    spool.head, spool.head_epoch = head.result, head.epoch
+                    log.debug("%s: %d bytes stored ahead", spool.path, head.result.size)
+                valid = spool.valid_head()
+                spool.protected = valid.size if valid else 0
+                if ok and view.path_of(spool) is not None and \
+                        spool.wants_head(self.encode_ahead):
+                    spool.head_busy = True  # written on meanwhile
+                    self.submit_head(view, spool)
 
     def _encode(self, jobs: list[_Job], writer: BlobWriter) -> None:
         """Encode every job's file; small ones by worker threads, in order."""
@@ -332,10 +439,17 @@ class Flusher:
 
         for job in jobs:
             size = os.fstat(job.fd).st_size
-            if size >= _LARGE_FILE:
+            if size >= _LARGE_FILE or job.prefix is not None:
                 collect(0)
+                prefix = job.prefix
+                if prefix is not None and \
+                        len(store.index.has_blobs(prefix.hashes)) < len(set(prefix.hashes)):
+                    prefix = None  # collected meanwhile (it was written long ago)
+                if prefix is not None:
+                    log.debug("storing %s from byte %d (the bytes before were stored "
+                              "ahead)", job.spool.path, prefix.size)
                 result = encode_file(store, job.fd, writer, pool=self._pool,
-                                     stop=job.superseded)
+                                     stop=job.superseded, prefix=prefix)
                 if result is not None:
                     job.ref, job.size = result
             elif size >= _WORKER_FILE:

@@ -21,7 +21,7 @@ import trio
 
 import vfs
 from daemon import sdnotify
-from daemon.flusher import Flusher
+from daemon.flusher import ENCODE_AHEAD, Flusher
 from daemon.fs import VfsOperations
 from daemon.handler import ControlHandler
 from daemon.protocol import default_socket_path, remove_daemon_file, write_daemon_file
@@ -31,7 +31,8 @@ from daemon.spools import recover_spools
 log = logging.getLogger("daemon")
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_OPTIONS = ("chunk_cache_size", "memory_cache_size")  # may be "512M" in the TOML file
+# Sizes that may be written as "512M" in the TOML file.
+_SIZE_OPTIONS = ("chunk_cache_size", "memory_cache_size", "encode_ahead")
 
 
 def parse_size(text: str) -> int:
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-ahead-kb", type=int, default=1024, metavar="KB",
                         help="the kernel's read-ahead on the mount (default 1024: 1 MiB "
                              "reads; 0 keeps the kernel's 128)")
+    parser.add_argument("--encode-ahead", type=parse_size, default=ENCODE_AHEAD, metavar="SIZE",
+                        help="store a file written in order in steps of this size while it "
+                             "is being written, so its close and fsync store only the rest "
+                             f"(default {ENCODE_AHEAD >> 20}M; 0: store files only when "
+                             "closed)")
     parser.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
                         help="how often the pipeline watcher looks for branch heads moved "
                              "by other writers (default 2 s; commits made through this "
@@ -151,7 +157,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
     disk = DiskCache(os.path.join(store.cache_dir, "chunks"), limit) if limit else None
     cache = ChunkCache(store.blobs, disk, limiter=trio.CapacityLimiter(4),
                        memory_limit=options.memory_cache_size)
-    flusher = Flusher(store, spool_dir)
+    flusher = Flusher(store, spool_dir, encode_ahead=options.encode_ahead)
     flusher.start()
     operations = VfsOperations(store, spool_dir, cache, flusher)
     mountpoint = os.path.abspath(options.mount)

@@ -36,6 +36,7 @@ from vfs.errors import (
     NotADirectory,
     PathNotFound,
 )
+from vfs.ingest import EncodedPrefix
 from vfs.names import parent_and_name
 from vfs.refs import Commit, RefState, read_ref
 from vfs.snapshot import Snapshot, TreeCache
@@ -116,10 +117,49 @@ class SpoolFile:
     generation: int = 0  # bumped by every change of the bytes or attributes
     has_sidecar: bool = False
     sidecar_generation: int = -1  # the generation its sidecar describes
+    # Encoding ahead of the close, for files written in order. ``seq_end``: the
+    # bytes from 0 up to it were written (in any order of writes that never skipped
+    # ahead). ``head``: stored chunks of the first bytes, valid while ``epoch`` is
+    # ``head_epoch``. A change below ``protected`` (the head, or what the flusher is
+    # encoding now) bumps ``epoch``. The FUSE thread changes these without the
+    # view's lock; the flusher sets ``protected`` before it reads the bytes.
+    seq_end: int = 0
+    head: EncodedPrefix = EncodedPrefix()
+    head_epoch: int = 0
+    epoch: int = 0
+    protected: int = 0
+    head_busy: bool = False  # queued for or being encoded by the flusher
 
     @property
     def closed_since_staged(self) -> bool:
         return self.has_sidecar
+
+    def wrote(self, offset: int, end: int) -> None:
+        """Bytes ``[offset, end)`` were just written (call after the write)."""
+        if offset < self.protected:
+            self.epoch += 1  # the head (or the one being made) no longer matches
+            self.protected = 0
+        if offset <= self.seq_end < end:
+            self.seq_end = end
+
+    def truncated(self, size: int) -> None:
+        """The file was cut or extended to ``size`` (call after the truncation)."""
+        if size < self.protected:
+            self.epoch += 1
+            self.protected = 0
+        self.seq_end = min(self.seq_end, size)
+
+    def valid_head(self) -> EncodedPrefix | None:
+        """The stored chunks of this file's first bytes, if there are any."""
+        head = self.head
+        return head if head.size and self.head_epoch == self.epoch else None
+
+    def wants_head(self, step: int) -> bool:
+        """``step`` bytes were written in order since the head: encode more now."""
+        if self.head_busy or not step:
+            return False
+        head = self.valid_head()
+        return self.seq_end - (head.size if head else 0) >= step
 
     def reopen(self) -> None:
         if self.fd < 0:
@@ -400,6 +440,7 @@ class BranchView(View):
         spool.reopen()  # a closed file waiting for the flusher
         if truncate and spool.size:
             os.ftruncate(spool.fd, 0)
+            spool.truncated(0)
             spool.size = 0
             spool.dirty = True
             spool.generation += 1
@@ -413,7 +454,7 @@ class BranchView(View):
         for data in iter_file(self.store.blobs, entry):
             os.pwrite(spool.fd, data, offset)
             offset += len(data)
-        spool.size = offset
+        spool.size = spool.seq_end = offset
 
     def write(self, spool: SpoolFile, offset: int, data: bytes) -> int:
         written = os.pwrite(spool.fd, data, offset)
@@ -421,11 +462,16 @@ class BranchView(View):
         spool.dirty = True
         spool.generation += 1
         spool.mtime_ns = time.time_ns()
+        spool.wrote(offset, offset + written)
+        if spool.wants_head(self.flusher.encode_ahead):
+            spool.head_busy = True
+            self.flusher.submit_head(self, spool)
         return written
 
     def truncate(self, path: str, size: int) -> None:
         spool = self.open_spool(path, truncate=size == 0)
         os.ftruncate(spool.fd, size)
+        spool.truncated(size)
         spool.size = size
         spool.dirty = True
         spool.generation += 1

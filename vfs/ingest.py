@@ -442,8 +442,40 @@ def encode_bytes(store, data: bytes) -> tuple[str, list[EncodedBlob]]:
     return _FileEncoder(store.config, store.blobs.codec).encode_data(data)
 
 
+@dataclass(frozen=True)
+class EncodedPrefix:
+    """The chunks of the first ``size`` bytes of a file, already stored.
+
+    A file's chunk boundaries depend only on the bytes since the previous cut, so
+    the chunks of a prefix that ends at a cut are the first chunks of the whole
+    file, whatever follows: encoding can go on from ``size`` later (what vfsd does
+    with a large file while it is still being written, see :func:`encode_prefix`).
+    """
+
+    chunks: tuple[_Slim, ...] = ()
+    size: int = 0
+
+    @property
+    def hashes(self) -> list[bytes]:
+        return [c.hash for c in self.chunks]
+
+
+def encode_prefix(store, fd: int, prefix: EncodedPrefix, end: int, writer: BlobWriter, *,
+                  pool: Executor | None = None) -> EncodedPrefix:
+    """Encode more of a file that is still being written: the bytes from
+    ``prefix.size`` up to ``end``, minus the last chunk (the bytes after ``end`` may
+    still move its cut). Returns the longer prefix; its blobs go to ``writer``."""
+    chunks = _encode_chunks(store, fd, prefix.size, end, writer, pool=pool, partial=True)
+    if not chunks:
+        return prefix
+    assert chunks is not None
+    return EncodedPrefix(prefix.chunks + tuple(chunks),
+                         prefix.size + sum(c.plain_len for c in chunks))
+
+
 def encode_file(store, fd: int, writer: BlobWriter, *, pool: Executor | None = None,
-                stop: Callable[[], bool] | None = None) -> tuple[str, int] | None:
+                stop: Callable[[], bool] | None = None,
+                prefix: EncodedPrefix | None = None) -> tuple[str, int] | None:
     """Encode the bytes of an open regular file into blobs; return its file ref and size.
 
     A small file is read whole. A large one is read in blocks straight into the
@@ -453,48 +485,29 @@ def encode_file(store, fd: int, writer: BlobWriter, *, pool: Executor | None = N
 
     Args:
         store: the open store.
-        fd: a descriptor of the file, read from offset 0 (its offset moves).
+        fd: a descriptor of the file (read with ``pread``; its offset is not used).
         writer: where the blobs go.
         pool: threads for hashing and compression (None: the calling thread).
         stop: polled between chunks; once it returns True the encoding is
             abandoned (what was added so far is unreferenced, garbage for gc).
+        prefix: the stored chunks of the file's first bytes (they must still be
+            the file's bytes): only what follows is read.
 
     Returns:
         ``(ref, size)``, or None if ``stop`` abandoned the encoding.
     """
     size = os.fstat(fd).st_size
-    if size < _SMALL_FILE:
-        data = os.pread(fd, size, 0)
-        ref, blobs = encode_bytes(store, data)
-        writer.add_many(blobs)
-        return ref, len(data)
-    encoder = _FileEncoder(store.config, store.blobs.codec)
-    codec = store.blobs.codec
-    chunks: list[_Slim] = []
-    ahead: deque[Future[EncodedBlob]] = deque()
-
-    def consume(blob: EncodedBlob) -> None:
-        writer.add(blob)
-        chunks.append(_Slim(blob.hash, blob.plain_len))
-
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    with open(fd, "rb", buffering=0, closefd=False) as f:
-        try:
-            for data in encoder.chunker().split_stream(f):
-                if stop is not None and stop():
-                    return None
-                if pool is None:
-                    consume(codec.encode(BlobKind.CHUNK, data))
-                    continue
-                ahead.append(pool.submit(codec.encode, BlobKind.CHUNK, data))
-                while len(ahead) > _AHEAD:
-                    consume(ahead.popleft().result())
-            while ahead:
-                consume(ahead.popleft().result())
-        finally:
-            for future in ahead:
-                future.cancel()
+    if prefix is None or not prefix.size or size < prefix.size:
+        prefix = EncodedPrefix()
+        if size < _SMALL_FILE:
+            data = os.pread(fd, size, 0)
+            ref, blobs = encode_bytes(store, data)
+            writer.add_many(blobs)
+            return ref, len(data)
+    rest = _encode_chunks(store, fd, prefix.size, None, writer, pool=pool, stop=stop)
+    if rest is None:
+        return None
+    chunks = [*prefix.chunks, *rest]
     total = sum(c.plain_len for c in chunks)
     if total <= store.config.chunker.min_size:
         # It shrank while being read (a spool written meanwhile): encode it the
@@ -503,10 +516,67 @@ def encode_file(store, fd: int, writer: BlobWriter, *, pool: Executor | None = N
         ref, blobs = encode_bytes(store, data)
         writer.add_many(blobs)
         return ref, len(data)
-    ref, blobs = encoder.finish(chunks)  # type: ignore[arg-type]
+    ref, blobs = _FileEncoder(store.config, store.blobs.codec).finish(chunks)  # type: ignore[arg-type]
     for blob in blobs[len(chunks):]:
         writer.add(blob)
     return ref, total
+
+
+def _encode_chunks(store, fd: int, start: int, end: int | None, writer: BlobWriter, *,
+                   pool: Executor | None = None, stop: Callable[[], bool] | None = None,
+                   partial: bool = False) -> list[_Slim] | None:
+    """Cut the bytes ``[start, end)`` of a file (``end`` None: to its end) into
+    chunks, encode them into ``writer`` and return them in order; with ``partial``
+    the last chunk is left out. None if ``stop`` said so."""
+    codec = store.blobs.codec
+    chunks: list[_Slim] = []
+    ahead: deque[Future[EncodedBlob]] = deque()
+    last: memoryview | None = None
+
+    def consume(blob: EncodedBlob) -> None:
+        writer.add(blob)
+        chunks.append(_Slim(blob.hash, blob.plain_len))
+
+    def encode(data: memoryview) -> None:
+        if pool is None:
+            consume(codec.encode(BlobKind.CHUNK, data))
+            return
+        ahead.append(pool.submit(codec.encode, BlobKind.CHUNK, data))
+        while len(ahead) > _AHEAD:
+            consume(ahead.popleft().result())
+
+    os.posix_fadvise(fd, start, 0 if end is None else end - start, os.POSIX_FADV_SEQUENTIAL)
+    chunker = Chunker(store.config.chunker)
+    try:
+        for data in chunker.split_stream(_Window(fd, start, end)):  # type: ignore[arg-type]
+            if stop is not None and stop():
+                return None
+            if partial:  # hold each chunk back until the next one shows it was cut
+                data, last = last, data
+                if data is None:
+                    continue
+            encode(data)
+        while ahead:
+            consume(ahead.popleft().result())
+    finally:
+        for future in ahead:
+            future.cancel()
+    return chunks
+
+
+class _Window:
+    """A read-only stream over ``[start, end)`` of a file descriptor (``pread``)."""
+
+    def __init__(self, fd: int, start: int, end: int | None) -> None:
+        self.fd, self.pos, self.end = fd, start, end
+
+    def readinto(self, target: memoryview) -> int:
+        want = len(target) if self.end is None else min(len(target), self.end - self.pos)
+        if want <= 0:
+            return 0
+        n = os.preadv(self.fd, [target[:want]], self.pos)
+        self.pos += n
+        return n
 
 
 # -- entry points ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class Mount:
     process: subprocess.Popen
     log: Path
     notify: socket.socket | None = None  # where the daemon says READY=1, STOPPING=1
+    extra: tuple[str, ...] = ()  # vfsd options it was started with (and restarts with)
 
     @property
     def env(self) -> dict:
@@ -65,7 +66,7 @@ class Mount:
         A stale mount left by a killed daemon is for the new daemon to clean up.
         """
         assert self.process.poll() is not None, "vfsd still runs"
-        started = start_vfsd(self.store_dir, self.cache_dir, self.path)
+        started = start_vfsd(self.store_dir, self.cache_dir, self.path, *self.extra)
         self.process, self.notify = started.process, started.notify
 
     def stop(self) -> None:
@@ -117,7 +118,7 @@ def start_vfsd(store_dir: Path, cache_dir: Path, mountpoint: Path, *extra: str) 
         stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "NOTIFY_SOCKET": "@" + notify_name})
     handle.close()
-    mount = Mount(mountpoint, store_dir, cache_dir, process, log, notify)
+    mount = Mount(mountpoint, store_dir, cache_dir, process, log, notify, extra)
     try:
         _wait_ready(notify, mountpoint, process, log)
     except BaseException:

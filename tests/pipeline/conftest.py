@@ -13,9 +13,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
-import shutil
-import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path

@@ -96,9 +96,14 @@ def test_decode_of_a_flipped_byte_raises_corruption(data: bytes, draw: st.DataOb
     flip = draw.draw(st.integers(1, 255), label="xor")
     damaged = bytearray(blob.stored)
     damaged[position] ^= flip
-    # Corruption, never another exception (a crash) and never the wrong bytes.
-    with pytest.raises(Corruption):
-        codec.decode(blob.hash, _location(blob), bytes(damaged))
+    # Corruption, never another exception (a crash) and never the wrong bytes. A flip
+    # of a bit the decoder ignores (zstd's frame header has an unused one) gives the
+    # right bytes back, verified against the hash: that is fine.
+    try:
+        plain = codec.decode(blob.hash, _location(blob), bytes(damaged))
+    except Corruption:
+        return
+    assert plain == data
 
 
 def test_decode_truncated_raises_corruption() -> None:
