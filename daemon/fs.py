@@ -468,7 +468,7 @@ class VfsOperations(pyfuse3.Operations):
         view = self._writable(node)
 
         def change() -> Entry:
-            with view.lock:
+            with view.staging():
                 if fields.update_size:
                     view.truncate(node.path, attr.st_size)
                 mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
@@ -566,7 +566,7 @@ class VfsOperations(pyfuse3.Operations):
         path = join(parent.path, self._name(name))
 
         def make() -> Entry:
-            with view.lock:
+            with view.staging():
                 return view.mkdir(path, mode)
 
         entry = await trio.to_thread.run_sync(make)
@@ -581,7 +581,7 @@ class VfsOperations(pyfuse3.Operations):
         path = join(parent.path, self._name(name))
 
         def remove() -> None:
-            with view.lock:
+            with view.staging():
                 view.rmdir(path)
 
         await trio.to_thread.run_sync(remove)
@@ -594,7 +594,7 @@ class VfsOperations(pyfuse3.Operations):
         path = join(parent.path, self._name(name))
 
         def remove() -> None:
-            with view.lock:
+            with view.staging():
                 view.unlink(path)
 
         await trio.to_thread.run_sync(remove)
@@ -607,7 +607,7 @@ class VfsOperations(pyfuse3.Operations):
         path = join(parent.path, self._name(name))
 
         def make() -> Entry:
-            with view.lock:
+            with view.staging():
                 return view.symlink(path, os.fsdecode(target))
 
         entry = await trio.to_thread.run_sync(make)
@@ -629,7 +629,7 @@ class VfsOperations(pyfuse3.Operations):
         dst = join(new_parent.path, self._name(name_new))
 
         def move() -> None:
-            with view.lock:
+            with view.staging():
                 view.rename(src, dst, no_replace=bool(flags & pyfuse3.RENAME_NOREPLACE))
 
         await trio.to_thread.run_sync(move)

@@ -14,10 +14,11 @@ exceptions into errnos.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -271,6 +272,17 @@ class BranchView(View):
         return dict(sorted(entries.items()))
 
     # -- namespace changes ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[None]:
+        """Hold the branch for a change that stages at once (mkdir, rename, chmod...).
+
+        Takes the branch's sealing lock (see :meth:`Flusher.sealing`), then the
+        view's lock: a ``vfsctl commit`` that is sealing the branch finishes first,
+        so it never clears a change it did not seal. Call it from a worker thread.
+        """
+        with self.flusher.sealing(self.repo, self.branch), self.lock:
+            yield
 
     def _stage(self, changes: dict[str, Entry | None]) -> None:
         self.store.stage(self.state, changes)

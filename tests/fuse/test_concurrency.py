@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,3 +158,71 @@ def test_overlapping_flushes_of_one_file_store_its_bytes(mount: Mount) -> None:
     stored = mount.vfsctl("cat", f"data@{commit}:/shared.bin", text=False).stdout
     assert (len(stored), hashlib.sha256(stored).hexdigest()) \
         == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_namespace_changes_during_commits_are_never_lost(mount: Mount) -> None:
+    """mkdir, rename, symlink, unlink, rmdir and chmod race ``vfsctl commit`` of the
+    same branch: each lands in the commit being sealed or in a later one, never in
+    neither (a commit clears only what it sealed)."""
+    mount.vfsctl("repo", "create", "ns")
+    branch = mount.path / "ns@main"
+    (branch / "seed").write_bytes(b"x")
+    mount.commit("ns@main")
+    stop = threading.Event()
+    errors: list[str] = []
+    commits = 0
+
+    def committer() -> None:
+        nonlocal commits
+        while not stop.is_set():
+            done = mount.vfsctl("commit", "ns@main", "-m", "race", check=False)
+            if done.returncode == 0:
+                commits += 1
+            elif "nothing to commit" not in done.stderr:
+                errors.append(done.stderr)
+
+    thread = threading.Thread(target=committer)
+    thread.start()
+    expected: dict[str, str] = {"seed": "file"}
+    try:
+        i = -1
+        deadline = time.monotonic() + 90
+        while commits < 10 and time.monotonic() < deadline:
+            i += 1
+            d = f"d{i}"
+            os.mkdir(branch / d)
+            (branch / d / "f").write_bytes(b"%d" % i)
+            expected.update({d: "dir", f"{d}/f": "file"})
+            if i % 3 == 0:
+                os.rename(branch / d / "f", branch / d / "g")
+                del expected[f"{d}/f"]
+                expected[f"{d}/g"] = "file"
+            if i % 5 == 0:
+                os.symlink("../seed", branch / d / "link")
+                expected[f"{d}/link"] = "link"
+            if i % 7 == 6:
+                for name in os.listdir(branch / d):
+                    os.unlink(branch / d / name)
+                    del expected[f"{d}/{name}"]
+                os.rmdir(branch / d)
+                del expected[d]
+                continue
+            os.chmod(branch / d, 0o750)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert commits >= 10  # the changes did race commits
+    mount.vfsctl("commit", "ns@main", "-m", "last", check=False)
+    head = json.loads(mount.vfsctl("log", "ns@main", "--json", "-n", "1").stdout)[0]
+    commit_root = mount.path / f"ns@{head['id']}"
+    found: dict[str, str] = {}
+    for root, dirs, files in os.walk(commit_root):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, commit_root)
+            found[rel] = "link" if os.path.islink(path) else \
+                "dir" if os.path.isdir(path) else "file"
+            if found[rel] == "dir":
+                assert os.stat(path).st_mode & 0o777 == 0o750, rel
+    assert found == expected
