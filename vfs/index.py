@@ -290,6 +290,36 @@ class Index:
         txn.delete(f"{repo}\0{branch}".encode(), db=self.db["staging_base"])
         txn.delete(f"{repo}\0{branch}".encode(), db=self.db["sealing"])
 
+    def clear_sealed_txn(self, txn: lmdb.Transaction, repo: str, branch: str,
+                         sealed: dict[str, bytes], new_base: str) -> int:
+        """After a commit: unstage exactly the changes it sealed.
+
+        A change staged after the commit read the open commit (or changed since)
+        stays staged, now on top of ``new_base`` (the commit just made). Returns how
+        many changes stay.
+        """
+        db = self.db["staging"]
+        prefix = staging_prefix(repo, branch)
+        cursor = txn.cursor(db=db)
+        kept = 0
+        if cursor.set_range(prefix):
+            while cursor.key().startswith(prefix):
+                path = bytes(cursor.key()[len(prefix):]).decode()
+                if sealed.get(path) == bytes(cursor.value()):
+                    if not cursor.delete():  # moved to the next entry, or past the end
+                        break
+                    continue
+                kept += 1
+                if not cursor.next():
+                    break
+        base_key = f"{repo}\0{branch}".encode()
+        if kept:
+            txn.put(base_key, new_base.encode(), db=self.db["staging_base"])
+        else:
+            txn.delete(base_key, db=self.db["staging_base"])
+        txn.delete(base_key, db=self.db["sealing"])
+        return kept
+
     def open_commits(self) -> list[tuple[str, str]]:
         """Every (repo, branch) with an open commit on this node."""
         with self.env.begin() as txn:

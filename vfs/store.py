@@ -325,11 +325,18 @@ class Store:
 
     def open_commit(self, repo: str, branch: str) -> tuple[RefState, OpenCommit]:
         """The head of a branch and its open commit (possibly empty)."""
+        state, open_commit, _ = self._open_commit(repo, branch)
+        return state, open_commit
+
+    def _open_commit(self, repo: str, branch: str) -> tuple[RefState, OpenCommit,
+                                                            dict[str, bytes]]:
+        """:meth:`open_commit`, plus the staged changes as the index holds them."""
         state = self.head(repo, branch)
         self._recover_seal(state)
-        changes = {p: decode_change(v) for p, v in self.index.staged(repo, branch).items()}
+        staged = self.index.staged(repo, branch)
+        changes = {p: decode_change(v) for p, v in staged.items()}
         head = Snapshot(self.blobs, self.read_commit(state.commit).tree if state.commit else None)
-        return state, OpenCommit(head, changes)
+        return state, OpenCommit(head, changes), staged
 
     def stage(self, state: RefState, changes: dict[str, object]) -> None:
         """Persist changes (path -> Entry or None) to a branch's open commit."""
@@ -378,7 +385,7 @@ class Store:
         """
         with self.lock():
             for _ in range(_CAS_ATTEMPTS):
-                state, open_commit = self.open_commit(repo, branch)
+                state, open_commit, sealed = self._open_commit(repo, branch)
                 if tree is None and not open_commit:
                     raise NothingToCommit(
                         f"nothing to commit on {repo}@{branch}: stage changes with put or rm"
@@ -428,7 +435,9 @@ class Store:
                                     who=commit.author)
                 with self.index.write() as txn:
                     if tree is None:
-                        self.index.clear_staging_txn(txn, repo, branch)
+                        # Only what was sealed: a change staged meanwhile (by another
+                        # process, or the mount) stays for the next commit.
+                        self.index.clear_sealed_txn(txn, repo, branch, sealed, commit.id)
                     txn.put(bytes.fromhex(commit.id), data, db=self.index.db["commits"])
                 return commit
         raise Conflict(f"{repo}@{branch} keeps moving: gave up after {_CAS_ATTEMPTS} attempts")

@@ -284,6 +284,39 @@ def test_staging_then_undoing_is_nothing_to_commit(repo: vfs.Store, src: Path) -
     assert staged_paths(repo) == {}  # the no-op open commit was dropped
 
 
+def test_a_commit_clears_only_what_it_sealed(repo: vfs.Store,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changes staged while a commit is being made (after it read the open commit)
+    are not lost: they stay staged, on top of the new commit."""
+    vfs.put_stream(repo, REPO, "main", "/a", io.BytesIO(b"a1"))
+    vfs.put_stream(repo, REPO, "main", "/b", io.BytesIO(b"b1"))
+    read_open_commit = repo._open_commit
+
+    def racing(repo_name: str, branch: str):
+        result = read_open_commit(repo_name, branch)
+        monkeypatch.setattr(repo, "_open_commit", read_open_commit)  # once
+        # Another writer, between the commit's read and its end:
+        vfs.put_stream(repo, REPO, "main", "/a", io.BytesIO(b"a2"))  # changed again
+        vfs.put_stream(repo, REPO, "main", "/c", io.BytesIO(b"c1"))  # new
+        return result
+
+    monkeypatch.setattr(repo, "_open_commit", racing)
+    first = repo.commit(REPO, "main", "sealed a1 and b1")
+    _, snapshot = repo.snapshot(ref(f"{REPO}@{first.id}"))
+    assert sorted(snapshot.root_entries()) == ["a", "b"]
+    assert vfs.read_file(repo, ref(f"{REPO}@{first.id}:/a")) == b"a1"
+    # a2 and c1 are still staged, now on top of the new commit.
+    assert sorted(repo.index.staged(REPO, "main")) == ["a", "c"]
+    assert repo.index.staging_base(REPO, "main") == first.id
+    second = repo.commit(REPO, "main", "the rest")
+    assert second.parents == (first.id,)
+    assert vfs.read_file(repo, ref(f"{REPO}@main:/a")) == b"a2"
+    assert vfs.read_file(repo, ref(f"{REPO}@main:/b")) == b"b1"
+    assert vfs.read_file(repo, ref(f"{REPO}@main:/c")) == b"c1"
+    assert repo.index.staged(REPO, "main") == {}
+    assert repo.index.staging_base(REPO, "main") is None
+
+
 def test_discard(repo: vfs.Store, src: Path) -> None:
     put(repo, "/a", write(src / "a", "a"))
     put(repo, "/d/b", write(src / "b", "b"))
