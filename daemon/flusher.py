@@ -49,7 +49,7 @@ log = logging.getLogger("daemon.flusher")
 
 ENCODE_AHEAD = 32 << 20  # default step of encoding ahead of the close
 MAX_BACKLOG_FILES = 4096  # closed files not yet stored before close() waits
-MAX_BACKLOG_BYTES = 256 << 20  # their bytes (on the spool disk, not in memory)
+MAX_BACKLOG_BYTES = 256 << 20  # their bytes not stored yet (not counting a head stored ahead)
 RETRY_SECONDS = 10.0  # after a failed round, its files are tried again this much later
 # Rounds start at most this often unless someone waits: each ends with fsyncs and a
 # journal commit, and a writer's creates wait behind those.
@@ -160,7 +160,7 @@ class Flusher:
             self._ticket += 1
             if spool not in self._queue:
                 self._queue[spool] = view
-                self._queued_bytes += spool.size
+                self._queued_bytes += spool.bytes_to_store()
             if waited:
                 self._waited.add(spool)
             self._cond.notify_all()

@@ -155,6 +155,11 @@ class SpoolFile:
         head = self.head
         return head if head.size and self.head_epoch == self.epoch else None
 
+    def bytes_to_store(self) -> int:
+        """The bytes a flush of this file still has to read and store."""
+        head = self.valid_head()
+        return max(0, self.size - (head.size if head else 0))
+
     def wants_head(self, step: int) -> bool:
         """``step`` bytes were written in order since the head: encode more now."""
         if self.head_busy or not step:
@@ -460,13 +465,20 @@ class BranchView(View):
         return spool
 
     def _fill(self, spool: SpoolFile, entry: Entry) -> None:
-        from vfs.snapshot import iter_file
+        """Copy a stored file into its new spool. Its chunks but the last become the
+        spool's head: appending to a large file stores only what follows them."""
+        from vfs.snapshot import file_chunks, iter_file
 
         offset = 0
         for data in iter_file(self.store.blobs, entry):
             os.pwrite(spool.fd, data, offset)
             offset += len(data)
         spool.size = spool.seq_end = offset
+        chunks = file_chunks(self.store.blobs, entry)  # none for an inlined file
+        if len(chunks) > 1:
+            spool.head = EncodedPrefix.of_chunks(chunks[:-1])
+            spool.head_epoch = spool.epoch
+            spool.protected = spool.head.size
 
     def write(self, spool: SpoolFile, offset: int, data: bytes) -> int:
         written = os.pwrite(spool.fd, data, offset)

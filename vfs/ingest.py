@@ -459,6 +459,13 @@ class EncodedPrefix:
     def hashes(self) -> list[bytes]:
         return [c.hash for c in self.chunks]
 
+    @classmethod
+    def of_chunks(cls, chunks: Iterable[tuple[bytes, int]]) -> EncodedPrefix:
+        """The prefix made of stored ``(hash, length)`` chunks, e.g. all of a stored
+        file's chunks but its last."""
+        slim = tuple(_Slim(digest, length) for digest, length in chunks)
+        return cls(slim, sum(c.plain_len for c in slim))
+
 
 def encode_prefix(store, fd: int, prefix: EncodedPrefix, end: int, writer: BlobWriter, *,
                   pool: Executor | None = None) -> EncodedPrefix:

@@ -206,3 +206,35 @@ def test_encode_ahead_off(tmp_path: Path) -> None:
         assert stored_ahead(m, "f.bin") == 0 and not resumed_from(m, "f.bin")
         assert path.read_bytes() == data
     check_after(m)
+
+
+@pytest.fixture
+def not_ahead(tmp_path: Path) -> Iterator[Mount]:
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this machine")
+    with mounted(tmp_path, "--encode-ahead", "0", "--debug") as m:
+        m.vfsctl("repo", "create", "data")
+        yield m
+    check_after(m)
+
+
+def test_appending_to_a_stored_file_stores_only_the_end(not_ahead: Mount) -> None:
+    """Reopened for appending, a stored file's chunks (but its last) are reused, even
+    with encoding ahead turned off."""
+    ahead = not_ahead
+    rng = random.Random(5)
+    data = rng.randbytes(12 * MiB)
+    path = ahead.path / "data@main" / "log.bin"
+    path.write_bytes(data)
+    ahead.commit("data@main")
+    more = rng.randbytes(3000)
+    with open(path, "ab") as f:
+        f.write(more)
+        f.flush()
+        os.fsync(f.fileno())
+    starts = resumed_from(ahead, "log.bin")
+    assert starts and starts[-1] > 8 * MiB
+    assert path.read_bytes() == data + more
+    commit = ahead.commit("data@main")
+    ahead.restart()
+    assert (ahead.path / f"data@{commit}" / "log.bin").read_bytes() == data + more
