@@ -382,5 +382,6 @@ def test_cat_into_a_closed_pipe_exits_quietly(vfsctl: Vfsctl, tmp_path: Path) ->
     proc.stdout.close()  # like `| head -c 10`
     err = proc.stderr.read()
     proc.stderr.close()
-    assert proc.wait(timeout=30) in (141, -signal.SIGPIPE)
+    code = proc.wait(timeout=30)
+    assert code in (141, -signal.SIGPIPE), (code, err)
     assert err == b""
