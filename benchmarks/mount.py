@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -338,6 +339,7 @@ class Vfsd:
              "--socket", self.sock, *self.extra], stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
         wait_mounted(self.mnt, self.proc, "vfsd")
+        self._wait_ready()
         self._sampling = True
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
@@ -349,6 +351,23 @@ class Vfsd:
                  "-r", "200", "-f", "raw", "--threads", "-o", out],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
+
+    def _wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait for the daemon file vfsd writes once every service runs (what
+        ``vfsctl mount`` waits for): measurements start on a ready daemon."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for path in glob.glob(os.path.join(self.cache, "*", "daemon.json")):
+                try:
+                    with open(path) as f:
+                        if json.load(f).get("pid") == self.proc.pid:
+                            return
+                except (OSError, ValueError):
+                    pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vfsd exited with {self.proc.returncode} while starting")
+            time.sleep(0.02)
+        raise RuntimeError(f"vfsd did not become ready within {timeout:.0f} s")
 
     def _status(self, key: str) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:

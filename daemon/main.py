@@ -167,6 +167,10 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
     fuse_options |= {"fsname=vfs", "subtype=vfs", "default_permissions"}
     if os.getuid() == 0:
         fuse_options.add("allow_other")
+    # Imported before the mount, not while it already serves its first requests.
+    from daemon.control import serve_control
+    from daemon.watcher import Watcher
+
     pyfuse3.init(operations, mountpoint, fuse_options)
     socket_path = options.socket or default_socket_path(store.cache_dir)
     handler = ControlHandler(store, operations, mountpoint, disk)
@@ -178,12 +182,8 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
             if options.read_ahead_kb:
                 await trio.to_thread.run_sync(set_read_ahead, mountpoint, options.read_ahead_kb,
                                               abandon_on_cancel=True)
-            from daemon.control import serve_control
-
             await nursery.start(serve_control, socket_path, handler)
             if not options.no_pipelines:
-                from daemon.watcher import Watcher
-
                 watcher = Watcher(store, os.path.join(store.cache_dir, "jobs"),
                                   poll_interval=options.poll_interval,
                                   on_commit=operations.branch_changed)
