@@ -37,7 +37,7 @@ from vfs.errors import (
     ReadOnly,
     VfsError,
 )
-from vfs.names import MAX_COMPONENT_BYTES, join, normalize_path, parse_ref
+from vfs.names import MAX_COMPONENT_BYTES, MAX_PATH_BYTES, join, normalize_path, parse_ref
 from vfs.snapshot import TreeCache
 from vfs.store import Store
 from vfs.tree import DIR, EMPTY_TREE, FILE, SYMLINK, Entry, Tree, decode_tree
@@ -394,6 +394,13 @@ class VfsOperations(pyfuse3.Operations):
             return node.view
         raise ReadOnly("commits are read-only; write to a branch path (repo@branch)")
 
+    def _new_path(self, parent: str, name: str) -> str:
+        """The path of an entry to be made: refused if it is too long to commit."""
+        path = join(parent, name)
+        if len(path.encode(_FS_ENCODING, _FS_ERRORS)) > MAX_PATH_BYTES:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return path
+
     @staticmethod
     def _name(name: bytes) -> str:
         try:
@@ -563,7 +570,7 @@ class VfsOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
         parent = self._get(parent_inode)
         view = self._writable(parent)
-        path = join(parent.path, self._name(name))
+        path = self._new_path(parent.path, self._name(name))
 
         def make() -> Entry:
             with view.staging():
@@ -604,7 +611,7 @@ class VfsOperations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
         parent = self._get(parent_inode)
         view = self._writable(parent)
-        path = join(parent.path, self._name(name))
+        path = self._new_path(parent.path, self._name(name))
 
         def make() -> Entry:
             with view.staging():
@@ -626,7 +633,7 @@ class VfsOperations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         src = join(old_parent.path, self._name(name_old))
-        dst = join(new_parent.path, self._name(name_new))
+        dst = self._new_path(new_parent.path, self._name(name_new))
 
         def move() -> None:
             with view.staging():
@@ -685,7 +692,7 @@ class VfsOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         parent = self._get(parent_inode)
         view = self._writable(parent)
-        path = join(parent.path, self._name(name))
+        path = self._new_path(parent.path, self._name(name))
 
         def make() -> SpoolFile:
             if view.lookup(path) is not None and flags & os.O_EXCL:

@@ -30,6 +30,12 @@ class InvalidPath(VfsError):
     errno = _errno.EINVAL
 
 
+class PathTooLong(InvalidPath):
+    """A path component over 255 bytes, or a path over 1024 bytes."""
+
+    errno = _errno.ENAMETOOLONG
+
+
 class InvalidRef(VfsError):
     """A ``REPO@REF[:/path]`` string cannot be parsed."""
 

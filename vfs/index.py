@@ -32,7 +32,9 @@ databases, their keys and values:
 ``staging``
     ``repo NUL branch NUL path`` (UTF-8; path relative, no leading slash, "" for
     the root) -> a staged change, JSON: a tree entry (see :mod:`vfs.tree`) or
-    ``{"deleted": true}``. The open commit of each branch on this node. Not
+    ``{"deleted": true}``. A key over LMDB's 511 bytes is kept as its first 400
+    bytes, 0xFF and its 32-byte BLAKE3 hash, and its value is then ``NUL path NUL``
+    followed by the change. The open commit of each branch on this node. Not
     rebuildable: it lives only here until it is sealed into a commit.
 
 ``staging_base``
@@ -47,7 +49,9 @@ databases, their keys and values:
 
 ``files``
     absolute source path (UTF-8) -> JSON ``[size, mtime_ns, ctime_ns, inode, entry]``:
-    the files cache of ``put``. A file whose stat matches is not read again.
+    the files cache of ``put``. A file whose stat matches is not read again. A
+    path over 511 bytes is keyed like a long staging key (first 400 bytes, 0xFF,
+    BLAKE3 hash).
 
 A write transaction never spans I/O to the object store: callers upload first,
 then record in one short transaction.
@@ -60,6 +64,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import blake3
 import lmdb
 
 from vfs.blobs import BlobKind, BlobLocation, Compression
@@ -87,8 +92,29 @@ def decode_location(value: bytes) -> BlobLocation:
     )
 
 
+# LMDB keys are at most 511 bytes. A longer staging or files-cache key is stored as
+# its first _KEPT bytes, 0xFF and its BLAKE3 hash, and (staging) its value carries
+# the path: NUL, path, NUL, then the change. Range scans by prefix still work.
+_MAX_KEY = 511
+_KEPT = 400
+
+
+def _fit(key: bytes) -> bytes:
+    if len(key) <= _MAX_KEY:
+        return key
+    return key[:_KEPT] + b"\xff" + blake3.blake3(key).digest()
+
+
 def staging_key(repo: str, branch: str, path: str) -> bytes:
-    return f"{repo}\0{branch}\0{path}".encode()
+    return _fit(f"{repo}\0{branch}\0{path}".encode())
+
+
+def _staged_item(prefix: bytes, key: bytes, value: bytes) -> tuple[str, bytes]:
+    """(path, change) of a staging row whose key starts with ``prefix``."""
+    if value[:1] == b"\0":  # a long path: it is in the value
+        path, _, change = value[1:].partition(b"\0")
+        return path.decode(), change
+    return key[len(prefix):].decode(), value
 
 
 def staging_prefix(repo: str, branch: str) -> bytes:
@@ -254,7 +280,8 @@ class Index:
             for key, value in cursor.iternext():
                 if not key.startswith(prefix):
                     break
-                out[key[len(prefix) :].decode()] = bytes(value)
+                path, change = _staged_item(prefix, bytes(key), bytes(value))
+                out[path] = change
         return out
 
     def staging_base(self, repo: str, branch: str) -> str | None:
@@ -277,13 +304,37 @@ class Index:
         if txn.get(base_key, db=self.db["staging_base"]) is None:
             txn.put(base_key, base.encode(), db=self.db["staging_base"])
         for directory in drop_below:
-            _delete_prefix(txn, db, staging_key(repo, branch, directory + "/" if directory else ""))
+            self._unstage_below(txn, repo, branch, directory)
         for path, value in changes.items():
-            key = staging_key(repo, branch, path)
+            full = f"{repo}\0{branch}\0{path}".encode()
+            key = _fit(full)
             if value is None:
                 txn.delete(key, db=db)
+            elif key is not full:  # a long path: the value carries it
+                txn.put(key, b"\0" + path.encode() + b"\0" + value, db=db)
             else:
                 txn.put(key, value, db=db)
+
+    def _unstage_below(self, txn: lmdb.Transaction, repo: str, branch: str,
+                       directory: str) -> None:
+        """Drop every staged change under ``directory`` ("" is the root)."""
+        db = self.db["staging"]
+        prefix = staging_prefix(repo, branch)
+        below = directory + "/" if directory else ""
+        full = prefix + below.encode()
+        scan = full if len(full) <= _KEPT else full[:_KEPT]
+        cursor = txn.cursor(db=db)
+        doomed = []
+        if cursor.set_range(scan):
+            for key, value in cursor.iternext():
+                if not key.startswith(scan):
+                    break
+                key = bytes(key)
+                if key.startswith(full) or _staged_item(prefix, key, bytes(value))[0] \
+                        .startswith(below):
+                    doomed.append(key)
+        for key in doomed:
+            txn.delete(key, db=db)
 
     def clear_staging_txn(self, txn: lmdb.Transaction, repo: str, branch: str) -> None:
         _delete_prefix(txn, self.db["staging"], staging_prefix(repo, branch))
@@ -304,8 +355,8 @@ class Index:
         kept = 0
         if cursor.set_range(prefix):
             while cursor.key().startswith(prefix):
-                path = bytes(cursor.key()[len(prefix):]).decode()
-                if sealed.get(path) == bytes(cursor.value()):
+                path, change = _staged_item(prefix, bytes(cursor.key()), bytes(cursor.value()))
+                if sealed.get(path) == change:
                     if not cursor.delete():  # moved to the next entry, or past the end
                         break
                     continue
@@ -346,10 +397,10 @@ class Index:
     def files_cache_get_many(self, paths: list[str]) -> list[bytes | None]:
         db = self.db["files"]
         with self.env.begin() as txn:
-            return [txn.get(p.encode(), db=db) for p in paths]
+            return [txn.get(_fit(p.encode()), db=db) for p in paths]
 
     def files_cache_put_txn(self, txn: lmdb.Transaction, path: str, value: bytes) -> None:
-        txn.put(path.encode(), value, db=self.db["files"])
+        txn.put(_fit(path.encode()), value, db=self.db["files"])
 
 
 def _delete_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from vfs.errors import InvalidName, InvalidPath, InvalidRef
+from vfs.errors import InvalidName, InvalidPath, InvalidRef, PathTooLong
 
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -19,6 +19,9 @@ _HEX = re.compile(r"[0-9a-f]+")
 _ANCESTOR = re.compile(r"^(.*?)~(\d+)$")
 MIN_PREFIX = 6
 MAX_COMPONENT_BYTES = 255
+# A whole path inside a repository, in UTF-8 bytes: S3's limit for a key, and
+# what keeps a spool's sidecar within one extended attribute.
+MAX_PATH_BYTES = 1024
 
 
 def check_name(name: str, what: str = "repository") -> str:
@@ -32,7 +35,8 @@ def normalize_path(path: str) -> str:
     """Normalize a path inside a repository to ``a/b/c`` form ("" is the root).
 
     Raises:
-        InvalidPath: the path contains ``..``, a NUL byte, or a component over 255 bytes.
+        InvalidPath: the path contains ``..`` or a NUL byte.
+        PathTooLong: a component is over 255 bytes, or the path over 1024.
     """
     if "\0" in path:
         raise InvalidPath(f"path {path!r} contains a NUL byte")
@@ -49,9 +53,12 @@ def normalize_path(path: str) -> str:
         if part == "..":
             raise InvalidPath(f"path {path!r} uses '..', which could escape the repository")
         if len(part.encode()) > MAX_COMPONENT_BYTES:
-            raise InvalidPath(f"path component {part[:40]!r}... is longer than 255 bytes")
+            raise PathTooLong(f"path component {part[:40]!r}... is longer than 255 bytes")
         parts.append(part)
-    return "/".join(parts)
+    normalized = "/".join(parts)
+    if len(normalized.encode()) > MAX_PATH_BYTES:
+        raise PathTooLong(f"path {normalized[:60]!r}... is longer than {MAX_PATH_BYTES} bytes")
+    return normalized
 
 
 def parent_and_name(path: str) -> tuple[str, str]:

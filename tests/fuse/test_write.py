@@ -263,6 +263,36 @@ def test_an_unlinked_open_file_still_works_through_its_handle(mount: Mount,
     assert staged(mount) == {"/kept.txt": "added"}
 
 
+def test_long_paths_up_to_1024_bytes(mount: Mount, branch: Path) -> None:
+    """Deep paths longer than an index key work up to 1024 bytes in all (closed files,
+    commit, restart); a longer one, or a name over 255 bytes, is ENAMETOOLONG."""
+    directory = branch
+    for c in "abc":
+        directory = directory / (c * 250)
+        directory.mkdir()
+    target = directory / ("d" * 200)  # 3 * 251 + 200 = 953 bytes below the branch
+    target.write_bytes(b"deep")
+    os.symlink("d" * 200, directory / ("e" * 200))
+    os.rename(target, directory / ("f" * 200))
+    for name in ("g" * 260, "h" * 256):  # names over 255 bytes
+        with pytest.raises(OSError) as failed:
+            (directory / name).write_bytes(b"x")
+        assert failed.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(OSError) as failed:
+        os.mkdir(directory / ("i" * 255) / "x")  # the parent does not exist anyway
+    assert failed.value.errno in (errno.ENOENT, errno.ENAMETOOLONG)
+    with pytest.raises(OSError) as failed:
+        os.mkdir(directory / ("j" * 255))  # 1008 bytes: fine
+        os.mkdir(directory / ("j" * 255) / ("k" * 20))  # 1029: too long
+    assert failed.value.errno == errno.ENAMETOOLONG
+    commit = mount.commit("data@main")
+    mount.restart()
+    committed = mount.path / f"data@{commit}" / ("a" * 250) / ("b" * 250) / ("c" * 250)
+    assert (committed / ("f" * 200)).read_bytes() == b"deep"
+    assert os.readlink(committed / ("e" * 200)) == "d" * 200
+    assert sorted(p.name[0] for p in committed.iterdir()) == ["e", "f", "j"]
+
+
 def test_hard_links_are_refused(branch: Path) -> None:
     (branch / "a").write_bytes(b"a")
     with pytest.raises(OSError) as raised:

@@ -31,6 +31,7 @@ from vfs.errors import (
     IsADirectory,
     NothingToCommit,
     PathNotFound,
+    PathTooLong,
     RepoNotFound,
     UnsupportedFormat,
     VfsError,
@@ -942,3 +943,44 @@ def test_create_is_idempotent_and_keeps_the_config(tmp_path: Path) -> None:
         store_id = store.config.store_id
     with _open(tmp_path / "s", tmp_path / "c", create=True) as store:
         assert store.config.store_id == store_id
+
+
+def test_long_paths_stage_commit_and_unstage(repo: vfs.Store, tmp_path: Path) -> None:
+    """Paths longer than an LMDB key (511 bytes) up to the 1024-byte limit: staged,
+    listed, committed, removed with their directory; longer ones are refused clearly."""
+    deep = "/".join(c * 200 for c in "abcd")  # 803 bytes
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"long")
+    vfs.put(repo, REPO, "main", f"/{deep}/f.txt", [str(src)])
+    vfs.put(repo, REPO, "main", f"/{deep}/g.txt", [str(src)])
+    assert f"{deep}/f.txt" in repo.index.staged(REPO, "main")
+    repo.commit(REPO, "main", "deep")
+    assert vfs.read_file(repo, ref(f"{REPO}@main:/{deep}/f.txt")) == b"long"
+    assert repo.index.staged(REPO, "main") == {}
+    # Removing a directory whose own key is long drops the long keys below it.
+    vfs.put(repo, REPO, "main", f"/{deep}/h.txt", [str(src)])
+    vfs.remove(repo, REPO, "main", "/" + deep.rsplit("/", 1)[0], recursive=True)
+    staged = repo.index.staged(REPO, "main")
+    assert not any(p.startswith(deep) for p in staged), staged
+    repo.commit(REPO, "main", "gone")
+    _, snapshot = repo.snapshot(ref(f"{REPO}@main"))
+    assert snapshot.lookup("a" * 200) is not None
+    assert snapshot.lookup(deep) is None
+    with pytest.raises(PathTooLong, match="longer than 1024 bytes"):
+        vfs.put(repo, REPO, "main", "/" + "/".join(["x" * 250] * 5), [str(src)])
+    with pytest.raises(PathTooLong):
+        vfs.put(repo, REPO, "main", "/" + "y" * 256, [str(src)])
+
+
+def test_files_cache_of_long_local_paths(repo: vfs.Store, tmp_path: Path) -> None:
+    """A source file whose local path is longer than an LMDB key is put, and put
+    again from the files cache."""
+    directory = tmp_path
+    for c in "pqr":
+        directory = directory / (c * 200)
+    directory.mkdir(parents=True)
+    (directory / "x.bin").write_bytes(b"x" * 5000)
+    first = vfs.put(repo, REPO, "main", "/x.bin", [str(directory / "x.bin")])
+    assert first.read == 1
+    second = vfs.put(repo, REPO, "main", "/x.bin", [str(directory / "x.bin")])
+    assert second.cached == 1
