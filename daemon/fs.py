@@ -70,7 +70,10 @@ def _errors(handler: Callable) -> Callable:
             raise pyfuse3.FUSEError(errno.EIO) from None
         except VfsError as exc:
             code = exc.errno
-            log.debug("%s: %s (%s)", handler.__name__, exc, errno.errorcode.get(code, code))
+            # The caller's mistakes (ENOENT, EEXIST, EROFS...) are its to see; a failing
+            # store or index, or a full disk, is the operator's.
+            log.log(logging.WARNING if code in (errno.EIO, errno.ENOSPC) else logging.DEBUG,
+                    "%s: %s (%s)", handler.__name__, exc, errno.errorcode.get(code, code))
             raise pyfuse3.FUSEError(code) from None
         except OSError as exc:
             log.warning("%s failed: %s", handler.__name__, exc)
