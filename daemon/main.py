@@ -40,9 +40,12 @@ def parse_size(text: str) -> int:
     unit = text[-1:] if text[-1:] in _SIZE_UNITS and not text[-1:].isdigit() else ""
     number = text[: len(text) - len(unit)]
     try:
-        return int(float(number) * _SIZE_UNITS[unit])
+        size = int(float(number) * _SIZE_UNITS[unit])
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 2G") from None
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +100,8 @@ def load_options(argv: list[str] | None) -> argparse.Namespace:
                 if attr in _SIZE_OPTIONS and isinstance(value, str):
                     value = parse_size(value)
                 setattr(options, attr, value)
+    if 0 < options.encode_ahead < 1 << 20:
+        parser.error("--encode-ahead: 0 (off) or at least 1M")
     return options
 
 

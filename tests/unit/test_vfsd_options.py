@@ -1,0 +1,62 @@
+"""vfsd's options: the command line, and /etc/vfs/vfsd.toml with the same keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.main import load_options, parse_size
+
+
+def test_sizes() -> None:
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("2G") == 2 << 30
+    assert parse_size("0") == 0
+    assert parse_size("1.5k") == 1536
+
+
+def test_defaults() -> None:
+    options = load_options([])
+    assert options.encode_ahead == 32 << 20
+    assert options.mount == "/pfs"
+    assert options.read_ahead_kb == 1024
+
+
+def test_config_file_sets_what_the_command_line_does_not(tmp_path: Path) -> None:
+    config = tmp_path / "vfsd.toml"
+    config.write_text('chunk-cache-size = "8G"\nencode-ahead = "64M"\nread-ahead-kb = 512\n'
+                      'poll-interval = 5.0\n')
+    options = load_options(["--config", str(config), "--read-ahead-kb", "2048"])
+    assert options.chunk_cache_size == 8 << 30
+    assert options.encode_ahead == 64 << 20
+    assert options.poll_interval == 5.0
+    assert options.read_ahead_kb == 2048  # the command line wins
+
+
+def test_config_file_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "vfsd.toml"
+    config.write_text("no-such-option = 1\n")
+    with pytest.raises(SystemExit):
+        load_options(["--config", str(config)])
+    assert "unknown option 'no-such-option'" in capsys.readouterr().err
+    config.write_text("this is not toml")
+    with pytest.raises(SystemExit):
+        load_options(["--config", str(config)])
+    assert f"cannot read {config}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_options(["--encode-ahead", "lots"])
+    assert "not a size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_options(["--memory-cache-size", "-1G"])
+    assert "cannot be negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_options(["--encode-ahead", "4k"])
+    assert "0 (off) or at least 1M" in capsys.readouterr().err
+
+
+def test_the_default_config_file_may_be_missing() -> None:
+    # The systemd unit always names /etc/vfs/vfsd.toml; without it vfsd still starts.
+    if Path("/etc/vfs/vfsd.toml").exists():
+        pytest.skip("this machine has a /etc/vfs/vfsd.toml")
+    assert load_options(["--config", "/etc/vfs/vfsd.toml"]).config is None
