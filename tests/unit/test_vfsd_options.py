@@ -48,7 +48,7 @@ def test_config_file_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixt
         load_options(["--encode-ahead", "lots"])
     assert "not a size" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        load_options(["--memory-cache-size", "-1G"])
+        load_options(["--memory-cache-size=-1G"])
     assert "cannot be negative" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         load_options(["--encode-ahead", "4k"])
