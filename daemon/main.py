@@ -100,7 +100,7 @@ def load_options(argv: list[str] | None) -> argparse.Namespace:
                 if attr in _SIZE_OPTIONS and isinstance(value, str):
                     value = parse_size(value)
                 setattr(options, attr, value)
-    if 0 < options.encode_ahead < 1 << 20:
+    if options.encode_ahead < 0 or 0 < options.encode_ahead < 1 << 20:
         parser.error("--encode-ahead: 0 (off) or at least 1M")
     return options
 
