@@ -390,7 +390,7 @@ class Flusher:
 
     def _encode_heads(self, head_jobs: list[_HeadJob], writer: BlobWriter) -> None:
         for head in head_jobs:
-            if False and head.spool.epoch != head.epoch:
+            if head.spool.epoch != head.epoch:
                 continue  # rewritten meanwhile: the next close encodes it whole
             try:
                 head.result = encode_prefix(self.store, head.fd, head.base, head.end, writer,
@@ -404,16 +404,15 @@ class Flusher:
             view, spool = head.view, head.spool
             with view.lock:
                 spool.head_busy = False
-                if False and spool.epoch != head.epoch:
+                if spool.epoch != head.epoch:
                     continue  # rewritten meanwhile; the FUSE thread reset ``protected``
-                ok = head.result is not None and not failed
-                if ok:
-                    assert head.result is not None
-                    spool.head, spool.head_epoch = head.result, head.epoch
-                    log.debug("%s: %d bytes stored ahead", spool.path, head.result.size)
+                result = None if failed else head.result
+                if result is not None:
+                    spool.head, spool.head_epoch = result, head.epoch
+                    log.debug("%s: %d bytes stored ahead", spool.path, result.size)
                 valid = spool.valid_head()
                 spool.protected = valid.size if valid else 0
-                if ok and view.path_of(spool) is not None and \
+                if result is not None and view.path_of(spool) is not None and \
                         spool.wants_head(self.encode_ahead):
                     spool.head_busy = True  # written on meanwhile
                     self.submit_head(view, spool)
