@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import blake3
@@ -322,19 +322,10 @@ class Index:
         prefix = staging_prefix(repo, branch)
         below = directory + "/" if directory else ""
         full = prefix + below.encode()
-        scan = full if len(full) <= _KEPT else full[:_KEPT]
-        cursor = txn.cursor(db=db)
-        doomed = []
-        if cursor.set_range(scan):
-            for key, value in cursor.iternext():
-                if not key.startswith(scan):
-                    break
-                key = bytes(key)
-                if key.startswith(full) or _staged_item(prefix, key, bytes(value))[0] \
-                        .startswith(below):
-                    doomed.append(key)
-        for key in doomed:
-            txn.delete(key, db=db)
+        # A long key keeps only its first _KEPT bytes: scan by those, and check the
+        # path such a row carries.
+        _delete_prefix(txn, db, full[:_KEPT], where=lambda key, value: key.startswith(full)
+                       or _staged_item(prefix, key, value)[0].startswith(below))
 
     def clear_staging_txn(self, txn: lmdb.Transaction, repo: str, branch: str) -> None:
         _delete_prefix(txn, self.db["staging"], staging_prefix(repo, branch))
@@ -403,14 +394,17 @@ class Index:
         txn.put(_fit(path.encode()), value, db=self.db["files"])
 
 
-def _delete_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> None:
-    """Delete every key of ``db`` that starts with ``prefix``."""
+def _delete_prefix(txn: lmdb.Transaction, db: object, prefix: bytes, *,
+                   where: Callable[[bytes, bytes], bool] | None = None) -> None:
+    """Delete every key of ``db`` that starts with ``prefix`` (and, given ``where``,
+    whose ``where(key, value)`` is true)."""
     cursor = txn.cursor(db=db)
     doomed = []
     if cursor.set_range(prefix):
-        for key in cursor.iternext(values=False):
+        for key, value in cursor.iternext():
             if not key.startswith(prefix):
                 break
-            doomed.append(bytes(key))
+            if where is None or where(bytes(key), bytes(value)):
+                doomed.append(bytes(key))
     for key in doomed:
         txn.delete(key, db=db)
