@@ -71,7 +71,7 @@ class _Job:
     mtime_ns: int
     must_finish: bool  # someone waits for it: never abandoned for newer writes
     fd: int
-    prefix: EncodedPrefix | None = None  # its head, stored before
+    prefix: EncodedPrefix = EncodedPrefix()  # its head, stored before (may be empty)
     ref: str = ""
     size: int = 0
 
@@ -370,7 +370,7 @@ class Flusher:
         out = []
         for spool, view in heads.items():
             with view.lock:
-                base = spool.valid_head() or EncodedPrefix()
+                base = spool.valid_head()
                 end = spool.seq_end
                 if spool in batch or view.path_of(spool) is None or \
                         end - base.size < self.encode_ahead // 2:
@@ -410,8 +410,7 @@ class Flusher:
                 if result is not None:
                     spool.head, spool.head_epoch = result, head.epoch
                     log.debug("%s: %d bytes stored ahead", spool.path, result.size)
-                valid = spool.valid_head()
-                spool.protected = valid.size if valid else 0
+                spool.protected = spool.valid_head().size
                 if result is not None and view.path_of(spool) is not None and \
                         spool.wants_head(self.encode_ahead):
                     spool.head_busy = True  # written on meanwhile
@@ -438,13 +437,13 @@ class Flusher:
 
         for job in jobs:
             size = os.fstat(job.fd).st_size
-            if size >= _LARGE_FILE or job.prefix is not None:
+            if size >= _LARGE_FILE or job.prefix.size:
                 collect(0)
                 prefix = job.prefix
-                if prefix is not None and \
+                if prefix.size and \
                         len(store.index.has_blobs(prefix.hashes)) < len(set(prefix.hashes)):
-                    prefix = None  # collected meanwhile (it was written long ago)
-                if prefix is not None:
+                    prefix = EncodedPrefix()  # collected meanwhile (it was written long ago)
+                if prefix.size:
                     log.debug("storing %s from byte %d (the bytes before were stored "
                               "ahead)", job.spool.path, prefix.size)
                 result = encode_file(store, job.fd, writer, pool=self._pool,

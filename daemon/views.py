@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from daemon.flusher import Flusher
 
 BRANCH_RECHECK_SECONDS = 1.0
+_NO_HEAD = EncodedPrefix()
 
 
 class View:
@@ -125,7 +126,7 @@ class SpoolFile:
     # encoding now) bumps ``epoch``. The FUSE thread changes these without the
     # view's lock; the flusher sets ``protected`` before it reads the bytes.
     seq_end: int = 0
-    head: EncodedPrefix = EncodedPrefix()
+    head: EncodedPrefix = _NO_HEAD
     head_epoch: int = 0
     epoch: int = 0
     protected: int = 0
@@ -150,22 +151,18 @@ class SpoolFile:
             self.protected = 0
         self.seq_end = min(self.seq_end, size)
 
-    def valid_head(self) -> EncodedPrefix | None:
-        """The stored chunks of this file's first bytes, if there are any."""
-        head = self.head
-        return head if head.size and self.head_epoch == self.epoch else None
+    def valid_head(self) -> EncodedPrefix:
+        """The stored chunks of this file's first bytes (empty if there are none)."""
+        return self.head if self.head_epoch == self.epoch else _NO_HEAD
 
     def bytes_to_store(self) -> int:
         """The bytes a flush of this file still has to read and store."""
-        head = self.valid_head()
-        return max(0, self.size - (head.size if head else 0))
+        return max(0, self.size - self.valid_head().size)
 
     def wants_head(self, step: int) -> bool:
         """``step`` bytes were written in order since the head: encode more now."""
-        if self.head_busy or not step:
-            return False
-        head = self.valid_head()
-        return self.seq_end - (head.size if head else 0) >= step
+        return bool(step) and not self.head_busy and \
+            self.seq_end - self.valid_head().size >= step
 
     def reopen(self) -> None:
         if self.fd < 0:

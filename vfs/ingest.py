@@ -473,9 +473,8 @@ def encode_prefix(store, fd: int, prefix: EncodedPrefix, end: int, writer: BlobW
     ``prefix.size`` up to ``end``, minus the last chunk (the bytes after ``end`` may
     still move its cut). Returns the longer prefix; its blobs go to ``writer``."""
     chunks = _encode_chunks(store, fd, prefix.size, end, writer, pool=pool, partial=True)
-    if not chunks:
+    if not chunks:  # (None only when stopped, and nothing stops this)
         return prefix
-    assert chunks is not None
     return EncodedPrefix(prefix.chunks + tuple(chunks),
                          prefix.size + sum(c.plain_len for c in chunks))
 
@@ -498,7 +497,7 @@ def encode_file(store, fd: int, writer: BlobWriter, *, pool: Executor | None = N
         stop: polled between chunks; once it returns True the encoding is
             abandoned (what was added so far is unreferenced, garbage for gc).
         prefix: the stored chunks of the file's first bytes (they must still be
-            the file's bytes): only what follows is read.
+            the file's bytes): only what follows is read. Empty or None: none.
 
     Returns:
         ``(ref, size)``, or None if ``stop`` abandoned the encoding.
