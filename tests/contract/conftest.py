@@ -1,8 +1,10 @@
-"""Fixtures of the object store contract tests: one ``object_store`` per backend."""
+"""Fixtures of the object store contract tests: one ``object_store`` per backend.
+
+The moto server (``moto_endpoint``) and ``aws_env`` are in tests/conftest.py.
+"""
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,32 +15,7 @@ import pytest
 
 from vfs.objstore import LocalStore, MemoryStore, ObjectStore
 
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-
-from s3server import start_moto_server  # noqa: E402
-
 BACKENDS = ["local", "memory", "s3"]
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """Endpoint URL of a moto S3 server shared by the whole session."""
-    with start_moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dummy AWS credentials and region, so nothing reaches real AWS config."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
 
 
 @pytest.fixture(scope="session")

@@ -214,6 +214,13 @@ def mount(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mount]:
                 fsck=not request.node.get_closest_marker("corrupts_store"))
 
 
+@pytest.fixture
+def branch(mount: Mount) -> Path:
+    """``data@main`` of a fresh repository ``data`` on the test's mount."""
+    mount.vfsctl("repo", "create", "data")
+    return mount.path / "data@main"
+
+
 @pytest.fixture(scope="module")
 def module_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """One mount shared by the tests of a module (for data that is slow to put)."""

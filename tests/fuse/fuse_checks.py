@@ -7,6 +7,7 @@ in a test shows pytest's dict diff: exactly which paths differ and how.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import time
@@ -70,3 +71,13 @@ def wait_for(probe: Callable[[], T], expected: T, timeout: float = 5.0) -> T:
         if value == expected or time.monotonic() > deadline:
             return value
         time.sleep(0.1)
+
+
+def staged(mount) -> dict[str, str]:
+    """``vfsctl status data@main``: path → added / modified / deleted.
+
+    Directories appear only as ``/dir/`` when nothing is staged below them
+    (a new empty directory, or one moved as a whole).
+    """
+    status = json.loads(mount.vfsctl("status", "--json", "data@main").stdout)
+    return {change["path"]: change["status"] for change in status["changes"]}

@@ -27,14 +27,24 @@ from conftest import check_after, mounted
 MiB = 1 << 20
 
 
-@pytest.fixture
-def ahead(tmp_path: Path) -> Iterator[Mount]:
+def _debug_mount(tmp_path: Path, encode_ahead: str) -> Iterator[Mount]:
+    """A mount with repository ``data``, logging at DEBUG, checked afterwards."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse on this machine")
-    with mounted(tmp_path, "--encode-ahead", "1M", "--debug") as m:
+    with mounted(tmp_path, "--encode-ahead", encode_ahead, "--debug") as m:
         m.vfsctl("repo", "create", "data")
         yield m
     check_after(m)
+
+
+@pytest.fixture
+def ahead(tmp_path: Path) -> Iterator[Mount]:
+    yield from _debug_mount(tmp_path, "1M")
+
+
+@pytest.fixture
+def not_ahead(tmp_path: Path) -> Iterator[Mount]:
+    yield from _debug_mount(tmp_path, "0")
 
 
 def stored_ahead(mount: Mount, name: str) -> int:
@@ -189,52 +199,37 @@ def test_random_races_with_the_flusher(ahead: Mount, tmp_path: Path) -> None:
         == expected
 
 
-def test_encode_ahead_off(tmp_path: Path) -> None:
+def test_encode_ahead_off(not_ahead: Mount) -> None:
     """``--encode-ahead 0``: files are stored only when closed."""
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse on this machine")
-    with mounted(tmp_path, "--encode-ahead", "0", "--debug") as m:
-        m.vfsctl("repo", "create", "data")
-        data = random.Random(4).randbytes(12 * MiB)
-        path = m.path / "data@main" / "f.bin"
-        with open(path, "wb") as f:
-            for i in range(0, len(data), MiB):
-                f.write(data[i:i + MiB])
-            f.flush()
-            time.sleep(0.5)
-        m.commit("data@main")
-        assert stored_ahead(m, "f.bin") == 0 and not resumed_from(m, "f.bin")
-        assert path.read_bytes() == data
-    check_after(m)
-
-
-@pytest.fixture
-def not_ahead(tmp_path: Path) -> Iterator[Mount]:
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse on this machine")
-    with mounted(tmp_path, "--encode-ahead", "0", "--debug") as m:
-        m.vfsctl("repo", "create", "data")
-        yield m
-    check_after(m)
+    data = random.Random(4).randbytes(12 * MiB)
+    path = not_ahead.path / "data@main" / "f.bin"
+    with open(path, "wb") as f:
+        for i in range(0, len(data), MiB):
+            f.write(data[i:i + MiB])
+        f.flush()
+        time.sleep(0.5)
+    not_ahead.commit("data@main")
+    assert stored_ahead(not_ahead, "f.bin") == 0 and not resumed_from(not_ahead, "f.bin")
+    assert path.read_bytes() == data
 
 
 def test_appending_to_a_stored_file_stores_only_the_end(not_ahead: Mount) -> None:
     """Reopened for appending, a stored file's chunks (but its last) are reused, even
     with encoding ahead turned off."""
-    ahead = not_ahead
+    mount = not_ahead
     rng = random.Random(5)
     data = rng.randbytes(12 * MiB)
-    path = ahead.path / "data@main" / "log.bin"
+    path = mount.path / "data@main" / "log.bin"
     path.write_bytes(data)
-    ahead.commit("data@main")
+    mount.commit("data@main")
     more = rng.randbytes(3000)
     with open(path, "ab") as f:
         f.write(more)
         f.flush()
         os.fsync(f.fileno())
-    starts = resumed_from(ahead, "log.bin")
+    starts = resumed_from(mount, "log.bin")
     assert starts and starts[-1] > 8 * MiB
     assert path.read_bytes() == data + more
-    commit = ahead.commit("data@main")
-    ahead.restart()
-    assert (ahead.path / f"data@{commit}" / "log.bin").read_bytes() == data + more
+    commit = mount.commit("data@main")
+    mount.restart()
+    assert (mount.path / f"data@{commit}" / "log.bin").read_bytes() == data + more

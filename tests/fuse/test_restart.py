@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import random
 import signal
 from typing import TYPE_CHECKING
 
 import pytest
+from fuse_checks import staged
 
 if TYPE_CHECKING:
     from conftest import Mount
 
-
-def staged(mount: Mount) -> dict[str, str]:
-    status = json.loads(mount.vfsctl("status", "--json", "data@main").stdout)
-    return {change["path"]: change["status"] for change in status["changes"]}
 
 
 def write_and_commit_base(mount: Mount) -> tuple[str, bytes]:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import random
-import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,49 +22,41 @@ import pytest
 
 import vfs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for s3server
-from s3server import start_moto_server  # noqa: E402
-
 if TYPE_CHECKING:
     from conftest import Mount
 
-from conftest import daemon_log_problems, start_vfsd, stop_vfsd  # noqa: E402
+from conftest import daemon_log_problems, start_vfsd, stop_vfsd
 
 MiB = 1 << 20
 
 
 @pytest.fixture
-def s3_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mount]:
+def s3_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto_endpoint: str,
+             aws_env: None) -> Iterator[Mount]:
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse on this machine")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_CONFIG_FILE", "/dev/null"),
-                        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")):
-        monkeypatch.setenv(name, value)
-    with start_moto_server() as endpoint:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="pfs")
-        monkeypatch.setenv("VFS_S3_ENDPOINT", endpoint)
-        url = "s3://pfs/team"
-        cache = tmp_path / "cache"
-        vfs.open_store(url, cache_dir=str(cache), create=True).close()
-        mountpoint = tmp_path / "pfs"
-        mountpoint.mkdir()
-        mount = start_vfsd(url, cache, mountpoint, "--encode-ahead", "1M",  # type: ignore[arg-type]
-                           "--chunk-cache-size", "64M", "--debug")
-        try:
-            yield mount
-        finally:
-            stop_vfsd(mount)
-        problems = daemon_log_problems(mount.log)
-        assert not problems, "vfsd logged:\n" + "\n".join(problems)
-        store = vfs.open_store(url, cache_dir=str(cache))
-        try:
-            report = vfs.fsck.check(store, deep=True)
-        finally:
-            store.close()
-        assert report.ok, report.problems
+    bucket = f"pfs-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    monkeypatch.setenv("VFS_S3_ENDPOINT", moto_endpoint)
+    url = f"s3://{bucket}/team"
+    cache = tmp_path / "cache"
+    vfs.open_store(url, cache_dir=str(cache), create=True).close()
+    mountpoint = tmp_path / "pfs"
+    mountpoint.mkdir()
+    mount = start_vfsd(url, cache, mountpoint, "--encode-ahead", "1M",  # type: ignore[arg-type]
+                       "--chunk-cache-size", "64M", "--debug")
+    try:
+        yield mount
+    finally:
+        stop_vfsd(mount)
+    problems = daemon_log_problems(mount.log)
+    assert not problems, "vfsd logged:\n" + "\n".join(problems)
+    store = vfs.open_store(url, cache_dir=str(cache))
+    try:
+        report = vfs.fsck.check(store, deep=True)
+    finally:
+        store.close()
+    assert report.ok, report.problems
 
 
 def chunk_cache_bytes(mount: Mount) -> int:

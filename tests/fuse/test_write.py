@@ -9,7 +9,6 @@ the mount and to a plain directory (the model) and compare the two trees.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import stat
@@ -19,26 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from fuse_checks import tree_of
+from fuse_checks import staged, tree_of
 
 if TYPE_CHECKING:
     from conftest import Mount
 
 
-@pytest.fixture
-def branch(mount: Mount) -> Path:
-    mount.vfsctl("repo", "create", "data")
-    return mount.path / "data@main"
-
-
-def staged(mount: Mount) -> dict[str, str]:
-    """``vfsctl status data@main``: path → added / modified / deleted.
-
-    Directories appear only as ``/dir/`` when nothing is staged below them
-    (a new empty directory, or one moved as a whole).
-    """
-    status = json.loads(mount.vfsctl("status", "--json", "data@main").stdout)
-    return {change["path"]: change["status"] for change in status["changes"]}
 
 
 def cat(mount: Mount, ref: str) -> bytes:

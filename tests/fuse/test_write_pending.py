@@ -14,12 +14,13 @@ import fcntl
 import json
 import os
 import random
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from disks import small_tmpfs
+from fuse_checks import staged
 
 import vfs
 from daemon.spools import SIDECAR_XATTR, read_sidecar
@@ -28,17 +29,6 @@ if TYPE_CHECKING:
     from conftest import Mount
 
 from conftest import check_after, mounted
-
-
-@pytest.fixture
-def branch(mount: Mount) -> Path:
-    mount.vfsctl("repo", "create", "data")
-    return mount.path / "data@main"
-
-
-def staged(mount: Mount) -> dict[str, str]:
-    status = json.loads(mount.vfsctl("status", "--json", "data@main").stdout)
-    return {change["path"]: change["status"] for change in status["changes"]}
 
 
 def store_cache(mount: Mount) -> Path:
@@ -237,19 +227,6 @@ def test_a_new_daemon_stages_spools_with_a_sidecar_and_drops_the_others(
     assert "dropped 1 spool files" in log
     assert "data@gone:/x.txt cannot be staged" in log
     assert "data@main:/file.txt/inside.txt cannot be staged" in log
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_a_full_store_fails_fsync_and_commit_and_keeps_the_file(tmp_path: Path) -> None:

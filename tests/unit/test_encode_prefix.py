@@ -17,15 +17,28 @@ from vfs.tree import FILE, Entry
 MiB = 1 << 20
 
 
-def _encode_whole(store: vfs.Store, path: Path) -> tuple[str, int]:
+def _encode_file(store: vfs.Store, path: Path,
+                 prefix: EncodedPrefix | None = None) -> tuple[str, int]:
+    """encode_file of the file at ``path`` (after ``prefix``, if given)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         with store.blobs.writer() as writer:
-            result = encode_file(store, fd, writer)
+            result = encode_file(store, fd, writer, prefix=prefix)
     finally:
         os.close(fd)
     assert result is not None
     return result
+
+
+def _encode_prefix(store: vfs.Store, path: Path, prefix: EncodedPrefix,
+                   end: int) -> EncodedPrefix:
+    """encode_prefix of the file at ``path``, up to ``end``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with store.blobs.writer() as writer:
+            return encode_prefix(store, fd, prefix, end, writer)
+    finally:
+        os.close(fd)
 
 
 def _encode_in_steps(store: vfs.Store, path: Path, data: bytes,
@@ -38,25 +51,13 @@ def _encode_in_steps(store: vfs.Store, path: Path, data: bytes,
             f.seek(0, os.SEEK_END)
             f.write(data[f.tell():end])
             f.flush()
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                with store.blobs.writer() as writer:
-                    longer = encode_prefix(store, fd, prefix, end, writer)
-            finally:
-                os.close(fd)
+            longer = _encode_prefix(store, path, prefix, end)
             assert longer.size >= prefix.size
             assert longer.chunks[:len(prefix.chunks)] == prefix.chunks
             assert longer.size <= end
             prefix = longer
         f.write(data[f.tell():])
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with store.blobs.writer() as writer:
-            result = encode_file(store, fd, writer, prefix=prefix)
-    finally:
-        os.close(fd)
-    assert result is not None
-    return result, prefix
+    return _encode_file(store, path, prefix), prefix
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -68,7 +69,7 @@ def test_prefix_then_rest_equals_whole(store: vfs.Store, tmp_path: Path, seed: i
     data = data[:size]
     whole_path = tmp_path / "whole.bin"
     whole_path.write_bytes(data)
-    expected = _encode_whole(store, whole_path)
+    expected = _encode_file(store, whole_path)
 
     steps = sorted({rng.randrange(1, size) for _ in range(rng.randrange(1, 8))})
     got, prefix = _encode_in_steps(store, tmp_path / "steps.bin", data, steps)
@@ -85,31 +86,16 @@ def test_a_prefix_past_the_end_is_ignored(store: vfs.Store, tmp_path: Path) -> N
     data = random.Random(7).randbytes(20 * MiB)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with store.blobs.writer() as writer:
-            prefix = encode_prefix(store, fd, EncodedPrefix(), len(data), writer)
-    finally:
-        os.close(fd)
+    prefix = _encode_prefix(store, path, EncodedPrefix(), len(data))
     assert prefix.size > 10 * MiB
     os.truncate(path, 3 * MiB)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with store.blobs.writer() as writer:
-            got = encode_file(store, fd, writer, prefix=prefix)
-    finally:
-        os.close(fd)
-    assert got == _encode_whole(store, path)
-    assert got is not None and got[1] == 3 * MiB
+    got = _encode_file(store, path, prefix)
+    assert got == _encode_file(store, path)
+    assert got[1] == 3 * MiB
 
 
 def test_encode_prefix_of_too_little_is_empty(store: vfs.Store, tmp_path: Path) -> None:
     """Less than one certain cut: nothing is encoded ahead (the last chunk waits)."""
     path = tmp_path / "f.bin"
     path.write_bytes(random.Random(8).randbytes(300 << 10))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with store.blobs.writer() as writer:
-            assert encode_prefix(store, fd, EncodedPrefix(), 300 << 10, writer).size == 0
-    finally:
-        os.close(fd)
+    assert _encode_prefix(store, path, EncodedPrefix(), 300 << 10).size == 0
