@@ -120,6 +120,24 @@ class Runtime:
         raise NotImplementedError
 
 
+class HostRuntime(Runtime):
+    """A runtime that runs the node's own binaries (no image): process, bwrap.
+
+    ``memory`` is enforced as an address-space limit (RLIMIT_AS); ``cpus`` is not.
+    """
+
+    def check(self, image: str | None, *, batch: bool = False) -> None:
+        if image is not None:
+            raise InvalidSpec(f"runtime {self.name} runs host binaries: remove "
+                              "'transform.image' or use runtime runc, podman or docker")
+
+    def image_digest(self, image: str | None) -> str:
+        return "host"
+
+    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
+        return ["cpus"] if cpus is not None else []
+
+
 def check_run(run: ContainerRun) -> None:
     """Reject a run whose names would collide with the layout under ``/pfs``."""
     if not run.cmd:

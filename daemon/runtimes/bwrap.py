@@ -17,7 +17,7 @@ from daemon.runtimes.base import (
     KILLED,
     PFS,
     ContainerRun,
-    Runtime,
+    HostRuntime,
     batch_argv,
     batch_mounts,
     batch_statuses,
@@ -68,7 +68,7 @@ def build_args(run: ContainerRun, *, status_dir: str | None = None,
     return [*args, "--", *command]
 
 
-class BwrapRuntime(Runtime):
+class BwrapRuntime(HostRuntime):
     """Run host programs in a bubblewrap sandbox (see the module docstring).
 
     ``memory`` is enforced as an address-space limit (RLIMIT_AS, see
@@ -90,18 +90,10 @@ class BwrapRuntime(Runtime):
         return path
 
     def check(self, image: str | None, *, batch: bool = False) -> None:
-        if image is not None:
-            raise InvalidSpec("runtime bwrap runs host binaries: remove 'transform.image' "
-                              "or use runtime runc, podman or docker")
+        super().check(image, batch=batch)
         self._binary()
         if batch and not os.access("/bin/sh", os.X_OK):
             raise InvalidSpec("datum_batch > 1 needs /bin/sh, which this node lacks")
-
-    def image_digest(self, image: str | None) -> str:
-        return "host"
-
-    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
-        return ["cpus"] if cpus is not None else []
 
     async def run(self, run: ContainerRun) -> list[int]:
         check_run(run)

@@ -17,7 +17,7 @@ from daemon.runtimes.base import (
     KILLED,
     ContainerRun,
     DatumIO,
-    Runtime,
+    HostRuntime,
     check_run,
     datum_env,
     exit_status,
@@ -26,10 +26,9 @@ from daemon.runtimes.base import (
     note,
     timeout_message,
 )
-from vfs.errors import InvalidSpec
 
 
-class ProcessRuntime(Runtime):
+class ProcessRuntime(HostRuntime):
     """Run the command as a plain host process.
 
     There is no ``/pfs`` on the host, so ``VFS_PFS`` names a host directory laid out
@@ -49,17 +48,6 @@ class ProcessRuntime(Runtime):
 
     name = "process"
     isolates_network = False
-
-    def check(self, image: str | None, *, batch: bool = False) -> None:
-        if image is not None:
-            raise InvalidSpec("runtime process runs host binaries: remove 'transform.image' "
-                              "or use runtime runc, podman or docker")
-
-    def image_digest(self, image: str | None) -> str:
-        return "host"
-
-    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
-        return ["cpus"] if cpus is not None else []
 
     async def run(self, run: ContainerRun) -> list[int]:
         check_run(run)
