@@ -59,6 +59,7 @@ from mount import (
 )
 
 sys.path.insert(0, ROOT)
+from daemon.runtimes.rootfs import make_busybox_rootfs  # noqa: E402
 from vfs.refs import parse_time  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -159,26 +160,6 @@ def write_files(directory: str, names: list[str], tag: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(fd, f"{tag} {name}\n".encode())
         os.close(fd)
-
-
-def busybox_rootfs(root: str) -> str:
-    """A root filesystem with a static busybox and its applets in /bin (as tests/conftest)."""
-    listing = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for directory in ("bin", "etc", "tmp", "proc", "dev", "sys", "pfs", "root"):
-        os.makedirs(os.path.join(root, directory))
-    os.chmod(os.path.join(root, "tmp"), 0o1777)
-    shutil.copy2(BUSYBOX, os.path.join(root, "bin", "busybox"))
-    for applet in listing:
-        if applet != "busybox" and "/" not in applet:
-            os.symlink("busybox", os.path.join(root, "bin", applet))
-    os.makedirs(os.path.join(root, "usr"))
-    os.symlink("../bin", os.path.join(root, "usr", "bin"))
-    with open(os.path.join(root, "etc", "passwd"), "w") as f:
-        f.write("root:x:0:0:root:/root:/bin/sh\n")
-    with open(os.path.join(root, "etc", "group"), "w") as f:
-        f.write("root:x:0:\n")
-    return root
 
 
 class Daemon(Vfsd):
@@ -359,7 +340,7 @@ def bench_overhead(ctx: Ctx) -> None:
             ctx.note("runc needs root and /bin/busybox (busybox-static): skipped")
             runtimes.remove("runc")
         else:
-            rootfs = busybox_rootfs(ctx.path("busybox-rootfs"))
+            rootfs = make_busybox_rootfs(ctx.path("busybox-rootfs"), BUSYBOX)
     bases = Baselines(ctx, rootfs)
     fx = Pipelines(ctx, "overhead")
     cases = []

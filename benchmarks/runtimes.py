@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,19 +33,7 @@ from daemon.runtimes import (  # noqa: E402
     RuncRuntime,
     Runtime,
 )
-
-
-def busybox_rootfs(root: str) -> str:
-    """A root filesystem with a static busybox and its applets in /bin."""
-    os.makedirs(os.path.join(root, "bin"))
-    os.makedirs(os.path.join(root, "etc"))
-    shutil.copy2("/bin/busybox", os.path.join(root, "bin", "busybox"))
-    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            os.symlink("busybox", os.path.join(root, "bin", applet))
-    return root
+from daemon.runtimes.rootfs import make_busybox_rootfs  # noqa: E402
 
 
 async def measure(runtime: Runtime, image: str | None, base: str, datums: int,
@@ -88,7 +75,7 @@ async def main() -> None:
         else:
             print("bwrap: not installed, skipped")
         if shutil.which("runc") and os.geteuid() == 0 and os.path.exists("/bin/busybox"):
-            rootfs = busybox_rootfs(os.path.join(scratch, "rootfs"))
+            rootfs = make_busybox_rootfs(os.path.join(scratch, "rootfs"))
             runc = RuncRuntime(cache_dir=os.path.join(scratch, "images"),
                                state_root=os.path.join(scratch, "runc-state"))
             cases += [("runc", runc, rootfs, 1),

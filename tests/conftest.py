@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import vfs
+from daemon.runtimes.rootfs import make_busybox_rootfs
 from vfs import fsck
 
 # Loggers of our own packages; third-party warnings (boto, moto, trio) are not ours to fail on.
@@ -128,20 +127,8 @@ def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root filesystem directory with a static busybox and all its applets in /bin."""
     if not os.path.exists(BUSYBOX):
         pytest.skip(f"{BUSYBOX} is missing (apt-get install busybox-static)")
-    listing = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True)
     root = tmp_path_factory.mktemp("busybox") / "rootfs"
-    for directory in ("bin", "etc", "tmp", "proc", "dev", "pfs", "root"):
-        (root / directory).mkdir(parents=True)
-    (root / "tmp").chmod(0o1777)
-    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    for applet in listing.stdout.split():
-        if applet != "busybox" and "/" not in applet:
-            (root / "bin" / applet).symlink_to("busybox")
-    (root / "usr").mkdir()
-    (root / "usr" / "bin").symlink_to("../bin")
-    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc" / "group").write_text("root:x:0:\n")
-    return root
+    return Path(make_busybox_rootfs(str(root), BUSYBOX))
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,10 @@ version of an image rebuilt in place.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import struct
+import subprocess
 import threading
 from collections.abc import Iterator
 
@@ -33,6 +35,29 @@ _MAX_SYMLINKS = 40
 _FileHashes = dict[bytes, tuple[int, int, int, bytes]]
 _file_hashes: dict[str, _FileHashes] = {}
 _file_hashes_lock = threading.Lock()
+
+
+def make_busybox_rootfs(root: str, busybox: str = "/bin/busybox") -> str:
+    """Make a minimal root filesystem at ``root`` (which must not exist) from a static
+    busybox (Debian: busybox-static): busybox and all its applets in ``/bin``, the
+    directories a runc container needs, and a root user. Enough to try the runc
+    runtime; the tests and benchmarks use it. Returns ``root``."""
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for directory in ("bin", "etc", "tmp", "proc", "dev", "pfs", "root"):
+        os.makedirs(os.path.join(root, directory))
+    os.chmod(os.path.join(root, "tmp"), 0o1777)
+    shutil.copy2(busybox, os.path.join(root, "bin", "busybox"))
+    for applet in applets:
+        if applet != "busybox" and "/" not in applet:
+            os.symlink("busybox", os.path.join(root, "bin", applet))
+    os.makedirs(os.path.join(root, "usr"))
+    os.symlink("../bin", os.path.join(root, "usr", "bin"))
+    with open(os.path.join(root, "etc", "passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\n")
+    with open(os.path.join(root, "etc", "group"), "w") as f:
+        f.write("root:x:0:\n")
+    return root
 
 
 def check_rootfs(path: str, *, batch: bool = False) -> None:
