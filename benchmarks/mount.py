@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -1097,13 +1098,15 @@ def bench_million(ctx: Ctx) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def table(records: list[dict], markdown: bool) -> str:
+def table(records: list[dict], markdown: bool, *, detail: bool = False) -> str:
+    """The records as a text or markdown table (``detail``: with their detail column)."""
     head = ["bench", "measurement", "ours", "baseline", "baseline value",
-            "ratio (ours/baseline)", "target", "met"]
+            "ratio (ours/baseline)", "target", "met"] + (["detail"] if detail else [])
     rows = [[r["bench"], r["metric"], fmt(r["value"], r["unit"]), r["baseline"] or "-",
              fmt(r["baseline_value"], r["unit"]),
              f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-", r["target"] or "-",
-             {True: "yes", False: "NO", None: "-"}[r["met"]]] for r in records]
+             {True: "yes", False: "NO", None: "-"}[r["met"]]]
+            + ([r.get("detail") or "-"] if detail else []) for r in records]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -1124,6 +1127,75 @@ def cleanup(ctx: Ctx) -> None:
     rmtree(ctx.workdir)
 
 
+def parse_only(parser: argparse.ArgumentParser, only: str, names: list[str]) -> set[str]:
+    """The benchmarks ``--only`` names (numbers or names; empty: all of them)."""
+    selected = set()
+    for item in filter(None, (s.strip() for s in only.split(","))):
+        name = names[int(item) - 1] if item.isdigit() else item
+        if name not in names:
+            parser.error(f"unknown benchmark {item!r}")
+        selected.add(name)
+    return selected or set(names)
+
+
+def start(parser: argparse.ArgumentParser, ctx, args: argparse.Namespace) -> dict:
+    """A fresh work directory, the other benchmarks waited for, the machine described."""
+    if mounted_under(ctx.workdir):
+        parser.error(f"something is mounted under {ctx.workdir}: unmount it first")
+    rmtree(ctx.workdir)
+    os.makedirs(ctx.workdir)
+    if not args.no_wait:
+        wait_for_other_benchmarks()
+    info = machine_info(ctx.workdir)
+    info["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    info["quick"] = args.quick
+    return info
+
+
+def run_steps(ctx, info: dict, steps: list[tuple[str, Callable[[], None]]],
+              no_wait: bool) -> dict[str, str]:
+    """Run each benchmark in turn (one failing does not stop the others); returns the
+    failures by name. Each waits for other benchmarks and notes the CPU others use."""
+    failures = {}
+    for name, fn in steps:
+        if not no_wait and other_benchmark_running():
+            wait_for_other_benchmarks()
+        busy = other_cpu_busy(1.0)
+        info.setdefault("other_cpu_busy_before", {})[name] = round(busy, 3)
+        log(f"=== {name} (CPU used by other processes just before: {busy:.0%})")
+        t0 = time.time()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - go on with the others
+            import traceback
+
+            traceback.print_exc()
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            ctx.note(f"benchmark {name} failed: {exc}")
+            for mnt in ctx.mounts:
+                unmount(mnt)
+        info.setdefault("elapsed_per_benchmark_s", {})[name] = round(time.time() - t0, 1)
+        log(f"=== {name} done in {time.time() - t0:.0f} s")
+    return failures
+
+
+def report(ctx, info: dict, failures: dict[str, str], results: str, *,
+           detail: bool = False) -> None:
+    """Print the tables and notes, write the JSON results; exit 1 if a benchmark failed."""
+    print(table(ctx.records, markdown=False, detail=detail))
+    print()
+    print(table(ctx.records, markdown=True, detail=detail))
+    for note in ctx.notes:
+        print(f"note: {note}")
+    os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+    with open(results, "w") as f:
+        json.dump({"machine": info, "records": ctx.records, "raw": ctx.raw,
+                   "notes": ctx.notes, "failures": failures}, f, indent=1, default=str)
+    print(f"results written to {results}")
+    if failures:
+        sys.exit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1137,13 +1209,7 @@ def main() -> None:
     parser.add_argument("--no-wait", action="store_true",
                         help="do not wait for a running benchmarks/run.py to end")
     args = parser.parse_args()
-    selected = set()
-    for item in filter(None, (s.strip() for s in args.only.split(","))):
-        name = BENCHMARKS[int(item) - 1] if item.isdigit() else item
-        if name not in BENCHMARKS:
-            parser.error(f"unknown benchmark {item!r}")
-        selected.add(name)
-    selected = selected or set(BENCHMARKS)
+    selected = parse_only(parser, args.only, BENCHMARKS)
     if os.geteuid() != 0:
         print("warning: not root: the page cache cannot be dropped", file=sys.stderr)
     for tool in ("fio", "dd", "fusermount3"):
@@ -1151,15 +1217,7 @@ def main() -> None:
             parser.error(f"{tool} is needed (apt-get install -y fio fuse3)")
 
     ctx = Ctx(args)
-    if mounted_under(ctx.workdir):
-        parser.error(f"something is mounted under {ctx.workdir}: unmount it first")
-    rmtree(ctx.workdir)
-    os.makedirs(ctx.workdir)
-    if not args.no_wait:
-        wait_for_other_benchmarks()
-    info = machine_info(ctx.workdir)
-    info["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    info["quick"] = args.quick
+    info = start(parser, ctx, args)
     print(f"date: {info['date']}\nmachine: nproc {info['nproc']}, CPU {info.get('cpu')}, "
           f"RAM {info.get('ram_gib')} GiB, disk {info.get('disk')} "
           f"(lsblk ROTA MODEL: {info.get('disk_rotational_model')})", flush=True)
@@ -1167,42 +1225,24 @@ def main() -> None:
                                                            "deps", "git")}), flush=True)
     started = time.time()
     fx = Fixture(ctx)
-    failures = {}
+
+    def memory() -> None:
+        # The first store (and its source file) go first: disk space.
+        rmtree(fx.store)
+        rmtree(fx.cache)
+        rmtree(fx.src)
+        fx.commit = ""
+        bench_memory(ctx)
+
     steps = [("cold", lambda: bench_cold_warm(ctx, fx, "warm" in selected)),
              ("fio", lambda: bench_fio(ctx, fx)), ("small", lambda: bench_small(ctx, fx)),
-             ("listing", lambda: bench_listing(ctx, fx)), ("memory", None),
+             ("listing", lambda: bench_listing(ctx, fx)), ("memory", memory),
              ("million", lambda: bench_million(ctx))]
+    # "warm" is measured by the "cold" step, on the same mount.
+    chosen = selected | ({"cold"} if "warm" in selected else set())
     try:
-        for name, fn in steps:
-            if name == "cold" and not ({"cold", "warm"} & selected):
-                continue
-            if name not in ("cold",) and name not in selected:
-                continue
-            if not args.no_wait and other_benchmark_running():
-                wait_for_other_benchmarks()
-            busy = other_cpu_busy(1.0)
-            info.setdefault("other_cpu_busy_before", {})[name] = round(busy, 3)
-            log(f"=== {name} (CPU used by other processes just before: {busy:.0%})")
-            t0 = time.time()
-            try:
-                if name == "memory":
-                    # The first store (and its source file) go first: disk space.
-                    rmtree(fx.store)
-                    rmtree(fx.cache)
-                    rmtree(fx.src)
-                    fx.commit = ""
-                    bench_memory(ctx)
-                else:
-                    fn()
-            except Exception as exc:  # noqa: BLE001 - go on with the others
-                import traceback
-
-                traceback.print_exc()
-                failures[name] = f"{type(exc).__name__}: {exc}"
-                ctx.note(f"benchmark {name} failed: {exc}")
-                for mnt in ctx.mounts:
-                    unmount(mnt)
-            log(f"=== {name} done in {time.time() - t0:.0f} s")
+        failures = run_steps(ctx, info, [(n, fn) for n, fn in steps if n in chosen],
+                             args.no_wait)
     finally:
         info["elapsed_s"] = round(time.time() - started, 1)
         info["drop_caches"] = ctx.drop_ok
@@ -1211,18 +1251,7 @@ def main() -> None:
     print(f"vfs mount benchmarks {'(--quick) ' if args.quick else ''}{info['date']}: "
           f"{info.get('cpu')} x{info['nproc']}, {info.get('ram_gib')} GiB RAM, disk "
           f"{info.get('disk')}; page cache dropped: {ctx.drop_ok}; {info['elapsed_s']:.0f} s")
-    print(table(ctx.records, markdown=False))
-    print()
-    print(table(ctx.records, markdown=True))
-    for note in ctx.notes:
-        print(f"note: {note}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "w") as f:
-        json.dump({"machine": info, "records": ctx.records, "raw": ctx.raw,
-                   "notes": ctx.notes, "failures": failures}, f, indent=1)
-    print(f"results written to {args.results}")
-    if failures:
-        sys.exit(1)
+    report(ctx, info, failures, args.results)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ on stdout (plain and Markdown).
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import glob
 import json
 import os
@@ -47,14 +47,13 @@ from mount import (
     ROOT,
     VFSCTL,
     Vfsd,
+    cleanup,
     log,
-    machine_info,
-    mounted_under,
-    other_benchmark_running,
-    other_cpu_busy,
+    parse_only,
+    report,
     rmtree,
-    unmount,
-    wait_for_other_benchmarks,
+    run_steps,
+    start,
     wait_quiet,
 )
 
@@ -582,34 +581,6 @@ def bench_e2e(ctx: Ctx) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def table(records: list[dict], markdown: bool) -> str:
-    head = ["bench", "measurement", "ours", "baseline", "baseline value",
-            "ratio (ours/baseline)", "target", "met", "detail"]
-    rows = [[r["bench"], r["metric"], fmt(r["value"], r["unit"]), r["baseline"] or "-",
-             fmt(r["baseline_value"], r["unit"]),
-             f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-", r["target"] or "-",
-             {True: "yes", False: "NO", None: "-"}[r["met"]], r["detail"] or "-"]
-            for r in records]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
-    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
-    out = [line, "-" * len(line)]
-    return "\n".join(out + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
-                            for row in rows])
-
-
-def cleanup(ctx: Ctx) -> None:
-    for mnt in ctx.mounts + mounted_under(ctx.workdir):
-        unmount(mnt)
-    left = mounted_under(ctx.workdir)
-    if left:
-        print(f"warning: still mounted, {ctx.workdir} not deleted: {left}", file=sys.stderr)
-        return
-    rmtree(ctx.workdir)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -624,26 +595,12 @@ def main() -> None:
     parser.add_argument("--no-wait", action="store_true",
                         help="do not wait for a running benchmarks/run.py to end")
     args = parser.parse_args()
-    selected = set()
-    for item in filter(None, (s.strip() for s in args.only.split(","))):
-        name = BENCHMARKS[int(item) - 1] if item.isdigit() else item
-        if name not in BENCHMARKS:
-            parser.error(f"unknown benchmark {item!r}")
-        selected.add(name)
-    selected = selected or set(BENCHMARKS)
+    selected = parse_only(parser, args.only, BENCHMARKS)
     if os.geteuid() != 0:
         print("warning: not root: runc is skipped and FUSE may refuse to mount",
               file=sys.stderr)
     ctx = Ctx(args)
-    if mounted_under(ctx.workdir):
-        parser.error(f"something is mounted under {ctx.workdir}: unmount it first")
-    rmtree(ctx.workdir)
-    os.makedirs(ctx.workdir)
-    if not args.no_wait:
-        wait_for_other_benchmarks()
-    info = machine_info(ctx.workdir)
-    info["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    info["quick"] = args.quick
+    info = start(parser, ctx, args)
     info["code_fingerprint_start"] = code_fingerprint()
     for tool, argv in (("bwrap", ["bwrap", "--version"]), ("runc", ["runc", "--version"]),
                        ("busybox", [BUSYBOX])):
@@ -657,30 +614,11 @@ def main() -> None:
           f"{info['bwrap']}; {info['runc']}; git {info.get('git')}, code fingerprint "
           f"{info['code_fingerprint_start']}", flush=True)
     started = time.time()
-    failures = {}
-    steps = {"overhead": bench_overhead, "latency": bench_latency, "e2e": bench_e2e}
+    benches = {"overhead": bench_overhead, "latency": bench_latency, "e2e": bench_e2e}
     try:
-        for name in BENCHMARKS:
-            if name not in selected:
-                continue
-            if not args.no_wait and other_benchmark_running():
-                wait_for_other_benchmarks()
-            busy = other_cpu_busy(1.0)
-            info.setdefault("other_cpu_busy_before", {})[name] = round(busy, 3)
-            log(f"=== {name} (CPU used by other processes just before: {busy:.0%})")
-            t0 = time.time()
-            try:
-                steps[name](ctx)
-            except Exception as exc:  # noqa: BLE001 - go on with the others
-                import traceback
-
-                traceback.print_exc()
-                failures[name] = f"{type(exc).__name__}: {exc}"
-                ctx.note(f"benchmark {name} failed: {exc}")
-                for mnt in ctx.mounts:
-                    unmount(mnt)
-            info.setdefault("elapsed_per_benchmark_s", {})[name] = round(time.time() - t0, 1)
-            log(f"=== {name} done in {time.time() - t0:.0f} s")
+        failures = run_steps(ctx, info, [(name, functools.partial(benches[name], ctx))
+                                         for name in BENCHMARKS if name in selected],
+                             args.no_wait)
     finally:
         info["elapsed_s"] = round(time.time() - started, 1)
         info["code_fingerprint_end"] = code_fingerprint()
@@ -692,18 +630,7 @@ def main() -> None:
     print(f"vfs pipeline benchmarks {'(--quick) ' if args.quick else ''}{info['date']}: "
           f"{info.get('cpu')} x{info['nproc']}, {info.get('ram_gib')} GiB RAM; "
           f"{info['elapsed_s']:.0f} s")
-    print(table(ctx.records, markdown=False))
-    print()
-    print(table(ctx.records, markdown=True))
-    for note in ctx.notes:
-        print(f"note: {note}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "w") as f:
-        json.dump({"machine": info, "records": ctx.records, "raw": ctx.raw,
-                   "notes": ctx.notes, "failures": failures}, f, indent=1, default=str)
-    print(f"results written to {args.results}")
-    if failures:
-        sys.exit(1)
+    report(ctx, info, failures, args.results, detail=True)
 
 
 if __name__ == "__main__":
