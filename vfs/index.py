@@ -333,34 +333,28 @@ class Index:
         txn.delete(f"{repo}\0{branch}".encode(), db=self.db["sealing"])
 
     def clear_sealed_txn(self, txn: lmdb.Transaction, repo: str, branch: str,
-                         sealed: dict[str, bytes], new_base: str) -> int:
+                         sealed: dict[str, bytes], new_base: str) -> None:
         """After a commit: unstage exactly the changes it sealed.
 
         A change staged after the commit read the open commit (or changed since)
-        stays staged, now on top of ``new_base`` (the commit just made). Returns how
-        many changes stay.
+        stays staged, now on top of ``new_base`` (the commit just made).
         """
         db = self.db["staging"]
         prefix = staging_prefix(repo, branch)
+
+        def was_sealed(key: bytes, value: bytes) -> bool:
+            path, change = _staged_item(prefix, key, value)
+            return sealed.get(path) == change
+
+        _delete_prefix(txn, db, prefix, where=was_sealed)
         cursor = txn.cursor(db=db)
-        kept = 0
-        if cursor.set_range(prefix):
-            while cursor.key().startswith(prefix):
-                path, change = _staged_item(prefix, bytes(cursor.key()), bytes(cursor.value()))
-                if sealed.get(path) == change:
-                    if not cursor.delete():  # moved to the next entry, or past the end
-                        break
-                    continue
-                kept += 1
-                if not cursor.next():
-                    break
+        kept = cursor.set_range(prefix) and cursor.key().startswith(prefix)
         base_key = f"{repo}\0{branch}".encode()
         if kept:
             txn.put(base_key, new_base.encode(), db=self.db["staging_base"])
         else:
             txn.delete(base_key, db=self.db["staging_base"])
         txn.delete(base_key, db=self.db["sealing"])
-        return kept
 
     def open_commits(self) -> list[tuple[str, str]]:
         """Every (repo, branch) with an open commit on this node."""
