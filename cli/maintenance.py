@@ -19,25 +19,49 @@ from cli.output import emit_json, human_size, note
               help="Keep unreferenced data younger than this (writers may still need it).")
 @click.option("--reflog-retention", type=Duration(), default="30d", show_default=True,
               help="Reflog entries younger than this keep their commits alive.")
+@click.option("--ignore-node", "ignore_nodes", multiple=True, metavar="NAME",
+              help="Do not wait for this node (name or id); its published pins still count.")
+@click.option("--node-expiry", type=Duration(), default="1d", show_default=True,
+              help="A node silent for this long is taken as gone and not waited for.")
+@click.option("--wait", "wait_acks", type=Duration(), default="0s", show_default=True,
+              help="How long to wait for active nodes to acknowledge what gc condemns.")
+@click.option("--delete-delay", type=Duration(), default="0s", show_default=True,
+              help="Keep condemned data at least this long before deleting it.")
 @json_option
 @pass_options
 def gc(options: Options, dry_run: bool, grace: float, reflog_retention: float,
-       as_json: bool) -> None:
-    """Remove data no branch, reflog entry or open commit needs any more."""
+       ignore_nodes: tuple[str, ...], node_expiry: float, wait_acks: float,
+       delete_delay: float, as_json: bool) -> None:
+    """Remove data no branch, reflog entry, open commit or node needs any more.
+
+    Deletion has two phases: gc condemns what is dead, and deletes it once every
+    active node has acknowledged the condemnation (at once when no other node is
+    active; else in this run with --wait, or in a later run).
+    """
     from vfs.gc import collect
 
     with output.progress("examining packs", unit="packs") as advance:
         report = collect(options.store(), grace=grace, reflog_retention=reflog_retention,
-                         dry_run=dry_run, progress=advance)
+                         dry_run=dry_run, progress=advance, ignore_nodes=ignore_nodes,
+                         node_expiry=node_expiry, wait_acks=wait_acks,
+                         delete_delay=delete_delay)
     if as_json:
         emit_json(report.as_dict())
         return
-    would = "would be " if report.dry_run else ""
-    click.echo(f"{report.packs_deleted} packs {would}deleted, {report.packs_repacked} "
-               f"{would}repacked, {report.commits_deleted} commits {would}deleted, "
-               f"{human_size(report.bytes_freed)} {would}freed")
+    for line in report.notes:
+        note(f"note: {line}")
     if report.dry_run:
+        click.echo(f"{report.packs_condemned} packs would be condemned "
+                   f"({report.packs_repacked} after repacking), {report.commits_condemned} "
+                   f"commits would be condemned, {human_size(report.bytes_freed)} would be freed")
         note("dry run: nothing was changed")
+        return
+    click.echo(f"{report.packs_deleted} packs deleted, {report.packs_repacked} repacked, "
+               f"{report.commits_deleted} commits deleted, {report.packs_pardoned} pardoned, "
+               f"{human_size(report.bytes_freed)} freed")
+    if report.waiting_for:
+        note(f"condemned data waits for node {', '.join(report.waiting_for)} to acknowledge; "
+             "a later gc deletes it")
 
 
 @click.command()

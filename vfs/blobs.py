@@ -203,13 +203,22 @@ def decode_index(data: bytes, what: str = "pack index") -> list[IndexEntry]:
 
 def index_from_pack(pack: bytes, what: str = "pack") -> list[IndexEntry]:
     """Read the index embedded at the end of a whole pack (fsck, recovery)."""
+    return decode_index(embedded_index(pack, what), what)
+
+
+def embedded_index(pack: bytes, what: str = "pack") -> bytes:
+    """The index bytes embedded at the end of a whole pack (unverified).
+
+    Raises:
+        Corruption: the pack has no valid header or trailer.
+    """
     if len(pack) < len(PACK_MAGIC) + _TRAILER.size or pack[: len(PACK_MAGIC)] != PACK_MAGIC:
         raise Corruption(f"{what} is not a vfs pack")
     index_len, magic = _TRAILER.unpack_from(pack, len(pack) - _TRAILER.size)
     if magic != TRAILER_MAGIC or index_len > len(pack) - _TRAILER.size - len(PACK_MAGIC):
         raise Corruption(f"{what} has a damaged trailer")
     start = len(pack) - _TRAILER.size - index_len
-    return decode_index(pack[start : len(pack) - _TRAILER.size], what)
+    return bytes(pack[start : len(pack) - _TRAILER.size])
 
 
 # -- building packs ------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from vfs.blobs import (
@@ -27,7 +28,8 @@ from vfs.blobs import (
     pack_key,
 )
 from vfs.config import StoreConfig
-from vfs.errors import Corruption, ObjectNotFound
+from vfs.errors import Corruption, ObjectNotFound, StoreChanged
+from vfs.gclog import GcFollower, GcView
 from vfs.index import Index
 from vfs.objstore.base import ObjectStore
 
@@ -46,6 +48,10 @@ class BlobStore:
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
+        self.gc = GcFollower(objects, index)
+        #: Called before a writer first relies on its view of gc (the Store makes the
+        #: node's record active there: docs/format.md §10.2).
+        self.before_check: Callable[[], None] = lambda: None
 
     def has(self, digest: bytes) -> bool:
         return self.index.blob_location(digest) is not None
@@ -79,10 +85,24 @@ class BlobStore:
                 pack_key(location.pack_id), location.offset, location.stored_len
             )
         except ObjectNotFound:
-            raise Corruption(
-                f"pack {location.pack_id.hex()} holding blob {digest.hex()} is missing "
-                "from the store (run 'vfsctl fsck')"
-            ) from None
+            # gc may have deleted or repacked it: follow the log, learn new packs,
+            # and look again before calling it lost (docs/format.md §10.3).
+            self.gc.sync()
+            self.learn_new_packs()
+            moved = self.index.blob_location(digest)
+            if moved is None or moved == location:
+                raise Corruption(
+                    f"pack {location.pack_id.hex()} holding blob {digest.hex()} is missing "
+                    "from the store (run 'vfsctl fsck')"
+                ) from None
+            location = moved
+            try:
+                stored = self.objects.get_range(
+                    pack_key(location.pack_id), location.offset, location.stored_len)
+            except ObjectNotFound:
+                raise Corruption(
+                    f"pack {location.pack_id.hex()} holding blob {digest.hex()} is missing "
+                    "from the store (run 'vfsctl fsck')") from None
         data = self.codec.decode(digest, location, stored)
         if cache:
             self._remember(digest, data)
@@ -127,6 +147,30 @@ class BlobStore:
     def writer(self, *, max_inflight: int = 2) -> BlobWriter:
         return BlobWriter(self, max_inflight=max_inflight)
 
+    def check_packs(self, used: dict[bytes, set[bytes]]) -> tuple[GcView, dict[bytes, set[bytes]]]:
+        """The *check* of docs/format.md §10.4 for packs a write used.
+
+        Args:
+            used: pack id -> the blobs the write took from that pack.
+
+        Returns:
+            The node's fresh view of gc, and the used packs that are condemned.
+
+        Raises:
+            StoreChanged: a used pack was deleted by gc already; the write must be
+                done again (the index no longer offers that pack).
+        """
+        self.before_check()
+        view = self.gc.sync()
+        present = self.index.known_packs(used)
+        gone = [p for p in used if p not in present]
+        if gone:
+            raise StoreChanged(
+                f"pack {gone[0].hex()} was deleted by gc while this write used it: "
+                "run the command again")
+        condemned = {p: blobs for p, blobs in used.items() if p.hex() in view.condemned_packs}
+        return view, condemned
+
 
 class BlobWriter:
     """Packs new blobs and uploads them; use as a context manager or call close().
@@ -154,6 +198,11 @@ class BlobWriter:
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="vfs-checkpoint")
         self._checkpoints: list[Future[None]] = []
         self.bytes_written = 0
+        # pack id -> blobs this session took from it (deduplicated or written), for
+        # the check before the result is published (docs/format.md §10.4).
+        self._used: dict[bytes, set[bytes]] = {}
+        self._used_lock = threading.Lock()
+        self.view: GcView | None = None  # the view the last check used
 
     def __enter__(self) -> BlobWriter:
         return self
@@ -176,8 +225,15 @@ class BlobWriter:
         ``force`` writes it even if the index knows it elsewhere (repacking).
         """
         self._raise_failed_upload()
-        if blob.hash in self._builder or (not force and self.has(blob.hash)):
+        if blob.hash in self._builder:
             return False
+        if not force:
+            if self._in_flight(blob.hash):
+                return False
+            location = self.blobs.index.blob_location(blob.hash)
+            if location is not None:
+                self._note({blob.hash: location.pack_id})
+                return False
         self._builder.add(blob)
         if len(self._builder) >= self._target:
             self._seal()
@@ -189,7 +245,8 @@ class BlobWriter:
         """Add several blobs, asking the index about all of them in one transaction
         (one lookup each would hand the GIL back and forth thousands of times)."""
         self._raise_failed_upload()
-        known = self.blobs.index.has_blobs([b.hash for b in blobs])
+        known = self.blobs.index.blob_packs([b.hash for b in blobs])
+        self._note(known)
         for blob in blobs:
             if blob.hash in known or blob.hash in self._builder:
                 continue
@@ -202,6 +259,22 @@ class BlobWriter:
                 if len(self._inflight) >= _CHECKPOINT_PACKS:
                     self._checkpoint(wait=False)
 
+    def _in_flight(self, digest: bytes) -> bool:
+        with self._lock:
+            return digest in self._pending
+
+    def _note(self, located: dict[bytes, bytes]) -> None:
+        """Remember blobs this session deduplicated against (blob -> pack id)."""
+        if not located:
+            return
+        with self._used_lock:
+            for digest, pack_id in located.items():
+                self._used.setdefault(pack_id, set()).add(digest)
+
+    def note_used(self, digests: list[bytes]) -> None:
+        """Count blobs reused without passing through :meth:`add` (a files-cache hit)."""
+        self._note(self.blobs.index.blob_packs(digests))
+
     def add_bytes(self, kind: BlobKind, data: bytes) -> bytes:
         """Encode and add one blob in the calling thread; return its hash."""
         blob = self.blobs.codec.encode(kind, data)
@@ -209,7 +282,30 @@ class BlobWriter:
         return blob.hash
 
     def flush(self) -> None:
-        """Seal the current pack; return once every pack is durable and indexed."""
+        """Seal the current pack; return once every pack is durable and indexed and
+        every pack this session used passed the check (docs/format.md §10.4)."""
+        self._store_all()
+        for _ in range(3):
+            with self._used_lock:
+                used = {p: set(b) for p, b in self._used.items()}
+            self.view, condemned = self.blobs.check_packs(used)
+            if not condemned:
+                return
+            # Still present (a condemnation is carried out only once this node has
+            # acknowledged it): write those blobs again, in a new pack.
+            for pack_id, digests in condemned.items():
+                for digest in digests:
+                    location = self.blobs.index.blob_location(digest)
+                    if location is None or location.pack_id != pack_id:
+                        continue  # already stored elsewhere by this session
+                    data = self.blobs.read(digest)
+                    self.add(self.blobs.codec.encode(location.kind, data), force=True)
+                with self._used_lock:
+                    self._used.pop(pack_id, None)
+            self._store_all()
+        raise StoreChanged("gc keeps condemning the packs this write uses: run it again")
+
+    def _store_all(self) -> None:
         if self._builder.blob_count:
             self._seal()
         self._checkpoint()
@@ -257,6 +353,7 @@ class BlobWriter:
         with self._lock:
             for sealed in sealed_packs:
                 self._pending.difference_update(e.hash for e in sealed.entries)
+        self._note({e.hash: s.pack_id for s in sealed_packs for e in s.entries})
 
     def _seal(self) -> None:
         sealed = self._builder.seal_parts()

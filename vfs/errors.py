@@ -156,6 +156,20 @@ class StoreUnavailable(StoreError):
     """The object store could not be reached or failed transiently."""
 
 
+class StoreChanged(StoreUnavailable):
+    """gc deleted a pack a write was using; doing the write again succeeds."""
+
+
+class GcRefused(VfsError):
+    """gc will not delete now: a node may hold references it has not published."""
+
+    exit_code = 3
+
+
+class GcAborted(StoreError):
+    """gc could not read something it marks from, and deleted nothing."""
+
+
 class StoreFull(StoreError):
     """The object store or the local disk has no space left."""
 

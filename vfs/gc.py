@@ -1,125 +1,394 @@
-"""Garbage collection: delete what no ref, recent reflog entry or open commit keeps.
+"""Garbage collection that is safe with many nodes writing (docs/format.md §10.5).
 
-Mark: every commit named by a branch, or by a reflog entry younger than the
-retention, and all their ancestors (history is never rewritten); their trees,
-manifests and chunks; and everything the open commits of this node reference.
+One run, holding this node's lock alone and the store's gc lease:
 
-Sweep, for objects older than the grace period only (a concurrent writer's new
-packs and commit objects are younger than that):
+1. read the store's time and every node record; anything gc cannot read stops it
+   before it deletes anything (:class:`~vfs.errors.GcAborted`);
+2. carry out older condemnations that every active node has acknowledged: mark
+   again, delete what is still dead, pardon the rest, log what went;
+3. mark: refs, reflog entries within the retention, node pins, datum records;
+4. condemn what is dead and older than the grace period (store time): packs with no
+   live blob, mostly-dead packs after repacking their live blobs, unreachable commit
+   objects. A pack without its ``index/`` copy is re-indexed from the pack.
 
-* packs with no live blob are deleted (index entries first, then the pack);
-* packs whose live part is under half of their bytes are repacked: the live blobs
-  are written to a new pack, the index points at it, then the old pack goes;
-* packs without an index object (an upload cut short) are deleted;
-* commit objects that nothing reaches (a commit interrupted before its ref moved)
-  are deleted.
-
-GC holds the node's exclusive lock, so puts and commits on this node wait.
+A condemnation is carried out in the same run when every other node is idle or
+has acknowledged it (``wait_acks`` waits for that), else by a later run.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 
-from vfs.blobs import index_key, pack_key
-from vfs.reachability import mark, root_commits
+from vfs.blobs import blob_hash, decode_index, embedded_index, index_key, pack_key
+from vfs.errors import (
+    Corruption,
+    GcAborted,
+    GcRefused,
+    ObjectNotFound,
+    PreconditionFailed,
+    VfsError,
+)
+from vfs.gclog import (
+    DELETED,
+    Condemnation,
+    condemned_key,
+    list_condemnations,
+    write_condemnation,
+    write_deletion,
+)
+from vfs.nodes import ACTIVE, IDLE, NodeRecord, read_pins, read_records, store_now
+from vfs.reachability import Reachable, mark, root_commits
+from vfs.refs import canonical_json
+from vfs.tree import Entry
 
 _REPACK_BELOW = 0.5  # live fraction of a pack's bytes under which it is repacked
+LEASE_KEY = "gc/lease"
+LEASE_TTL = 3600.0  # a gc lease older than this (store time) was left by a dead gc
 
 
 @dataclass
 class GcReport:
     packs_total: int = 0
+    packs_condemned: int = 0
     packs_deleted: int = 0
     packs_repacked: int = 0
+    packs_pardoned: int = 0
+    packs_reindexed: int = 0
     bytes_freed: int = 0
+    commits_condemned: int = 0
     commits_deleted: int = 0
     blobs_live: int = 0
+    waiting_for: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     dry_run: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class GcSettings:
+    grace: float = 3600.0
+    reflog_retention: float = 30 * 86400.0
+    node_expiry: float = 86400.0
+    ignore_nodes: tuple[str, ...] = ()
+    wait_acks: float = 0.0
+    delete_delay: float = 0.0
+
+
 def collect(store, *, grace: float = 3600.0, reflog_retention: float = 30 * 86400.0,
-            dry_run: bool = False, progress: Callable[[int], None] | None = None) -> GcReport:
-    """Collect garbage in ``store``; see the module docstring for the rules.
+            dry_run: bool = False, progress: Callable[[int], None] | None = None,
+            node_expiry: float = 86400.0, ignore_nodes: Iterable[str] = (),
+            wait_acks: float = 0.0, delete_delay: float = 0.0) -> GcReport:
+    """Collect garbage in ``store``; see the module docstring.
 
     Args:
-        grace: seconds an unreferenced object must have existed before it is removed.
+        grace: seconds (store time) an unreferenced object must have existed before
+            it is condemned.
         reflog_retention: seconds reflog entries keep their commits alive.
-        dry_run: report what would be removed, change nothing.
+        dry_run: report what would be condemned, change nothing.
         progress: called with 1 per pack examined.
+        node_expiry: seconds after which a silent node is taken as gone.
+        ignore_nodes: names or ids of nodes not to wait for (their pins still count).
+        wait_acks: seconds to wait for active nodes to acknowledge a condemnation.
+        delete_delay: seconds (store time) a condemnation must be old before it is
+            carried out, on top of every node's acknowledgement.
+
+    Raises:
+        GcAborted: something gc marks from could not be read; nothing was deleted.
+        GcRefused: a node's record is stale, or another gc holds the lease.
     """
-    report = GcReport(dry_run=dry_run)
-    now = time.time()
-    with store.lock(exclusive=True):
-        store.blobs.learn_new_packs()  # other nodes' blobs count when sweeping
-        roots, _ = root_commits(store, reflog_since=now - reflog_retention)
-        for repo, branch in store.index.open_commits():
-            base = store.index.staging_base(repo, branch)
-            if base:
-                roots.add(base)
-        live = mark(store, roots, missing_commits_are_problems=False)
-        report.blobs_live = len(live.blobs)
-        stored = {info.key.rsplit("/", 1)[1]: info for info in store.objects.list("packs/")}
-        indexed = {info.key.split("/", 1)[1] for info in store.objects.list("index/")}
-        report.packs_total = len(stored)
+    settings = GcSettings(grace, reflog_retention, node_expiry, tuple(ignore_nodes),
+                          wait_acks, delete_delay)
+    return _Collector(store, settings, dry_run, progress).run()
+
+
+class _Collector:
+    def __init__(self, store, settings: GcSettings, dry_run: bool,
+                 progress: Callable[[int], None] | None) -> None:
+        self.store = store
+        self.objects = store.objects
+        self.settings = settings
+        self.progress = progress
+        self.report = GcReport(dry_run=dry_run)
+
+    def run(self) -> GcReport:
+        with self.store.lock(exclusive=True):
+            if self.report.dry_run:
+                self._prepare()
+                live = self._mark()
+                self._condemn(live, self._now())
+                return self.report
+            self._take_lease()
+            try:
+                self._prepare()
+                pending = list_condemnations(self.objects)
+                if pending:
+                    self._carry_out(pending, wait=0.0)
+                live = self._mark()
+                seq = self._condemn(live, self._now())
+                if seq is not None:
+                    self._acknowledge()
+                    fresh = [c for c in list_condemnations(self.objects) if c.seq == seq]
+                    self._carry_out(fresh, wait=self.settings.wait_acks)
+                self._expire_log()
+            finally:
+                self._acknowledge()
+                self.objects.delete(LEASE_KEY)
+        return self.report
+
+    # -- steps ---------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return store_now(self.objects, self.store.node.id)
+
+    def _prepare(self) -> None:
+        self.store.blobs.gc.sync()  # other gcs' deletions
+        self.store.blobs.learn_new_packs()  # other nodes' blobs count when sweeping
+
+    def _acknowledge(self) -> None:
+        # This node holds its lock alone: no write of its own is in flight.
+        view = self.store.blobs.gc.sync()
+        self.store.presence.publish(ACTIVE if self.store.stays_active else IDLE,
+                                    gc_seen=view.seen)
+
+    def _take_lease(self) -> None:
+        body = canonical_json({"node": self.store.node.id, "name": self.store.node.name})
+        try:
+            self.objects.put(LEASE_KEY, body, if_absent=True)
+            return
+        except PreconditionFailed:
+            pass
+        data, tag = self.objects.get_tagged(LEASE_KEY)
+        age = self._now() - self.objects.stat(LEASE_KEY).mtime
+        if age < LEASE_TTL:
+            try:
+                holder = json.loads(data).get("name", "?")
+            except ValueError:
+                holder = "?"
+            raise GcRefused(f"gc is already running on node {holder} (for {age:.0f} s): "
+                            "wait for it to finish")
+        try:
+            self.objects.put(LEASE_KEY, body, if_match=tag)  # left by a gc that died
+        except PreconditionFailed:
+            raise GcRefused("another gc took the lease just now: wait for it") from None
+
+    def _mark(self) -> Reachable:
+        """Mark from refs, the reflog, node pins and datum records (§10.5 step 3)."""
+        store = self.store
+        try:
+            now = self._now()
+            roots, problems = root_commits(
+                store, reflog_since=now - self.settings.reflog_retention)
+            entries: list[tuple[Entry, str]] = []
+            for record in read_records(self.objects):
+                pins = self._pins_of(record)
+                if pins is None:
+                    continue
+                for base in pins.bases:
+                    if self.objects.exists(f"commits/{base}"):
+                        roots.add(base)
+                    else:  # a base gone long ago: nothing left to keep
+                        self.report.notes.append(
+                            f"node {record.name}: open commit based on missing commit {base}")
+                for kind, ref in pins.entries:
+                    entries.append((Entry("pin", kind, 0o644, 0, 0, ref, 0),
+                                    f"pins of node {record.name}"))
+            for repo, branch in store.index.open_commits():
+                base = store.index.staging_base(repo, branch)
+                if base:
+                    roots.add(base)
+            live = mark(store, roots, extra_entries=entries)
+        except VfsError as exc:
+            raise GcAborted(f"gc stopped, nothing was deleted: {exc}") from exc
+        problems += live.problems
+        if problems:
+            shown = "; ".join(problems[:5])
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise GcAborted(f"gc stopped, nothing was deleted: cannot read {shown}{more}")
+        self.report.blobs_live = len(live.blobs)
+        return live
+
+    def _pins_of(self, record: NodeRecord):
+        if record.pins is None:
+            return None
+        try:
+            return read_pins(self.objects, record.pins)
+        except ObjectNotFound:
+            # The node published newer pins meanwhile: read its record again.
+            for fresh in read_records(self.objects):
+                if fresh.node == record.node:
+                    return read_pins(self.objects, fresh.pins) if fresh.pins else None
+            return None
+
+    def _condemn(self, live: Reachable, now: float) -> int | None:
+        """Phase 1: condemn what is dead and older than the grace period."""
+        store = self.store
+        pending = {p for c in list_condemnations(self.objects) for p in c.packs}
+        stored = {info.key.rsplit("/", 1)[1]: info for info in self.objects.list("packs/")}
+        indexed = {info.key.split("/", 1)[1] for info in self.objects.list("index/")}
+        self.report.packs_total = len(stored)
         by_pack: dict[bytes, list[tuple[bytes, int, bool]]] = {}
         for digest, loc in store.index.iter_blobs():
             by_pack.setdefault(loc.pack_id, []).append(
                 (digest, loc.stored_len, digest in live.blobs))
+        packs: list[str] = []
         for hex_id, info in stored.items():
-            if progress:
-                progress(1)
-            if now - info.mtime < grace:
+            if self.progress:
+                self.progress(1)
+            if now - info.mtime < self.settings.grace or hex_id in pending:
                 continue
-            pack_id = bytes.fromhex(hex_id)
-            blobs = by_pack.get(pack_id, [])
-            if hex_id not in indexed or not any(is_live for _, _, is_live in blobs):
-                report.packs_deleted += 1
-                report.bytes_freed += info.size
-                if not dry_run:
-                    _delete_pack(store, pack_id)
+            if hex_id not in indexed:
+                self._reindex(hex_id)
                 continue
-            live_bytes = sum(size for _, size, is_live in blobs if is_live)
+            blobs = by_pack.get(bytes.fromhex(hex_id), [])
+            if not any(is_live for _, _, is_live in blobs):
+                packs.append(hex_id)
+                self.report.bytes_freed += info.size
+                continue
             if all(is_live for _, _, is_live in blobs):
                 continue  # nothing to free (a small pack is mostly header and index)
+            live_bytes = sum(size for _, size, is_live in blobs if is_live)
             if live_bytes < _REPACK_BELOW * info.size:
-                report.packs_repacked += 1
-                report.bytes_freed += info.size - live_bytes
-                if not dry_run:
-                    _repack(store, pack_id, [d for d, _, is_live in blobs if is_live])
-        for info in store.objects.list("commits/"):
-            commit_id = info.key.split("/", 1)[1]
-            if commit_id not in live.commits and now - info.mtime >= grace:
-                report.commits_deleted += 1
-                if not dry_run:
-                    store.objects.delete(info.key)
-    return report
+                self.report.packs_repacked += 1
+                self.report.bytes_freed += info.size - live_bytes
+                if not self.report.dry_run:
+                    self._repack([d for d, _, is_live in blobs if is_live])
+                packs.append(hex_id)
+        pending_commits = {c for k in list_condemnations(self.objects) for c in k.commits}
+        commits = [info.key.split("/", 1)[1] for info in self.objects.list("commits/")
+                   if info.key.split("/", 1)[1] not in live.commits
+                   and info.key.split("/", 1)[1] not in pending_commits
+                   and now - info.mtime >= self.settings.grace]
+        self.report.packs_condemned = len(packs)
+        self.report.commits_condemned = len(commits)
+        if self.report.dry_run or not (packs or commits):
+            return None
+        return write_condemnation(self.objects, self.store.node.id, packs, commits)
 
+    def _reindex(self, hex_id: str) -> None:
+        """A pack whose index copy is missing: write it again from the pack (never
+        treat the pack as dead: its blobs may be live)."""
+        pack_id = bytes.fromhex(hex_id)
+        try:
+            data = self.objects.get(pack_key(pack_id))
+            if blob_hash(data) != pack_id:
+                raise Corruption("it does not match its hash")
+            index_bytes = embedded_index(data, f"pack {hex_id}")
+            entries = decode_index(index_bytes, f"pack {hex_id}")
+        except (Corruption, ObjectNotFound) as exc:
+            self.report.notes.append(f"pack {hex_id} has no index and cannot be read ({exc}): "
+                                     "kept")
+            return
+        if self.report.dry_run:
+            self.report.notes.append(f"pack {hex_id} has no index: would re-index it")
+            return
+        self.objects.put(index_key(pack_id), index_bytes)
+        self.store.index.add_pack(pack_id, len(data), [e.location(pack_id) for e in entries],
+                                  [e.hash for e in entries])
+        self.report.packs_reindexed += 1
 
-def _delete_pack(store, pack_id: bytes) -> None:
-    # Forget it locally first: a crash after this leaves an unindexed pack (garbage),
-    # never an index entry naming a deleted pack.
-    with store.index.write() as txn:
-        store.index.remove_pack_txn(txn, pack_id)
-    store.objects.delete(index_key(pack_id))
-    store.objects.delete(pack_key(pack_id))
+    def _repack(self, live: list[bytes]) -> None:
+        # The new pack is stored and indexed (the writer flushed) before the old one
+        # is condemned: the live blobs point there from now on.
+        with self.store.blobs.writer() as writer:
+            for digest in live:
+                location = self.store.index.blob_location(digest)
+                assert location is not None
+                data = self.store.blobs.read(digest)
+                writer.add(self.store.blobs.codec.encode(location.kind, data), force=True)
 
+    # -- phase 2 -------------------------------------------------------------------
 
-def _repack(store, pack_id: bytes, live: list[bytes]) -> None:
-    with store.blobs.writer() as writer:
-        for digest in live:
-            location = store.index.blob_location(digest)
-            assert location is not None
-            data = store.blobs.read(digest)
-            writer.add(store.blobs.codec.encode(location.kind, data), force=True)
-    # The new pack is stored and indexed (the writer flushed): the live blobs now
-    # point there, so removing the old pack forgets only dead blobs. (Should the new
-    # pack be byte-identical to the old one, it has the same id: keep it.)
-    if any(store.index.blob_location(d).pack_id == pack_id for d in live):  # type: ignore[union-attr]
-        return
-    _delete_pack(store, pack_id)
+    def _blockers(self, condemnations: list[Condemnation]) -> tuple[list[str], list[int]]:
+        """(nodes still to acknowledge, condemnations that may be carried out now).
+
+        Raises:
+            GcRefused: an active node's record is stale but not expired.
+        """
+        now = self._now()
+        records = read_records(self.objects)
+        waiting: list[NodeRecord] = []
+        stale = []
+        for record in records:
+            if record.node == self.store.node.id or record.state != ACTIVE:
+                continue
+            if any(record.matches(name) for name in self.settings.ignore_nodes):
+                continue
+            age = now - record.mtime
+            if age >= self.settings.node_expiry:
+                continue
+            if age > record.ttl:
+                stale.append(f"{record.name} ({record.node[:8]}, silent for {age:.0f} s)")
+            waiting.append(record)
+        if stale:
+            raise GcRefused(
+                f"gc will not delete: node {', '.join(stale)} may hold unpublished "
+                f"references; wait for it to come back or expire, or pass --ignore-node NAME")
+        ready = [c.seq for c in condemnations
+                 if now - c.mtime >= self.settings.delete_delay
+                 and all(r.gc_seen >= c.seq for r in waiting)]
+        names = sorted({r.name for r in waiting
+                        if any(r.gc_seen < c.seq for c in condemnations)})
+        return names, ready
+
+    def _carry_out(self, condemnations: list[Condemnation], *, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            waiting, ready = self._blockers(condemnations)
+            if len(ready) == len(condemnations) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        self.report.waiting_for = waiting
+        if not ready:
+            return
+        self.store.blobs.learn_new_packs()
+        live = self._mark()  # after the acknowledgements: sees every published write
+        for condemnation in condemnations:
+            if condemnation.seq in ready:
+                self._delete(condemnation, live)
+
+    def _delete(self, condemnation: Condemnation, live: Reachable) -> None:
+        store = self.store
+        packs, kept_in = [], set()
+        for hex_id in sorted(condemnation.packs):
+            pack_id = bytes.fromhex(hex_id)
+            try:
+                entries = decode_index(self.objects.get(index_key(pack_id)), index_key(pack_id))
+            except ObjectNotFound:
+                entries = []  # deleted already (an earlier run stopped half-way)
+            # live blob -> the pack this index reads it from
+            located = store.index.blob_packs([e.hash for e in entries if e.hash in live.blobs])
+            if any(p == pack_id for p in located.values()) or any(
+                    e.hash in live.blobs and e.hash not in located for e in entries):
+                self.report.packs_pardoned += 1  # live again: a write published meanwhile
+                continue
+            packs.append(hex_id)
+            kept_in.update(located[e.hash].hex() for e in entries if e.hash in located)
+        commits = sorted(c for c in condemnation.commits if c not in live.commits)
+        write_deletion(self.objects, condemnation.seq, packs, commits, sorted(kept_in))
+        # Forget locally first: a crash after this leaves an unindexed pack (which
+        # the next run re-indexes or collects), never an index entry naming a
+        # deleted pack.
+        with store.index.write() as txn:
+            store.index.remove_packs_txn(txn, {bytes.fromhex(h) for h in packs})
+        for hex_id in packs:
+            pack_id = bytes.fromhex(hex_id)
+            self.objects.delete(index_key(pack_id))
+            self.objects.delete(pack_key(pack_id))
+            self.report.packs_deleted += 1
+        for commit_id in commits:
+            self.objects.delete(f"commits/{commit_id}")
+            self.report.commits_deleted += 1
+        store.index.set_gc_log_cursor(max(store.index.gc_log_cursor(), condemnation.seq))
+        self.objects.delete(condemned_key(condemnation.seq))
+
+    def _expire_log(self) -> None:
+        """Drop deletion-log entries older than the reflog retention."""
+        now = self._now()
+        for info in self.objects.list(DELETED):
+            if now - info.mtime > self.settings.reflog_retention:
+                self.objects.delete(info.key)

@@ -13,6 +13,11 @@ databases, their keys and values:
 ``meta``
     ASCII key -> value. ``store_id`` -> the store's id (ASCII); guards against
     pointing a cache directory at another store. ``format`` -> b"1".
+    ``reflog_next/<repo>`` -> the next reflog number this node expects (a hint).
+    ``node_state`` -> JSON ``{"state", "gc_seen", "pins"}``: this node's record as
+    last published (docs/format.md §10.2). ``gc_log`` -> the number of the last
+    ``gc/deleted/<seq>`` entry applied to this index (ASCII decimal); it is reset
+    with the rebuildable databases, since a rebuild reads the packs as they are.
 
 ``blobs``
     blob hash (32 bytes) -> blob location, 46 bytes:
@@ -59,10 +64,12 @@ then record in one short transaction.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import blake3
 import lmdb
@@ -119,6 +126,15 @@ def _staged_item(prefix: bytes, key: bytes, value: bytes) -> tuple[str, bytes]:
 
 def staging_prefix(repo: str, branch: str) -> bytes:
     return f"{repo}\0{branch}\0".encode()
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """This node's record as last published (see vfs/nodes.py)."""
+
+    state: str = ""
+    gc_seen: int = 0
+    pins: str | None = None
 
 
 class Index:
@@ -218,12 +234,36 @@ class Index:
 
     def remove_pack_txn(self, txn: lmdb.Transaction, pack_id: bytes) -> None:
         """Forget a pack and every blob whose recorded location is in it."""
+        self.remove_packs_txn(txn, {pack_id})
+
+    def remove_packs_txn(self, txn: lmdb.Transaction, pack_ids: set[bytes]) -> None:
+        """Forget packs and every blob located in one of them (one pass over the blobs)."""
+        if not pack_ids:
+            return
         blobs = self.db["blobs"]
         cursor = txn.cursor(db=blobs)
-        doomed = [k for k, v in cursor.iternext() if v[:32] == pack_id]
+        doomed = [bytes(k) for k, v in cursor.iternext() if bytes(v[:32]) in pack_ids]
         for k in doomed:
             txn.delete(k, db=blobs)
-        txn.delete(pack_id, db=self.db["packs"])
+        for pack_id in pack_ids:
+            txn.delete(pack_id, db=self.db["packs"])
+
+    def blob_packs(self, digests: Iterable[bytes]) -> dict[bytes, bytes]:
+        """blob hash -> pack id, for the given blobs the index knows."""
+        db = self.db["blobs"]
+        out = {}
+        with self.env.begin() as txn:
+            for d in digests:
+                value = txn.get(d, db=db)
+                if value is not None:
+                    out[d] = bytes(value[:32])
+        return out
+
+    def known_packs(self, pack_ids: Iterable[bytes]) -> set[bytes]:
+        """The subset of ``pack_ids`` the index knows."""
+        db = self.db["packs"]
+        with self.env.begin() as txn:
+            return {p for p in pack_ids if txn.get(p, db=db) is not None}
 
     def packs(self) -> dict[bytes, tuple[int, int]]:
         """Every known pack: id -> (size, blob count)."""
@@ -243,6 +283,31 @@ class Index:
         with self.write() as txn:
             for name in _REBUILDABLE:
                 txn.drop(self.db[name.decode()], delete=False)
+            txn.delete(b"gc_log", db=self.db["meta"])
+
+    # -- this node in the store (gc protocol) ------------------------------------------
+
+    def node_state(self) -> NodeState:
+        with self.env.begin() as txn:
+            value = txn.get(b"node_state", db=self.db["meta"])
+        if value is None:
+            return NodeState()
+        raw = json.loads(value)
+        return NodeState(raw["state"], raw["gc_seen"], raw["pins"])
+
+    def set_node_state(self, state: str, gc_seen: int, pins: str | None) -> None:
+        with self.write() as txn:
+            txn.put(b"node_state", json.dumps({"state": state, "gc_seen": gc_seen,
+                                               "pins": pins}).encode(), db=self.db["meta"])
+
+    def gc_log_cursor(self) -> int:
+        with self.env.begin() as txn:
+            value = txn.get(b"gc_log", db=self.db["meta"])
+        return int(value) if value is not None else 0
+
+    def set_gc_log_cursor(self, seq: int) -> None:
+        with self.write() as txn:
+            txn.put(b"gc_log", str(seq).encode(), db=self.db["meta"])
 
     # -- commits -------------------------------------------------------------------
 

@@ -45,10 +45,12 @@ def root_commits(store, *, reflog_since: float | None) -> tuple[set[str], list[s
 
 def mark(store, commit_ids: Iterable[str], *, include_staging: bool = True,
          progress: Callable[[int], None] | None = None,
-         missing_commits_are_problems: bool = True) -> Reachable:
+         missing_commits_are_problems: bool = True,
+         extra_entries: Iterable[tuple[Entry, str]] = ()) -> Reachable:
     """Mark every commit reachable from ``commit_ids`` (all ancestors), their trees,
-    manifests and chunks, plus everything the node's open commits and the pipelines'
-    datum records reference."""
+    manifests and chunks, plus everything the node's open commits, the pipelines'
+    datum records and ``extra_entries`` ((entry, where) pairs: other nodes' pins)
+    reference. What cannot be read is listed in ``problems``."""
     live = Reachable()
     stack = list(commit_ids)
     trees: list[str] = []
@@ -73,12 +75,17 @@ def mark(store, commit_ids: Iterable[str], *, include_staging: bool = True,
                 entry = decode_change(value)
                 if entry is not None:
                     _mark_entry(store, live, entry, trees, f"open commit {repo}@{branch}:/{path}")
+    for entry, where in extra_entries:
+        _mark_entry(store, live, entry, trees, where)
     # Recorded datum outputs are reused by later jobs (a rollback of the input):
     # their blobs live as long as the records, even if no commit names them.
     from vfs.pipeline.records import all_datum_entries
 
-    for path, entry, key in all_datum_entries(store.objects):
-        _mark_entry(store, live, entry, trees, f"{key}:/{path}")
+    try:
+        for path, entry, key in all_datum_entries(store.objects):
+            _mark_entry(store, live, entry, trees, f"{key}:/{path}")
+    except (VfsError, ValueError, KeyError, TypeError) as exc:
+        live.problems.append(f"datum records: {exc!r}")
     snapshot = Snapshot(store.blobs, None)
     while trees:
         tree_hex = trees.pop()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from vfs.errors import (
 )
 from vfs.index import Index
 from vfs.names import RefSpec, check_name, looks_like_commit
+from vfs.nodes import ACTIVE, IDLE, Presence, node_identity
 from vfs.objstore import ObjectStore, open_object_store
 from vfs.refs import (
     Commit,
@@ -94,6 +97,14 @@ class Store:
         self.index = Index(self.cache_dir, config.store_id, durable=durable_index)
         self.blobs = BlobStore(objects, self.index, config)
         self._commits: dict[str, Commit] = {}
+        self.node = node_identity(self.cache_dir)
+        self.presence = Presence(objects, self.index, self.node)
+        #: A long-running process (vfsd) keeps the node active and refreshes the record
+        #: itself; a command-line process marks the node idle when its writes end.
+        self.stays_active = False
+        self.blobs.before_check = self._ensure_active
+        self._shared_depth = 0
+        self._depth_lock = threading.Lock()
 
     def close(self) -> None:
         self.index.close()
@@ -107,11 +118,56 @@ class Store:
 
     @contextmanager
     def lock(self, *, exclusive: bool = False) -> Iterator[None]:
-        """Node-local lock: writers share it, gc holds it alone."""
+        """Node-local lock: writers share it; gc, and a node acknowledging gc's
+        condemnations, hold it alone (docs/format.md §10.2)."""
         fd = os.open(os.path.join(self.cache_dir, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
+            if not exclusive:
+                with self._depth_lock:
+                    self._shared_depth += 1
+            try:
+                yield
+            finally:
+                if not exclusive:
+                    with self._depth_lock:
+                        self._shared_depth -= 1
+                        last = self._shared_depth == 0
+        finally:
+            os.close(fd)
+        if not exclusive and last and not self.stays_active \
+                and self.index.node_state().state == ACTIVE:
+            self.settle()
+
+    def _ensure_active(self) -> None:
+        """Make the node's record active before a write relies on its view of gc."""
+        if self.index.node_state().state != ACTIVE:
+            self.presence.publish(ACTIVE)
+
+    def settle(self, *, wait: float = 0.0) -> bool:
+        """Acknowledge gc's condemnations and publish fresh pins, if no write of this
+        node is in flight; a command-line process also marks the node idle.
+
+        Args:
+            wait: seconds to keep trying for the node's lock alone.
+
+        Returns:
+            True if the record was published with a new acknowledgement.
+        """
+        fd = os.open(os.path.join(self.cache_dir, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        return False  # a write is in flight: it settles when it ends
+                    time.sleep(0.05)
+            view = self.blobs.gc.sync()
+            self.presence.publish(ACTIVE if self.stays_active else IDLE, gc_seen=view.seen)
+            return True
         finally:
             os.close(fd)
 
