@@ -11,6 +11,7 @@ object (step 1 of the commit protocol), so the index never names a missing pack.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -302,6 +303,9 @@ class BlobWriter:
                     self.add(self.blobs.codec.encode(location.kind, data), force=True)
                 with self._used_lock:
                     self._used.pop(pack_id, None)
+            # The same blobs alone would make a byte-identical pack, under the condemned
+            # pack's name: one random unreferenced blob gives the new pack its own.
+            self.add(self.blobs.codec.encode(BlobKind.CHUNK, os.urandom(32)), force=True)
             self._store_all()
         raise StoreChanged("gc keeps condemning the packs this write uses: run it again")
 

@@ -50,6 +50,8 @@ def check(store, *, deep: bool = False,
           progress: Callable[[int], None] | None = None) -> FsckReport:
     """Verify the store and the local index; see the module docstring."""
     report = FsckReport(deep=deep)
+    store.blobs.gc.sync()  # what other nodes' gc deleted is not this index's problem
+    store.blobs.learn_new_packs()  # nor what other nodes wrote since
     _finish_interrupted_commits(store)
     stored_packs = {info.key.rsplit("/", 1)[1]: info.size for info in store.objects.list("packs/")}
     index_objects = [info.key for info in store.objects.list("index/")]

@@ -47,6 +47,7 @@ from vfs.tree import Entry
 _REPACK_BELOW = 0.5  # live fraction of a pack's bytes under which it is repacked
 LEASE_KEY = "gc/lease"
 LEASE_TTL = 3600.0  # a gc lease older than this (store time) was left by a dead gc
+LOG_RETENTION = 7 * 86400.0  # deletion-log entries are kept at least this long
 
 
 @dataclass
@@ -148,6 +149,13 @@ class _Collector:
     def _prepare(self) -> None:
         self.store.blobs.gc.sync()  # other gcs' deletions
         self.store.blobs.learn_new_packs()  # other nodes' blobs count when sweeping
+        # Before marking: a live tree may sit in a pack whose index copy was lost.
+        now = self._now()
+        indexed = {info.key.split("/", 1)[1] for info in self.objects.list("index/")}
+        for info in self.objects.list("packs/"):
+            hex_id = info.key.rsplit("/", 1)[1]
+            if hex_id not in indexed and now - info.mtime >= self.settings.grace:
+                self._reindex(hex_id)
 
     def _acknowledge(self) -> None:
         # This node holds its lock alone: no write of its own is in flight.
@@ -242,8 +250,7 @@ class _Collector:
             if now - info.mtime < self.settings.grace or hex_id in pending:
                 continue
             if hex_id not in indexed:
-                self._reindex(hex_id)
-                continue
+                continue  # kept: re-indexed in _prepare, or unreadable and reported
             blobs = by_pack.get(bytes.fromhex(hex_id), [])
             if not any(is_live for _, _, is_live in blobs):
                 packs.append(hex_id)
@@ -387,8 +394,10 @@ class _Collector:
         self.objects.delete(condemned_key(condemnation.seq))
 
     def _expire_log(self) -> None:
-        """Drop deletion-log entries older than the reflog retention."""
+        """Drop old deletion-log entries. A node that missed expired entries compares
+        its whole index with the store instead (vfs.gclog), so this is only a cost."""
+        keep = max(LOG_RETENTION, self.settings.node_expiry, self.settings.reflog_retention)
         now = self._now()
         for info in self.objects.list(DELETED):
-            if now - info.mtime > self.settings.reflog_retention:
+            if now - info.mtime > keep:
                 self.objects.delete(info.key)

@@ -168,8 +168,14 @@ class GcFollower:
                     view.condemned_commits.setdefault(commit, cached.seq)
             self._cache = current
             applied = self.index.gc_log_cursor()
-            for info in self.objects.list(DELETED):
-                seq = _seq_of(info.key)
+            logged = [(info, _seq_of(info.key)) for info in self.objects.list(DELETED)]
+            numbers = {c.seq for c in current.values()} | {seq for _, seq in logged}
+            newest = max(numbers, default=0)
+            if any(n not in numbers for n in range(applied + 1, newest + 1)):
+                # Entries this node never applied have expired from the log: compare
+                # the whole index with the store instead.
+                self._reconcile()
+            for info, seq in logged:
                 view.seen = max(view.seen, seq)
                 if seq <= applied:
                     continue
@@ -181,6 +187,15 @@ class GcFollower:
                 view.deleted_packs.update(deletion.packs)
                 self.index.set_gc_log_cursor(seq)
             return view
+
+    def _reconcile(self) -> None:
+        known = self.index.packs()
+        if not known:
+            return
+        stored = {bytes.fromhex(info.key.rsplit("/", 1)[1])
+                  for info in self.objects.list("packs/")}
+        with self.index.write() as txn:
+            self.index.remove_packs_txn(txn, set(known) - stored)
 
     def apply(self, deletion: Deletion) -> None:
         """Forget the deleted packs; (re)learn the packs that kept their live blobs."""

@@ -31,7 +31,7 @@ from vfs.blobs import BlobCodec, BlobKind, EncodedBlob
 from vfs.blobstore import BlobWriter
 from vfs.chunker import Chunker
 from vfs.config import StoreConfig
-from vfs.errors import InvalidPath, IsADirectory, PathNotFound, VfsError
+from vfs.errors import InvalidPath, IsADirectory, PathNotFound, StoreChanged, VfsError
 from vfs.names import join, normalize_path, parent_and_name
 from vfs.staging import OpenCommit, new_dir
 from vfs.tree import (
@@ -206,6 +206,8 @@ class Ingest:
         """Read, encode and store every planned source; collect staged changes."""
         files = [s for s in sources if stat.S_ISREG(s.st.st_mode)]
         cached = self._from_files_cache(files) if self.use_files_cache else {}
+        # Reused without passing through the writer: its check must cover them too.
+        writer.note_used(self._reused_blobs(cached.values()))
         with ThreadPoolExecutor(self.workers, thread_name_prefix="vfs-put") as pool:
             pending: deque[tuple[Future, Callable]] = deque()
 
@@ -377,6 +379,18 @@ class Ingest:
                 if chunks is None or len(self.store.index.has_blobs(chunks)) != len(set(chunks)):
                     del usable[path]
         return usable
+
+    def _reused_blobs(self, refs) -> list[bytes]:
+        out: list[bytes] = []
+        for ref in refs:
+            tag, payload = parse_file_ref(ref)
+            if tag == "i":
+                continue
+            out.append(payload)
+            if tag == "m":
+                out.extend(d for d, _ in decode_manifest(self.store.blobs.read(payload,
+                                                                               cache=True)))
+        return out
 
     def save_files_cache(self, txn) -> None:
         for path, value in self._cache_updates.items():
@@ -610,6 +624,18 @@ def put(store, repo: str, branch: str, dest: str, sources: list[str], *,
         PathNotFound, IsADirectory, NotADirectory, InvalidPath, StoreFull, ...
         Nothing is staged when an error is raised.
     """
+    try:
+        return _put(store, repo, branch, dest, sources, recursive=recursive, delete=delete,
+                    progress=progress)
+    except StoreChanged:
+        # gc deleted a pack this put deduplicated against; the check applied the
+        # deletion to the index, so a second attempt stores those blobs anew.
+        return _put(store, repo, branch, dest, sources, recursive=recursive, delete=delete,
+                    progress=progress)
+
+
+def _put(store, repo: str, branch: str, dest: str, sources: list[str], *,
+         recursive: bool, delete: bool, progress: Progress | None) -> PutResult:
     wants_dir = dest.endswith("/") and normalize_path(dest) != ""
     dest = normalize_path(dest)
     with store.lock():

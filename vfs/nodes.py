@@ -57,7 +57,8 @@ def node_identity(directory: str) -> NodeIdentity:
     except FileNotFoundError:
         pass
     except (ValueError, KeyError, TypeError) as exc:
-        raise Corruption(f"{path} is damaged ({exc}): delete it to give the node a new id")
+        raise Corruption(
+            f"{path} is damaged ({exc}): delete it to give the node a new id") from exc
     identity = NodeIdentity(secrets.token_hex(16),
                             os.environ.get("VFS_NODE_NAME") or socket.gethostname())
     tmp = f"{path}.{os.getpid()}.tmp"

@@ -404,9 +404,11 @@ class Store:
     def discard(self, repo: str, branch: str) -> int:
         """Drop a branch's open commit; return how many changes were dropped."""
         self.head(repo, branch)
-        count = len(self.index.staged(repo, branch))
-        with self.index.write() as txn:
-            self.index.clear_staging_txn(txn, repo, branch)
+        with self.lock():
+            count = len(self.index.staged(repo, branch))
+            with self.index.write() as txn:
+                self.index.clear_staging_txn(txn, repo, branch)
+        self.settle()  # publish the node's pins without the dropped changes
         return count
 
     def _recover_seal(self, state: RefState) -> None:
