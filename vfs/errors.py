@@ -156,6 +156,15 @@ class StoreUnavailable(StoreError):
     """The object store could not be reached or failed transiently."""
 
 
+class StoreAccessDenied(StoreError):
+    """The object store refused our credentials or has none to check.
+
+    Permanent: retrying does not help, fixing the credentials or the policy does.
+    """
+
+    errno = _errno.EACCES
+
+
 class StoreFull(StoreError):
     """The object store or the local disk has no space left."""
 

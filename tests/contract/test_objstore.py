@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from vfs.errors import ObjectNotFound, PreconditionFailed, StoreFull, StoreUnavailable
+from vfs.errors import (
+    ObjectNotFound,
+    PreconditionFailed,
+    StoreAccessDenied,
+    StoreFull,
+    StoreNotFound,
+    StoreUnavailable,
+)
 from vfs.objstore import MemoryStore, ObjectInfo, ObjectStore
 from vfs.objstore.wrappers import FaultyStore, LoggingStore, RetryingStore
 
@@ -253,11 +260,12 @@ def test_s3_unreachable_endpoint_is_store_unavailable(aws_env: None) -> None:
     store.close()
 
 
-def test_s3_missing_bucket_is_store_unavailable(aws_env: None, moto_endpoint: str) -> None:
+def test_s3_missing_bucket_is_store_not_found(aws_env: None, moto_endpoint: str) -> None:
+    # Not StoreUnavailable: a missing bucket does not appear by retrying.
     from vfs.objstore.s3 import S3Store
 
     store = S3Store("no-such-bucket-here", endpoint_url=moto_endpoint)
-    with pytest.raises(StoreUnavailable, match="does not exist"):
+    with pytest.raises(StoreNotFound, match="does not exist"):
         store.get("k")
     store.close()
 
@@ -304,7 +312,9 @@ def test_retrying_store_gives_up_after_attempts() -> None:
 
 
 @pytest.mark.parametrize(
-    "exc_factory", [lambda: PreconditionFailed("lost"), ObjectNotFound, StoreFull]
+    "exc_factory",
+    [lambda: PreconditionFailed("lost"), ObjectNotFound, StoreFull, StoreAccessDenied,
+     StoreNotFound],
 )
 def test_retrying_store_does_not_retry_other_errors(exc_factory) -> None:
     faulty = FaultyStore(MemoryStore())
