@@ -21,14 +21,15 @@ It ignores SIGTERM, so it is stopped with SIGKILL.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,20 @@ def _ready(client: Any) -> bool:
     return True
 
 
+def _remove_sockets(ports: Iterable[int]) -> None:
+    """Remove the unix sockets a killed weed left in /tmp (named after their port).
+
+    weed puts one per gRPC service at ``/tmp/seaweedfs-<service>-<port>.sock``
+    whatever ``$TMPDIR`` says, and SIGKILL gives it no chance to remove them. The
+    ports were free when chosen and weed is dead, so sockets with those numbers
+    are this run's.
+    """
+    for port in ports:
+        for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+
+
 def _log_tail(path: Path, limit: int = 4000) -> str:
     try:
         return path.read_bytes()[-limit:].decode(errors="replace")
@@ -161,8 +176,10 @@ def start_seaweed_server(data_dir: Path, timeout: float = 60.0) -> Iterator[str]
         ]
         (run_dir / "data").mkdir()
         with open(log_path, "wb") as log:
+            # TMPDIR: where weed's own glog files go (not its unix sockets, see below).
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=run_dir)
+                                    stderr=subprocess.STDOUT, env={**env, "TMPDIR": str(run_dir)},
+                                    cwd=run_dir)
         client = admin_client(endpoint)
         try:
             deadline = time.monotonic() + timeout
@@ -184,4 +201,5 @@ def start_seaweed_server(data_dir: Path, timeout: float = 60.0) -> Iterator[str]
             client.close()
             proc.kill()
             proc.wait()
+            _remove_sockets(ports.values())
     raise RuntimeError("weed mini failed to start three times:\n" + "\n---\n".join(failures))
