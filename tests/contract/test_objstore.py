@@ -19,7 +19,7 @@ from vfs.errors import (
     StoreUnavailable,
 )
 from vfs.objstore import MemoryStore, ObjectInfo, ObjectStore
-from vfs.objstore.wrappers import FaultyStore, LoggingStore, RetryingStore
+from vfs.objstore.wrappers import CountingStore, FaultyStore, LoggingStore, RetryingStore
 
 MIB = 1024 * 1024
 
@@ -501,6 +501,58 @@ def test_faulty_store_fail_once_and_after_the_write() -> None:
     with pytest.raises(StoreUnavailable):
         store.put("b", b"2")  # the write happened; only the answer was lost
     assert store.get("b") == b"2"
+
+
+def test_counting_store_counts_calls_per_operation() -> None:
+    store = CountingStore(MemoryStore())
+    store.put("a", b"1", if_absent=True)
+    store.put_deferred("packs/p", [b"x", b"y"])  # a write like any put
+    store.sync()
+    assert store.get("a") == b"1"
+    assert store.get_range("packs/p", 0, 1) == b"x"
+    with pytest.raises(ObjectNotFound):
+        store.stat("missing")  # failed calls are requests too
+    assert [info.key for info in store.list()] == ["a", "packs/p"]
+    store.delete("a")
+    assert store.calls == {"put": 2, "sync": 1, "get": 1, "get_range": 1, "stat": 1,
+                           "list": 1, "delete": 1}
+    assert store.total() == 8
+
+
+def test_counting_store_reset_returns_the_counts_so_far() -> None:
+    store = CountingStore(MemoryStore())
+    store.put("a", b"1")
+    store.get("a")
+    assert store.reset() == {"put": 1, "get": 1}
+    assert store.calls == {} and store.total() == 0
+    store.get("a")
+    assert store.reset() == {"get": 1}
+
+
+def test_counting_store_below_retries_counts_every_try() -> None:
+    faulty = FaultyStore(MemoryStore())
+    faulty.fail_once(1, StoreUnavailable)
+    counting = CountingStore(faulty)
+    store = RetryingStore(counting, sleep=lambda _: None)
+    store.put("k", b"x")
+    assert counting.calls["put"] == 2
+
+
+def test_counting_store_is_thread_safe() -> None:
+    store = CountingStore(MemoryStore())
+    store.put("k", b"x")
+    threads, calls = 8, 2000
+
+    def work() -> None:
+        for _ in range(calls):
+            store.exists("k")
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert store.calls["exists"] == threads * calls
 
 
 def test_logging_store_logs_calls(caplog: pytest.LogCaptureFixture) -> None:
