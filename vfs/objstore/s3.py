@@ -19,7 +19,9 @@ absent key), but its server checks the condition and then stores the object
 without holding a lock, so two conditional writes racing on one key can both
 succeed. This module does not paper over that with a client-side lock (it would
 convoy contended writers on real S3 and could not help across processes);
-``tests/s3server.py`` instead runs moto with its requests serialised.
+``tests/s3server.py`` instead runs moto with its requests serialised. SeaweedFS
+(``weed mini``, 4.48) evaluates both conditions atomically with S3's status codes,
+including 412 for If-Match on an absent key; the contract tests race writers on it.
 
 Retries are deliberately off in botocore: :class:`vfs.objstore.wrappers.RetryingStore`
 (which :func:`vfs.objstore.open_object_store` puts around every S3Store) owns the
