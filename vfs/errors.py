@@ -170,6 +170,15 @@ class GcAborted(StoreError):
     """gc could not read something it marks from, and deleted nothing."""
 
 
+class StoreAccessDenied(StoreError):
+    """The object store refused our credentials or has none to check.
+
+    Permanent: retrying does not help, fixing the credentials or the policy does.
+    """
+
+    errno = _errno.EACCES
+
+
 class StoreFull(StoreError):
     """The object store or the local disk has no space left."""
 

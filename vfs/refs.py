@@ -129,7 +129,12 @@ def read_ref(objects: ObjectStore, repo: str, branch: str) -> RefState:
 
 
 def create_ref(objects: ObjectStore, repo: str, branch: str, commit: str | None) -> None:
-    """Create a branch; raises PreconditionFailed if it exists."""
+    """Create a branch; raises PreconditionFailed if it exists.
+
+    Behind a retrying store (every S3 store), a create whose first try landed but
+    whose answer was lost is retried and then fails with PreconditionFailed,
+    although this call made the branch: read the ref to tell the two apart.
+    """
     objects.put(ref_key(repo, branch), canonical_json({"commit": commit}), if_absent=True)
 
 
@@ -137,7 +142,10 @@ def move_ref(objects: ObjectStore, state: RefState, commit: str | None) -> None:
     """Compare-and-swap a branch from ``state.commit`` to ``commit``.
 
     Raises:
-        PreconditionFailed: the branch moved since ``state`` was read.
+        PreconditionFailed: the branch moved since ``state`` was read, or (behind a
+            retrying store, i.e. on S3) the swap landed but its answer was lost and
+            the retry saw the new tag. The ref then already names ``commit``; a
+            caller that must know re-reads the ref and compares.
     """
     objects.put(ref_key(state.repo, state.branch), canonical_json({"commit": commit}),
                 if_match=state.tag)
@@ -167,7 +175,9 @@ def append_reflog(objects: ObjectStore, repo: str, branch: str, old: str | None,
     """Append an audit entry for a branch move.
 
     The sequence number is claimed with if-absent, so concurrent writers never
-    share one. ``start`` is a hint (the number after the last one this node
+    share one. Behind a retrying store a claim whose answer was lost is retried,
+    fails as taken and the entry is written again under the next number: a
+    duplicate entry, never a lost one. ``start`` is a hint (the number after the last one this node
     wrote); without it the reflog is listed to find the end.
     """
     if start is None:

@@ -10,9 +10,16 @@ from typing import Any
 
 import pytest
 
-from vfs.errors import ObjectNotFound, PreconditionFailed, StoreFull, StoreUnavailable
+from vfs.errors import (
+    ObjectNotFound,
+    PreconditionFailed,
+    StoreAccessDenied,
+    StoreFull,
+    StoreNotFound,
+    StoreUnavailable,
+)
 from vfs.objstore import MemoryStore, ObjectInfo, ObjectStore
-from vfs.objstore.wrappers import FaultyStore, LoggingStore, RetryingStore
+from vfs.objstore.wrappers import CountingStore, FaultyStore, LoggingStore, RetryingStore
 
 MIB = 1024 * 1024
 
@@ -214,6 +221,91 @@ def test_concurrent_compare_and_swap(object_store: ObjectStore) -> None:
     assert int(object_store.get("counter")) == threads * increments
 
 
+RACERS = 8
+
+
+def _race(racers: int, attempt) -> list[tuple[int, Any]]:
+    """Run ``attempt(n)`` in ``racers`` threads released at once; return each outcome.
+
+    An outcome is ``(n, tag)`` for a write that won and ``(n, exception)`` otherwise.
+    """
+    start = threading.Barrier(racers)
+    outcomes: list[tuple[int, Any]] = []
+    lock = threading.Lock()
+
+    def run(n: int) -> None:
+        start.wait()
+        try:
+            result: Any = attempt(n)
+        except BaseException as exc:  # collected and judged by the caller
+            result = exc
+        with lock:
+            outcomes.append((n, result))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def _one_winner(outcomes: list[tuple[int, Any]]) -> tuple[int, str]:
+    winners = [(n, tag) for n, tag in outcomes if isinstance(tag, str)]
+    losers = [exc for _, exc in outcomes if not isinstance(exc, str)]
+    assert len(winners) == 1, f"{len(winners)} conditional writes won: {winners}"
+    assert all(isinstance(exc, PreconditionFailed) for exc in losers), losers
+    return winners[0]
+
+
+def test_racing_if_absent_has_one_winner(object_store: ObjectStore) -> None:
+    """Create-if-absent is atomic: of writers racing on one key exactly one wins,
+    and the object is that winner's (the reflog and commit ids rely on this)."""
+    for round_ in range(5):
+        key = f"reflog/repo/{round_:016d}"
+        outcomes = _race(RACERS, lambda n, key=key: object_store.put(
+            key, b"writer %d" % n, if_absent=True))
+        winner, tag = _one_winner(outcomes)
+        assert object_store.get_tagged(key) == (b"writer %d" % winner, tag)
+
+
+def test_racing_compare_and_swap_has_one_winner_per_round(object_store: ObjectStore) -> None:
+    """If-Match is atomic: writers holding the same tag race, exactly one swaps in
+    its object each round (a branch moves to one commit, never to two)."""
+    tag = object_store.put("refs/repo/main", b"round -1")
+    for round_ in range(5):
+        outcomes = _race(RACERS, lambda n, tag=tag, round_=round_: object_store.put(
+            "refs/repo/main", b"round %d writer %d" % (round_, n), if_match=tag))
+        winner, tag = _one_winner(outcomes)
+        assert object_store.get_tagged("refs/repo/main") == (
+            b"round %d writer %d" % (round_, winner), tag)
+
+
+class _CheckThenWriteStore(MemoryStore):
+    """Conditional puts that check, pause, then write: what a non-atomic service does."""
+
+    def put(self, key: str, data: Any, *, if_absent: bool = False,
+            if_match: str | None = None) -> str:
+        if not if_absent and if_match is None:
+            return super().put(key, data)
+        try:
+            current: str | None = self.get_tagged(key)[1]
+        except ObjectNotFound:
+            current = None
+        if (if_absent and current is not None) or (if_match is not None and current != if_match):
+            raise PreconditionFailed(f"object {key} exists or changed")
+        time.sleep(0.01)  # the window in which another writer's check also passes
+        return super().put(key, data)
+
+
+@pytest.mark.parametrize(
+    "race", [test_racing_if_absent_has_one_winner,
+             test_racing_compare_and_swap_has_one_winner_per_round])
+def test_race_tests_catch_a_non_atomic_store(race) -> None:
+    with pytest.raises(AssertionError, match="conditional writes won"):
+        race(_CheckThenWriteStore())
+
+
 # -- the s3 backend specifically -------------------------------------------------------
 
 
@@ -253,12 +345,48 @@ def test_s3_unreachable_endpoint_is_store_unavailable(aws_env: None) -> None:
     store.close()
 
 
-def test_s3_missing_bucket_is_store_unavailable(aws_env: None, moto_endpoint: str) -> None:
+def test_s3_missing_bucket_is_store_not_found(aws_env: None, moto_endpoint: str) -> None:
+    # Not StoreUnavailable: a missing bucket does not appear by retrying.
     from vfs.objstore.s3 import S3Store
 
     store = S3Store("no-such-bucket-here", endpoint_url=moto_endpoint)
-    with pytest.raises(StoreUnavailable, match="does not exist"):
+    with pytest.raises(StoreNotFound, match="does not exist"):
         store.get("k")
+    store.close()
+
+
+def test_seaweed_wrong_credentials_are_access_denied(
+    seaweed_endpoint: str, seaweed_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SeaweedFS checks signatures (moto does not): a real 403, which must not be retried.
+    from vfs.objstore import open_object_store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+    store = open_object_store(f"s3://{seaweed_bucket}", s3_endpoint=seaweed_endpoint)
+    assert isinstance(store, RetryingStore)
+    store._sleep = lambda _: pytest.fail("a denied request must not be retried")
+    with pytest.raises(StoreAccessDenied):
+        store.get("k")
+    store.close()
+
+
+def test_seaweed_missing_bucket_is_store_not_found(seaweed_endpoint: str, aws_env: None) -> None:
+    from vfs.objstore.s3 import S3Store
+
+    store = S3Store("no-such-bucket-here", endpoint_url=seaweed_endpoint)
+    with pytest.raises(StoreNotFound, match="does not exist"):
+        store.get("k")
+    store.close()
+
+
+def test_seaweed_through_open_object_store(seaweed_endpoint: str, seaweed_bucket: str) -> None:
+    """The stack production uses (RetryingStore around S3Store) on SeaweedFS."""
+    from vfs.objstore import open_object_store
+
+    store = open_object_store(f"s3://{seaweed_bucket}/vfs", s3_endpoint=seaweed_endpoint)
+    test_if_match(store)
+    test_list(store, "packs/")
+    assert store.url == f"s3://{seaweed_bucket}/vfs"
     store.close()
 
 
@@ -304,7 +432,9 @@ def test_retrying_store_gives_up_after_attempts() -> None:
 
 
 @pytest.mark.parametrize(
-    "exc_factory", [lambda: PreconditionFailed("lost"), ObjectNotFound, StoreFull]
+    "exc_factory",
+    [lambda: PreconditionFailed("lost"), ObjectNotFound, StoreFull, StoreAccessDenied,
+     StoreNotFound],
 )
 def test_retrying_store_does_not_retry_other_errors(exc_factory) -> None:
     faulty = FaultyStore(MemoryStore())
@@ -371,6 +501,58 @@ def test_faulty_store_fail_once_and_after_the_write() -> None:
     with pytest.raises(StoreUnavailable):
         store.put("b", b"2")  # the write happened; only the answer was lost
     assert store.get("b") == b"2"
+
+
+def test_counting_store_counts_calls_per_operation() -> None:
+    store = CountingStore(MemoryStore())
+    store.put("a", b"1", if_absent=True)
+    store.put_deferred("packs/p", [b"x", b"y"])  # a write like any put
+    store.sync()
+    assert store.get("a") == b"1"
+    assert store.get_range("packs/p", 0, 1) == b"x"
+    with pytest.raises(ObjectNotFound):
+        store.stat("missing")  # failed calls are requests too
+    assert [info.key for info in store.list()] == ["a", "packs/p"]
+    store.delete("a")
+    assert store.calls == {"put": 2, "sync": 1, "get": 1, "get_range": 1, "stat": 1,
+                           "list": 1, "delete": 1}
+    assert store.total() == 8
+
+
+def test_counting_store_reset_returns_the_counts_so_far() -> None:
+    store = CountingStore(MemoryStore())
+    store.put("a", b"1")
+    store.get("a")
+    assert store.reset() == {"put": 1, "get": 1}
+    assert store.calls == {} and store.total() == 0
+    store.get("a")
+    assert store.reset() == {"get": 1}
+
+
+def test_counting_store_below_retries_counts_every_try() -> None:
+    faulty = FaultyStore(MemoryStore())
+    faulty.fail_once(1, StoreUnavailable)
+    counting = CountingStore(faulty)
+    store = RetryingStore(counting, sleep=lambda _: None)
+    store.put("k", b"x")
+    assert counting.calls["put"] == 2
+
+
+def test_counting_store_is_thread_safe() -> None:
+    store = CountingStore(MemoryStore())
+    store.put("k", b"x")
+    threads, calls = 8, 2000
+
+    def work() -> None:
+        for _ in range(calls):
+            store.exists("k")
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert store.calls["exists"] == threads * calls
 
 
 def test_logging_store_logs_calls(caplog: pytest.LogCaptureFixture) -> None:

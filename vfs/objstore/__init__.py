@@ -8,6 +8,7 @@ from vfs.errors import InvalidPath
 from vfs.objstore.base import ObjectInfo, ObjectStore
 from vfs.objstore.local import LocalStore
 from vfs.objstore.memory import MemoryStore
+from vfs.objstore.wrappers import RetryingStore
 
 __all__ = ["ObjectInfo", "ObjectStore", "LocalStore", "MemoryStore", "open_object_store"]
 
@@ -23,6 +24,11 @@ def open_object_store(
         s3_endpoint: endpoint URL of an S3-compatible service (MinIO, Ceph, moto);
             defaults to ``$VFS_S3_ENDPOINT``, then to AWS.
 
+    An S3 store comes wrapped in a :class:`RetryingStore`: throttling, 5xx answers
+    and broken connections are retried with backoff there (botocore's own retries
+    are off). A local or memory store is not wrapped: its errors (EACCES, EIO,
+    ENOSPC) do not go away by waiting.
+
     Raises:
         InvalidPath: the URL has an unknown scheme or no bucket.
     """
@@ -33,7 +39,12 @@ def open_object_store(
         if not bucket:
             raise InvalidPath(f"store URL {url!r} names no bucket: use s3://BUCKET[/PREFIX]")
         endpoint = s3_endpoint or os.environ.get("VFS_S3_ENDPOINT") or None
-        return S3Store(bucket, prefix.strip("/"), endpoint_url=endpoint)
+        # About 10 s of backoff in all before giving up: long enough to ride out a
+        # burst of SlowDown or a restarting gateway, short enough for a user waiting.
+        return RetryingStore(
+            S3Store(bucket, prefix.strip("/"), endpoint_url=endpoint),
+            attempts=8, base_delay=0.1, max_delay=5.0,
+        )
     if url == "memory://":
         return MemoryStore()
     if url.startswith("file://"):

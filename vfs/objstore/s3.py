@@ -19,11 +19,23 @@ absent key), but its server checks the condition and then stores the object
 without holding a lock, so two conditional writes racing on one key can both
 succeed. This module does not paper over that with a client-side lock (it would
 convoy contended writers on real S3 and could not help across processes);
-``tests/s3server.py`` instead runs moto with its requests serialised.
+``tests/s3server.py`` instead runs moto with its requests serialised. SeaweedFS
+(``weed mini``, 4.48) evaluates both conditions atomically with S3's status codes,
+including 412 for If-Match on an absent key; the contract tests race writers on it.
 
 Retries are deliberately off in botocore: :class:`vfs.objstore.wrappers.RetryingStore`
-owns the retry policy, so failures surface here as
-:class:`~vfs.errors.StoreUnavailable` at once.
+(which :func:`vfs.objstore.open_object_store` puts around every S3Store) owns the
+retry policy, so each call here is one request. Which error class a failure becomes
+is what that policy acts on:
+
+* :class:`~vfs.errors.StoreUnavailable` (retried): throttling (SlowDown, 429, ...),
+  5xx except 501/505, RequestTimeout, and connections that could not be opened,
+  broke, or timed out (connect and read timeouts are finite, so a stuck request
+  fails instead of hanging its caller);
+* everything else is permanent: ``ObjectNotFound`` (404), ``PreconditionFailed``
+  (a lost condition), ``StoreNotFound`` (no bucket), ``StoreAccessDenied`` (401,
+  403, no credentials), ``StoreFull`` (507, quotas) and plain ``StoreError`` for a
+  request the service rejects (other 4xx: waiting does not change the answer).
 """
 
 from __future__ import annotations
@@ -34,21 +46,50 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from vfs.errors import ObjectNotFound, PreconditionFailed, StoreFull, StoreUnavailable
+from vfs.errors import (
+    ObjectNotFound,
+    PreconditionFailed,
+    StoreAccessDenied,
+    StoreError,
+    StoreFull,
+    StoreNotFound,
+    StoreUnavailable,
+)
 from vfs.objstore.base import ObjectInfo, ObjectStore
 
 _CONFIG = Config(
     connect_timeout=5,
     read_timeout=60,
     max_pool_connections=16,
-    retries={"mode": "standard", "max_attempts": 1},  # 1 = no retry; see RetryingStore
+    # One try per call: RetryingStore retries. (botocore's "max_attempts" counts
+    # retries, so max_attempts=1 meant two requests per call.)
+    retries={"mode": "standard", "total_max_attempts": 1},
 )
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _FULL = {"XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "507"}
+# Codes that mean "try again later" whatever their HTTP status (some come with a 400).
+_TRANSIENT = {
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException",
+    "RequestThrottled", "RequestThrottledException", "TooManyRequestsException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "RequestTimeout",
+    "RequestTimeoutException", "PriorRequestNotComplete", "OperationAborted",
+    "InternalError", "ServiceUnavailable",
+}
+_TRANSIENT_STATUS = {408, 429}
+_PERMANENT_5XX = {501, 505}  # not implemented, HTTP version: the same answer next time
 
 
 class S3Store(ObjectStore):
@@ -100,10 +141,20 @@ class S3Store(ObjectStore):
             yield
         except ClientError as exc:
             raise self._translate(exc, key, conditional) from exc
+        except (BotoConnectionError, HTTPClientError, IncompleteReadError) as exc:
+            # Refused, reset or closed connections and connect/read timeouts
+            # (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError,
+            # ConnectTimeoutError, ResponseStreamingError): the next try may work.
+            raise StoreUnavailable(f"cannot reach {self.url} for {key}: {exc}") from exc
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise StoreAccessDenied(
+                f"no usable S3 credentials for {self.url}: {exc} (set AWS_ACCESS_KEY_ID "
+                f"and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+            ) from exc
         except ParamValidationError:
             raise  # a bug in this module, not a store failure
-        except BotoCoreError as exc:  # connection refused/reset, timeouts, no credentials
-            raise StoreUnavailable(f"cannot reach {self.url} for {key}: {exc}") from exc
+        except BotoCoreError as exc:  # configuration problems: no region, bad endpoint...
+            raise StoreError(f"cannot use {self.url} for {key}: {exc}") from exc
 
     def _translate(self, exc: ClientError, key: str, conditional: bool) -> Exception:
         error = exc.response.get("Error", {})
@@ -113,18 +164,28 @@ class S3Store(ObjectStore):
         if code in _PRECONDITION or (conditional and status in (409, 412)):
             return PreconditionFailed(f"object {key} exists or changed meanwhile in {self.url}")
         if code == "NoSuchBucket":
-            return StoreUnavailable(f"bucket {self.bucket} does not exist ({self.url})")
+            return StoreNotFound(
+                f"bucket {self.bucket} does not exist ({self.url}): create it first"
+            )
         if code in _NOT_FOUND or status == 404:
             if conditional:  # If-Match on an absent object
                 return PreconditionFailed(f"object {key} does not exist in {self.url}")
             return ObjectNotFound(f"object {key} does not exist in {self.url}")
         if code in _FULL or status == 507:
             return StoreFull(f"{self.url} has no space left while writing {key}: {message}")
-        if status in (401, 403):
+        if code in _TRANSIENT or status in _TRANSIENT_STATUS or (
+            status >= 500 and status not in _PERMANENT_5XX
+        ):
             return StoreUnavailable(
+                f"{self.url} failed on {key}: {code} {message} (HTTP {status})"
+            )
+        if status in (401, 403):
+            return StoreAccessDenied(
                 f"access to {key} in {self.url} denied ({code}): check the credentials"
             )
-        return StoreUnavailable(f"{self.url} failed on {key}: {code} {message} (HTTP {status})")
+        return StoreError(
+            f"{self.url} rejected the request for {key}: {code} {message} (HTTP {status})"
+        )
 
     # -- interface -------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Stores that wrap another store to add retries, fault injection or logging.
+"""Stores that wrap another store to add retries, counting, fault injection or logging.
 
 Each wrapper implements :class:`~vfs.objstore.base.ObjectStore` by delegating to an
 inner store, so they stack freely, e.g.
@@ -159,6 +159,44 @@ class RetryingStore(DelegatingStore):
                 self._backoff(failures, "list", exc)
 
 
+class CountingStore(DelegatingStore):
+    """Counts calls per operation, e.g. to measure the requests a command makes.
+
+    :attr:`calls` maps an operation name (``get``, ``get_range``, ``get_tagged``,
+    ``put``, ``sync``, ``delete``, ``stat``, ``exists``, ``list``) to its number of
+    calls, failed ones included; ``put_deferred`` counts as ``put``. Below a
+    :class:`RetryingStore` every try counts, which is what an S3 bill counts. A
+    ``list`` counts once however many pages the listing took.
+
+    Args:
+        inner: the store to call.
+    """
+
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__(inner)
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()  # Counter's += is a read and a write
+
+    def _count(self, op: str) -> None:
+        with self._lock:
+            self.calls[op] += 1
+
+    def total(self) -> int:
+        """The number of calls of every operation together."""
+        with self._lock:
+            return self.calls.total()
+
+    def reset(self) -> Counter[str]:
+        """Start counting from zero; return the counts until now."""
+        with self._lock:
+            counted, self.calls = self.calls, Counter()
+        return counted
+
+    def _call(self, op: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        self._count(op)
+        return fn(*args, **kwargs)
+
+
 @dataclass
 class _Fault:
     ops: frozenset[str] | None  # None: every operation
@@ -169,13 +207,13 @@ class _Fault:
     seen: int = 0
 
 
-class FaultyStore(DelegatingStore):
+class FaultyStore(CountingStore):
     """Injects failures into chosen operations, for tests.
 
     Operations are named like the methods: ``get``, ``get_range``, ``get_tagged``,
     ``put``, ``delete``, ``stat``, ``exists``, ``list``. :attr:`calls` counts every
-    call per operation, failed ones included. Each arranged fault counts the
-    matching calls made after it was arranged.
+    call per operation, failed ones included (see :class:`CountingStore`). Each
+    arranged fault counts the matching calls made after it was arranged.
 
     Example::
 
@@ -185,9 +223,7 @@ class FaultyStore(DelegatingStore):
 
     def __init__(self, inner: ObjectStore) -> None:
         super().__init__(inner)
-        self.calls: Counter[str] = Counter()
         self._faults: list[_Fault] = []
-        self._lock = threading.Lock()
 
     def fail_after(
         self,
@@ -244,8 +280,8 @@ class FaultyStore(DelegatingStore):
     def _due(self, op: str) -> _Fault | None:
         """Count a call of ``op`` and return the fault it triggers, if any."""
         due = None
+        self._count(op)
         with self._lock:
-            self.calls[op] += 1
             for fault in self._faults:
                 if fault.ops is not None and op not in fault.ops:
                     continue
