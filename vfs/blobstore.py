@@ -11,6 +11,7 @@ object (step 1 of the commit protocol), so the index never names a missing pack.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ from vfs.blobs import (
     PackBuilder,
     PackParts,
     SealedPack,
+    check_pack_size,
     decode_index,
     index_key,
     pack_key,
@@ -33,6 +35,8 @@ from vfs.objstore.base import ObjectStore
 
 _METADATA_CACHE_BYTES = 64 * 1024 * 1024
 _CHECKPOINT_PACKS = 16  # packs (~256 MiB) between two checkpoints of a long write
+
+_log = logging.getLogger(__name__)
 
 
 class BlobStore:
@@ -46,6 +50,7 @@ class BlobStore:
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
+        self._unusable_packs: set[bytes] = set()  # found damaged by learn_new_packs
 
     def has(self, digest: bytes) -> bool:
         return self.index.blob_location(digest) is not None
@@ -98,13 +103,20 @@ class BlobStore:
         learned = 0
         for info in self.objects.list("index/"):
             pack_id = bytes.fromhex(info.key.split("/", 1)[1])
-            if pack_id in known:
+            if pack_id in known or pack_id in self._unusable_packs:
                 continue
             try:
-                entries = decode_index(self.objects.get(info.key), info.key)
+                index = self.objects.get(info.key)
+                entries = decode_index(index, info.key)
                 size = self.objects.stat(pack_key(pack_id)).size
+                check_pack_size(entries, len(index), size, f"pack {pack_id.hex()}")
             except ObjectNotFound:
                 continue  # deleted meanwhile, or its pack never arrived
+            except Corruption as exc:
+                # Packs are immutable: it stays damaged, so say it once and stop asking.
+                self._unusable_packs.add(pack_id)
+                _log.warning("not indexing %s: %s (run 'vfsctl fsck')", info.key, exc)
+                continue
             self.index.add_pack(pack_id, size, [e.location(pack_id) for e in entries],
                                 [e.hash for e in entries])
             learned += 1

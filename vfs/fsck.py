@@ -3,7 +3,7 @@
 ``check`` verifies, without reading pack contents:
 
 * every ``index/<pack>`` object decodes and passes its checksum, and its pack exists
-  with a size that can hold the blobs it lists;
+  with a size that can hold the blobs it lists, the index and the trailer;
 * every blob the local index knows lives in a pack that exists;
 * every commit reachable from a branch (and its ancestors) decodes and matches
   its hash, and every tree, manifest and chunk it references is known;
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from vfs.blobs import decode_index, index_from_pack, pack_key
+from vfs.blobs import check_pack_size, decode_index, index_from_pack, pack_key
 from vfs.errors import Corruption, ObjectNotFound, VfsError
 from vfs.reachability import mark, root_commits
 from vfs.refs import Commit, read_ref, read_reflog
@@ -58,7 +58,8 @@ def check(store, *, deep: bool = False,
     for key in index_objects:
         hex_id = key.split("/", 1)[1]
         try:
-            entries = decode_index(store.objects.get(key), key)
+            index = store.objects.get(key)
+            entries = decode_index(index, key)
         except Corruption as exc:
             report.problems.append(str(exc))
             continue
@@ -66,9 +67,10 @@ def check(store, *, deep: bool = False,
         if hex_id not in stored_packs:
             report.problems.append(f"pack {hex_id} is missing but its index exists")
             continue
-        end = max((e.offset + e.stored_len for e in entries), default=0)
-        if stored_packs[hex_id] < end:
-            report.problems.append(f"pack {hex_id} is truncated ({stored_packs[hex_id]} bytes)")
+        try:
+            check_pack_size(entries, len(index), stored_packs[hex_id], f"pack {hex_id}")
+        except Corruption as exc:
+            report.problems.append(str(exc))
     for hex_id in stored_packs.keys() - indexed.keys():
         report.notes.append(f"pack {hex_id} has no index (an interrupted upload): gc removes it")
     for digest, loc in store.index.iter_blobs():
@@ -162,7 +164,9 @@ class RebuildReport:
 def rebuild_index(store, progress: Callable[[int], None] | None = None) -> RebuildReport:
     """Rebuild the node's index of packs, blobs and commits from the object store.
 
-    Open commits and the files cache are node-local and kept.
+    Open commits and the files cache are node-local and kept. A pack whose index
+    object does not decode, or which is missing or too short for what that index
+    lists, is not indexed and is named in ``skipped`` with the reason.
     """
     report = RebuildReport()
     with store.lock(exclusive=True):
@@ -170,8 +174,10 @@ def rebuild_index(store, progress: Callable[[int], None] | None = None) -> Rebui
         for info in store.objects.list("index/"):
             pack_id = bytes.fromhex(info.key.split("/", 1)[1])
             try:
-                entries = decode_index(store.objects.get(info.key), info.key)
+                index = store.objects.get(info.key)
+                entries = decode_index(index, info.key)
                 size = store.objects.stat(pack_key(pack_id)).size
+                check_pack_size(entries, len(index), size, f"pack {pack_id.hex()}")
             except (Corruption, ObjectNotFound) as exc:
                 report.skipped.append(f"{info.key}: {exc}")
                 continue
