@@ -53,7 +53,8 @@ class BlobStore:
         self._unusable_packs: set[bytes] = set()  # found damaged by learn_new_packs
 
     def has(self, digest: bytes) -> bool:
-        return self.index.blob_location(digest) is not None
+        """True if the blob is stored and not known to be damaged (see ``read``)."""
+        return bool(self.index.has_blobs((digest,)))
 
     def read(self, digest: bytes, *, cache: bool = False) -> bytes:
         """Return a blob's verified bytes.
@@ -88,7 +89,12 @@ class BlobStore:
                 f"pack {location.pack_id.hex()} holding blob {digest.hex()} is missing "
                 "from the store (run 'vfsctl fsck')"
             ) from None
-        data = self.codec.decode(digest, location, stored)
+        try:
+            data = self.codec.decode(digest, location, stored)
+        except Corruption:
+            if not self._found_damaged(digest, location.pack_id):
+                raise
+            return self.read(digest, cache=cache)
         if cache:
             self._remember(digest, data)
         return data
@@ -121,6 +127,18 @@ class BlobStore:
                                 [e.hash for e in entries])
             learned += 1
         return learned
+
+    def _found_damaged(self, digest: bytes, pack_id: bytes) -> bool:
+        """Record that the blob's copy in ``pack_id`` is bad; return True if the index
+        now reads it from another pack (one a node stored since: read that instead).
+
+        Recording it makes the next put of these bytes store them again rather than
+        deduplicate onto the bad copy (:meth:`Index.has_blobs`).
+        """
+        self.index.mark_damaged(digest, pack_id)
+        self.learn_new_packs()
+        location = self.index.blob_location(digest)
+        return location is not None and location.pack_id != pack_id
 
     def _remember(self, digest: bytes, data: bytes) -> None:
         if len(data) > _METADATA_CACHE_BYTES // 4:
@@ -265,7 +283,7 @@ class BlobWriter:
                 self.blobs.index.add_pack_txn(
                     txn, sealed.pack_id, sealed.size,
                     [e.location(sealed.pack_id) for e in sealed.entries],
-                    [e.hash for e in sealed.entries])
+                    [e.hash for e in sealed.entries], written=True)
         with self._lock:
             for sealed in sealed_packs:
                 self._pending.difference_update(e.hash for e in sealed.entries)

@@ -11,7 +11,8 @@
 
 With ``deep`` it also reads every pack whole, checks that it hashes to its name,
 that its embedded index equals the index object, and that every blob decompresses
-to bytes matching its hash.
+to bytes matching its hash. A damaged blob is recorded in the node's index (the
+``damaged`` database), so the next put of its bytes repairs it.
 
 Interrupted commits found in this node's index are finished or forgotten first
 (see :meth:`vfs.store.Store._recover_seal`), so a ``kill -9`` during a commit
@@ -148,6 +149,8 @@ def _check_pack_deep(store, hex_id: str, entries: list | None, report: FsckRepor
             store.blobs.codec.decode(entry.hash, entry.location(pack_id), stored)
         except Corruption as exc:
             report.problems.append(str(exc))
+            # So that this node's next put of the blob stores it again (index.py, damaged).
+            store.index.mark_damaged(entry.hash, pack_id)
 
 
 @dataclass
