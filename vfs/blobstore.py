@@ -29,7 +29,7 @@ from vfs.blobs import (
     pack_key,
 )
 from vfs.config import StoreConfig
-from vfs.errors import Corruption, ObjectNotFound
+from vfs.errors import Corruption, ObjectNotFound, StoreError
 from vfs.index import Index
 from vfs.objstore.base import ObjectStore
 
@@ -135,8 +135,16 @@ class BlobStore:
         Recording it makes the next put of these bytes store them again rather than
         deduplicate onto the bad copy (:meth:`Index.has_blobs`).
         """
-        self.index.mark_damaged(digest, pack_id)
-        self.learn_new_packs()
+        # Both steps are extras: if either fails (a full index disk, an unreachable
+        # store), the caller must still hear of the corruption, not of this.
+        try:
+            self.index.mark_damaged(digest, pack_id)
+        except StoreError:
+            pass
+        try:
+            self.learn_new_packs()
+        except StoreError:
+            return False
         location = self.index.blob_location(digest)
         return location is not None and location.pack_id != pack_id
 

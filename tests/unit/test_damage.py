@@ -16,7 +16,7 @@ import pytest
 import vfs
 from vfs import fsck
 from vfs.blobs import BlobKind, BlobLocation, Compression, blob_hash, pack_key
-from vfs.errors import Corruption
+from vfs.errors import Corruption, StoreFull, StoreUnavailable
 from vfs.index import Index
 from vfs.snapshot import file_chunks
 
@@ -263,3 +263,27 @@ def test_forgetting_the_damaged_pack_forgets_its_damage(index: Index) -> None:
     assert index.damaged() == {}
     index.add_pack(A, 100, [_at(A)], [BLOB])  # the same id: the same bytes, restored
     assert index.has_blobs([BLOB]) == {BLOB}
+
+
+@pytest.mark.corrupts_store
+def test_a_read_reports_the_damage_even_if_recording_it_fails(store: vfs.Store, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    # Recording the damage and looking for a new copy are extras: a full index disk or
+    # an unreachable store must not hide the Corruption (EIO at the FUSE boundary).
+    data = random.Random(11).randbytes(5000)
+    source = tmp_path / "f"
+    source.write_bytes(data)
+    store.create_repo(REPO)
+    commit_id = _commit(store, source)
+    bad_pack = _flip_a_byte(store, blob_hash(data))
+
+    def full(*args, **kwargs):
+        raise StoreFull("no space left for the local index")
+
+    def unreachable(*args, **kwargs):
+        raise StoreUnavailable("the store does not answer")
+
+    monkeypatch.setattr(store.index, "mark_damaged", full)
+    monkeypatch.setattr(store.blobs, "learn_new_packs", unreachable)
+    with pytest.raises(Corruption, match=bad_pack.hex()):
+        vfs.read_file(store, vfs.parse_ref(f"{REPO}@{commit_id}:/f"))
