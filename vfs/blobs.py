@@ -201,6 +201,32 @@ def decode_index(data: bytes, what: str = "pack index") -> list[IndexEntry]:
     return entries
 
 
+def check_pack_size(entries: list[IndexEntry], index_len: int, size: int,
+                    what: str = "pack") -> None:
+    """Check that a pack of ``size`` bytes can hold what its index lists.
+
+    A pack ends with its index and trailer after the last record, so it needs at
+    least the end of the furthest record plus ``index_len`` plus the trailer. A
+    shorter pack was cut short (an interrupted or damaged upload): indexing it
+    would only move the failure to the first read of its blobs.
+
+    Args:
+        entries: the pack's index entries.
+        index_len: length of the encoded index (``index/<id>`` holds exactly it).
+        size: the pack object's length.
+        what: names the pack in the error.
+
+    Raises:
+        Corruption: the pack is too short.
+    """
+    end = max((e.offset + e.stored_len for e in entries), default=len(PACK_MAGIC))
+    needed = end + index_len + _TRAILER.size
+    if size < needed:
+        raise Corruption(
+            f"{what} is truncated: {size} bytes, its index needs at least {needed}"
+        )
+
+
 def index_from_pack(pack: bytes, what: str = "pack") -> list[IndexEntry]:
     """Read the index embedded at the end of a whole pack (fsck, recovery)."""
     return decode_index(embedded_index(pack, what), what)

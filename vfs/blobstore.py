@@ -11,6 +11,7 @@ object (step 1 of the commit protocol), so the index never names a missing pack.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -24,18 +25,21 @@ from vfs.blobs import (
     PackBuilder,
     PackParts,
     SealedPack,
+    check_pack_size,
     decode_index,
     index_key,
     pack_key,
 )
 from vfs.config import StoreConfig
-from vfs.errors import Corruption, ObjectNotFound, StoreChanged
+from vfs.errors import Corruption, ObjectNotFound, StoreChanged, StoreError
 from vfs.gclog import GcFollower, GcView
 from vfs.index import Index
 from vfs.objstore.base import ObjectStore
 
 _METADATA_CACHE_BYTES = 64 * 1024 * 1024
 _CHECKPOINT_PACKS = 16  # packs (~256 MiB) between two checkpoints of a long write
+
+_log = logging.getLogger(__name__)
 
 
 class BlobStore:
@@ -53,9 +57,11 @@ class BlobStore:
         #: Called before a writer first relies on its view of gc (the Store makes the
         #: node's record active there: docs/format.md §10.2).
         self.before_check: Callable[[], None] = lambda: None
+        self._unusable_packs: set[bytes] = set()  # found damaged by learn_new_packs
 
     def has(self, digest: bytes) -> bool:
-        return self.index.blob_location(digest) is not None
+        """True if the blob is stored and not known to be damaged (see ``read``)."""
+        return bool(self.index.has_blobs((digest,)))
 
     def read(self, digest: bytes, *, cache: bool = False) -> bytes:
         """Return a blob's verified bytes.
@@ -104,7 +110,12 @@ class BlobStore:
                 raise Corruption(
                     f"pack {location.pack_id.hex()} holding blob {digest.hex()} is missing "
                     "from the store (run 'vfsctl fsck')") from None
-        data = self.codec.decode(digest, location, stored)
+        try:
+            data = self.codec.decode(digest, location, stored)
+        except Corruption:
+            if not self._found_damaged(digest, location.pack_id):
+                raise
+            return self.read(digest, cache=cache)
         if cache:
             self._remember(digest, data)
         return data
@@ -119,17 +130,44 @@ class BlobStore:
         learned = 0
         for info in self.objects.list("index/"):
             pack_id = bytes.fromhex(info.key.split("/", 1)[1])
-            if pack_id in known:
+            if pack_id in known or pack_id in self._unusable_packs:
                 continue
             try:
-                entries = decode_index(self.objects.get(info.key), info.key)
+                index = self.objects.get(info.key)
+                entries = decode_index(index, info.key)
                 size = self.objects.stat(pack_key(pack_id)).size
+                check_pack_size(entries, len(index), size, f"pack {pack_id.hex()}")
             except ObjectNotFound:
                 continue  # deleted meanwhile, or its pack never arrived
+            except Corruption as exc:
+                # Packs are immutable: it stays damaged, so say it once and stop asking.
+                self._unusable_packs.add(pack_id)
+                _log.warning("not indexing %s: %s (run 'vfsctl fsck')", info.key, exc)
+                continue
             self.index.add_pack(pack_id, size, [e.location(pack_id) for e in entries],
                                 [e.hash for e in entries])
             learned += 1
         return learned
+
+    def _found_damaged(self, digest: bytes, pack_id: bytes) -> bool:
+        """Record that the blob's copy in ``pack_id`` is bad; return True if the index
+        now reads it from another pack (one a node stored since: read that instead).
+
+        Recording it makes the next put of these bytes store them again rather than
+        deduplicate onto the bad copy (:meth:`Index.has_blobs`).
+        """
+        # Both steps are extras: if either fails (a full index disk, an unreachable
+        # store), the caller must still hear of the corruption, not of this.
+        try:
+            self.index.mark_damaged(digest, pack_id)
+        except StoreError:
+            pass
+        try:
+            self.learn_new_packs()
+        except StoreError:
+            return False
+        location = self.index.blob_location(digest)
+        return location is not None and location.pack_id != pack_id
 
     def _remember(self, digest: bytes, data: bytes) -> None:
         if len(data) > _METADATA_CACHE_BYTES // 4:
@@ -231,9 +269,9 @@ class BlobWriter:
         if not force:
             if self._in_flight(blob.hash):
                 return False
-            location = self.blobs.index.blob_location(blob.hash)
-            if location is not None:
-                self._note({blob.hash: location.pack_id})
+            located = self.blobs.index.blob_packs((blob.hash,))  # not if damaged
+            if located:
+                self._note(located)
                 return False
         self._builder.add(blob)
         if len(self._builder) >= self._target:
@@ -353,7 +391,7 @@ class BlobWriter:
                 self.blobs.index.add_pack_txn(
                     txn, sealed.pack_id, sealed.size,
                     [e.location(sealed.pack_id) for e in sealed.entries],
-                    [e.hash for e in sealed.entries])
+                    [e.hash for e in sealed.entries], written=True)
         with self._lock:
             for sealed in sealed_packs:
                 self._pending.difference_update(e.hash for e in sealed.entries)

@@ -3,7 +3,7 @@
 ``check`` verifies, without reading pack contents:
 
 * every ``index/<pack>`` object decodes and passes its checksum, and its pack exists
-  with a size that can hold the blobs it lists;
+  with a size that can hold the blobs it lists, the index and the trailer;
 * every blob the local index knows lives in a pack that exists;
 * every commit reachable from a branch (and its ancestors) decodes and matches
   its hash, and every tree, manifest and chunk it references is known;
@@ -11,7 +11,8 @@
 
 With ``deep`` it also reads every pack whole, checks that it hashes to its name,
 that its embedded index equals the index object, and that every blob decompresses
-to bytes matching its hash.
+to bytes matching its hash. A damaged blob is recorded in the node's index (the
+``damaged`` database), so the next put of its bytes repairs it.
 
 Interrupted commits found in this node's index are finished or forgotten first
 (see :meth:`vfs.store.Store._recover_seal`), so a ``kill -9`` during a commit
@@ -23,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from vfs.blobs import decode_index, index_from_pack, pack_key
+from vfs.blobs import check_pack_size, decode_index, index_from_pack, pack_key
 from vfs.errors import Corruption, ObjectNotFound, VfsError
 from vfs.reachability import mark, root_commits
 from vfs.refs import Commit, read_ref, read_reflog
@@ -60,7 +61,8 @@ def check(store, *, deep: bool = False,
     for key in index_objects:
         hex_id = key.split("/", 1)[1]
         try:
-            entries = decode_index(store.objects.get(key), key)
+            index = store.objects.get(key)
+            entries = decode_index(index, key)
         except Corruption as exc:
             report.problems.append(str(exc))
             continue
@@ -68,9 +70,10 @@ def check(store, *, deep: bool = False,
         if hex_id not in stored_packs:
             report.problems.append(f"pack {hex_id} is missing but its index exists")
             continue
-        end = max((e.offset + e.stored_len for e in entries), default=0)
-        if stored_packs[hex_id] < end:
-            report.problems.append(f"pack {hex_id} is truncated ({stored_packs[hex_id]} bytes)")
+        try:
+            check_pack_size(entries, len(index), stored_packs[hex_id], f"pack {hex_id}")
+        except Corruption as exc:
+            report.problems.append(str(exc))
     for hex_id in stored_packs.keys() - indexed.keys():
         report.notes.append(f"pack {hex_id} has no index (an interrupted upload): gc removes it")
     for digest, loc in store.index.iter_blobs():
@@ -148,6 +151,8 @@ def _check_pack_deep(store, hex_id: str, entries: list | None, report: FsckRepor
             store.blobs.codec.decode(entry.hash, entry.location(pack_id), stored)
         except Corruption as exc:
             report.problems.append(str(exc))
+            # So that this node's next put of the blob stores it again (index.py, damaged).
+            store.index.mark_damaged(entry.hash, pack_id)
 
 
 @dataclass
@@ -164,7 +169,9 @@ class RebuildReport:
 def rebuild_index(store, progress: Callable[[int], None] | None = None) -> RebuildReport:
     """Rebuild the node's index of packs, blobs and commits from the object store.
 
-    Open commits and the files cache are node-local and kept.
+    Open commits and the files cache are node-local and kept. A pack whose index
+    object does not decode, or which is missing or too short for what that index
+    lists, is not indexed and is named in ``skipped`` with the reason.
     """
     report = RebuildReport()
     with store.lock(exclusive=True):
@@ -172,8 +179,10 @@ def rebuild_index(store, progress: Callable[[int], None] | None = None) -> Rebui
         for info in store.objects.list("index/"):
             pack_id = bytes.fromhex(info.key.split("/", 1)[1])
             try:
-                entries = decode_index(store.objects.get(info.key), info.key)
+                index = store.objects.get(info.key)
+                entries = decode_index(index, info.key)
                 size = store.objects.stat(pack_key(pack_id)).size
+                check_pack_size(entries, len(index), size, f"pack {pack_id.hex()}")
             except (Corruption, ObjectNotFound) as exc:
                 report.skipped.append(f"{info.key}: {exc}")
                 continue

@@ -29,6 +29,21 @@ databases, their keys and values:
     pack id (32 bytes) -> ``size:u64 blob_count:u32`` (little-endian): every pack
     this node knows, for gc and fsck.
 
+``damaged``
+    blob hash (32 bytes) -> pack id (32 bytes): the blob's copy in that pack failed
+    verification on this node (a read, or ``fsck --deep``). Recorded only while the
+    blob's location in ``blobs`` is in that pack. A blob whose location is in the
+    pack its ``damaged`` row names is *not stored* for deduplication
+    (:meth:`Index.has_blobs`), so the next put of its bytes stores it again.
+    Indexing the pack that put wrote repairs the blob: a pack of another id moves the
+    location there; a pack of the same id (the same blobs packed again) replaced the
+    damaged object, and the row goes. Otherwise the row stays until its pack is
+    forgotten (:meth:`Index.remove_pack_txn`): while it names a pack other than the
+    location's it is inert, and it keeps an index rebuild, which meets packs in any
+    order, from moving the location back onto the bad copy. Kept by
+    :meth:`Index.clear_rebuildable`: damage is found only by reading bytes, and a
+    store listing cannot tell it again.
+
 ``commits``
     commit id (32 bytes) -> the commit object's bytes exactly as stored at
     ``commits/<id>``. A cache of immutable objects; also lets a unique id prefix
@@ -80,7 +95,8 @@ from vfs.errors import Locked, StoreError, StoreFull
 _LOCATION = struct.Struct("<32sBBIII")
 _PACK = struct.Struct("<QI")
 _DATABASES = (
-    b"meta", b"blobs", b"packs", b"commits", b"staging", b"staging_base", b"sealing", b"files"
+    b"meta", b"blobs", b"packs", b"damaged", b"commits", b"staging", b"staging_base",
+    b"sealing", b"files",
 )
 _REBUILDABLE = (b"blobs", b"packs", b"commits")
 _MAP_SIZE = 1 << 40  # address space only; the file grows as needed
@@ -212,24 +228,62 @@ class Index:
         return decode_location(value) if value is not None else None
 
     def has_blobs(self, digests: Iterable[bytes]) -> set[bytes]:
-        """Return the subset of ``digests`` that the index knows."""
+        """Return the subset of ``digests`` that the index knows, less damaged blobs."""
         db = self.db["blobs"]
         with self.env.begin() as txn:
-            return {d for d in digests if txn.get(d, db=db) is not None}
+            if not txn.stat(self.db["damaged"])["entries"]:  # the usual case: one lookup each
+                return {d for d in digests if txn.get(d, db=db) is not None}
+            return {d for d in digests if _usable(txn, d, db, self.db["damaged"])}
+
+    def mark_damaged(self, digest: bytes, pack_id: bytes) -> bool:
+        """Record that the blob's copy in ``pack_id`` failed verification.
+
+        Returns:
+            True if recorded; False if the index reads the blob from another pack
+            (already re-stored) or does not know it.
+        """
+        with self.write() as txn:
+            location = txn.get(digest, db=self.db["blobs"])
+            if location is None or location[:32] != pack_id:
+                return False
+            txn.put(digest, pack_id, db=self.db["damaged"])
+            return True
+
+    def damaged(self) -> dict[bytes, bytes]:
+        """Every ``damaged`` row: blob hash -> the pack where its copy is bad."""
+        with self.env.begin() as txn:
+            return {bytes(k): bytes(v)
+                    for k, v in txn.cursor(db=self.db["damaged"]).iternext()}
 
     def add_pack(self, pack_id: bytes, size: int, locations: Iterable[BlobLocation],
-                 hashes: Iterable[bytes]) -> None:
+                 hashes: Iterable[bytes], *, written: bool = False) -> None:
         """Record a stored pack and all its blobs (after the store confirmed both)."""
         with self.write() as txn:
-            self.add_pack_txn(txn, pack_id, size, locations, hashes)
+            self.add_pack_txn(txn, pack_id, size, locations, hashes, written=written)
 
     def add_pack_txn(self, txn: lmdb.Transaction, pack_id: bytes, size: int,
-                     locations: Iterable[BlobLocation], hashes: Iterable[bytes]) -> None:
+                     locations: Iterable[BlobLocation], hashes: Iterable[bytes], *,
+                     written: bool = False) -> None:
+        """Record a pack and its blobs inside ``txn``.
+
+        Args:
+            written: this node has just stored the pack, so every copy in it is good,
+                even under the id of a pack known damaged (the put replaced that
+                object): its ``damaged`` rows go. A pack found by listing the store
+                (``written=False``) does not take a blob's location away from a good
+                copy onto one known bad.
+        """
         blobs = self.db["blobs"]
+        damaged = self.db["damaged"] if txn.stat(self.db["damaged"])["entries"] else None
         count = 0
         for digest, loc in zip(hashes, locations, strict=True):
-            txn.put(digest, encode_location(loc), db=blobs)
             count += 1
+            if damaged is not None and txn.get(digest, db=damaged) == pack_id:
+                if written:
+                    txn.delete(digest, db=damaged)
+                elif _read_elsewhere(txn, digest, pack_id, blobs):
+                    continue
+            txn.put(digest, encode_location(loc), db=blobs)
         txn.put(pack_id, _PACK.pack(size, count), db=self.db["packs"])
 
     def remove_pack_txn(self, txn: lmdb.Transaction, pack_id: bytes) -> None:
@@ -247,15 +301,19 @@ class Index:
             txn.delete(k, db=blobs)
         for pack_id in pack_ids:
             txn.delete(pack_id, db=self.db["packs"])
+        _delete_prefix(txn, self.db["damaged"], b"", where=lambda _, bad: bad in pack_ids)
 
     def blob_packs(self, digests: Iterable[bytes]) -> dict[bytes, bytes]:
-        """blob hash -> pack id, for the given blobs the index knows."""
+        """blob hash -> pack id, for the given blobs the index knows (less damaged ones,
+        like :meth:`has_blobs`: deduplication must store those again)."""
         db = self.db["blobs"]
         out = {}
         with self.env.begin() as txn:
+            check = txn.stat(self.db["damaged"])["entries"] > 0
             for d in digests:
                 value = txn.get(d, db=db)
-                if value is not None:
+                if value is not None and not (check and txn.get(d, db=self.db["damaged"])
+                                              == value[:32]):
                     out[d] = bytes(value[:32])
         return out
 
@@ -451,6 +509,19 @@ class Index:
 
     def files_cache_put_txn(self, txn: lmdb.Transaction, path: str, value: bytes) -> None:
         txn.put(_fit(path.encode()), value, db=self.db["files"])
+
+
+def _usable(txn: lmdb.Transaction, digest: bytes, blobs: object, damaged: object) -> bool:
+    """The blob is indexed and its location is not in the pack where it was found bad."""
+    location = txn.get(digest, db=blobs)
+    return location is not None and txn.get(digest, db=damaged) != location[:32]
+
+
+def _read_elsewhere(txn: lmdb.Transaction, digest: bytes, pack_id: bytes,
+                    blobs: object) -> bool:
+    """The index reads the blob from a pack other than ``pack_id``."""
+    location = txn.get(digest, db=blobs)
+    return location is not None and location[:32] != pack_id
 
 
 def _delete_prefix(txn: lmdb.Transaction, db: object, prefix: bytes, *,

@@ -20,6 +20,7 @@ from vfs.blobs import (
     IndexEntry,
     PackBuilder,
     blob_hash,
+    check_pack_size,
     decode_index,
     encode_index,
     index_from_pack,
@@ -261,3 +262,27 @@ def test_index_from_pack_rejects_a_damaged_embedded_index() -> None:
     damaged[-8 - len(sealed.index) + 20] ^= 1
     with pytest.raises(Corruption, match="checksum"):
         index_from_pack(bytes(damaged))
+
+
+def test_check_pack_size_accepts_exactly_the_whole_pack() -> None:
+    sealed, entries = _pack([b"a" * 2000, random.Random(4).randbytes(3000)])
+    check_pack_size(entries, len(sealed.index), len(sealed.data), "pack p")
+    check_pack_size([], len(encode_index([])), len(PACK_MAGIC) + len(encode_index([])) + 8)
+
+
+@pytest.mark.parametrize("short", [1, 8, 50])
+def test_check_pack_size_rejects_a_pack_too_short_for_its_index(short: int) -> None:
+    # Cut into the trailer, the embedded index, or the last blob's stored bytes.
+    sealed, entries = _pack([b"a" * 2000, random.Random(4).randbytes(3000)])
+    cut = short if short < 50 else 8 + len(sealed.index) + short
+    with pytest.raises(Corruption, match="pack p is truncated"):
+        check_pack_size(entries, len(sealed.index), len(sealed.data) - cut, "pack p")
+
+
+def test_check_pack_size_looks_at_the_record_that_ends_last() -> None:
+    # Index entries need not be in offset order: the furthest record decides.
+    sealed, entries = _pack([b"a" * 2000, random.Random(4).randbytes(3000)])
+    size = len(sealed.data)
+    check_pack_size(entries[::-1], len(sealed.index), size)
+    with pytest.raises(Corruption):
+        check_pack_size(entries[::-1], len(sealed.index), size - 1)
