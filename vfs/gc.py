@@ -160,8 +160,8 @@ class _Collector:
     def _acknowledge(self) -> None:
         # This node holds its lock alone: no write of its own is in flight.
         view = self.store.blobs.gc.sync()
-        self.store.presence.publish(ACTIVE if self.store.stays_active else IDLE,
-                                    gc_seen=view.seen)
+        state = ACTIVE if self.store._long_running_process_on_node() else IDLE
+        self.store.presence.publish(state, gc_seen=view.seen)
 
     def _take_lease(self) -> None:
         body = canonical_json({"node": self.store.node.id, "name": self.store.node.name})

@@ -99,14 +99,19 @@ class Store:
         self._commits: dict[str, Commit] = {}
         self.node = node_identity(self.cache_dir)
         self.presence = Presence(objects, self.index, self.node)
-        #: A long-running process (vfsd) keeps the node active and refreshes the record
-        #: itself; a command-line process marks the node idle when its writes end.
+        #: A long-running process (vfsd, see :meth:`keep_active`) keeps the node active
+        #: and refreshes its record; a command-line process marks the node idle when
+        #: its writes end, unless such a process runs on the node.
         self.stays_active = False
+        self._active_fd: int | None = None
         self.blobs.before_check = self._ensure_active
         self._shared_depth = 0
         self._depth_lock = threading.Lock()
 
     def close(self) -> None:
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+            self._active_fd = None
         self.index.close()
         self.objects.close()
 
@@ -139,6 +144,35 @@ class Store:
                 and self.index.node_state().state == ACTIVE:
             self.settle()
 
+    def keep_active(self, ttl: float = 60.0) -> None:
+        """Declare this process long-running (vfsd): the node stays active while it
+        lives, and :meth:`heartbeat` must be called every ``ttl / 3`` seconds."""
+        self.stays_active = True
+        self.presence.ttl = ttl
+        # Held shared for the life of the process: a command-line process on the same
+        # node sees it and does not mark the node idle under the daemon's feet.
+        self._active_fd = os.open(os.path.join(self.cache_dir, "active.lock"),
+                                  os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._active_fd, fcntl.LOCK_SH)
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Refresh this node's record; acknowledge gc if no write is in flight."""
+        if not self.settle(wait=1.0):
+            self.presence.publish(ACTIVE)  # a write is in flight: refresh only
+
+    def _long_running_process_on_node(self) -> bool:
+        if self.stays_active:
+            return True
+        fd = os.open(os.path.join(self.cache_dir, "active.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     def _ensure_active(self) -> None:
         """Make the node's record active before a write relies on its view of gc."""
         if self.index.node_state().state != ACTIVE:
@@ -166,7 +200,8 @@ class Store:
                         return False  # a write is in flight: it settles when it ends
                     time.sleep(0.05)
             view = self.blobs.gc.sync()
-            self.presence.publish(ACTIVE if self.stays_active else IDLE, gc_seen=view.seen)
+            state = ACTIVE if self._long_running_process_on_node() else IDLE
+            self.presence.publish(state, gc_seen=view.seen)
             return True
         finally:
             os.close(fd)
