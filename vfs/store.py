@@ -36,7 +36,7 @@ from vfs.errors import (
     VfsError,
 )
 from vfs.index import Index
-from vfs.names import RefSpec, check_name, looks_like_commit
+from vfs.names import RefSpec, ancestors, check_name, looks_like_commit
 from vfs.objstore import ObjectStore, open_object_store
 from vfs.refs import (
     Commit,
@@ -53,7 +53,7 @@ from vfs.refs import (
     read_reflog,
     ref_key,
 )
-from vfs.snapshot import Change, Snapshot, diff_trees
+from vfs.snapshot import Change, Snapshot, changed_paths, diff_trees
 from vfs.staging import OpenCommit, decode_change, encode_change
 
 DEFAULT_BRANCH = "main"
@@ -444,20 +444,27 @@ class Store:
 
     def _check_rebase(self, repo: str, branch: str, base: str | None, head: str | None,
                       open_commit: OpenCommit) -> None:
-        """Refuse to apply an open commit on a head that changed the same paths."""
+        """Refuse to apply an open commit on a head that changed an overlapping path.
+
+        Paths overlap when equal or when one is below the other, and directories count:
+        a change staged below a directory the head deleted (or made a file), or a
+        staged directory change where the head changed something inside, is refused
+        rather than rebuilt into a tree that silently drops or undoes one side.
+        """
         old = Snapshot(self.blobs, self.read_commit(base).tree if base else None)
         new = Snapshot(self.blobs, self.read_commit(head).tree if head else None)
-        moved = {c.path for c in diff_trees(old, new)}
-        for staged in open_commit.changes:
-            for path in moved:
-                if path == staged or path.startswith(staged + "/") or staged.startswith(
-                    path + "/"
-                ):
-                    raise Conflict(
-                        f"{repo}@{branch} moved to {(head or '')[:12]} and changed /{path}, "
-                        f"which the open commit also changes: discard with "
-                        f"'vfsctl discard {repo}@{branch}' and redo the change"
-                    )
+        moved = set(changed_paths(old, new))
+        around = {p for path in moved for p in ancestors(path)}  # directories holding them
+        for staged in sorted(open_commit.changes):
+            other = next((p for p in (staged, *ancestors(staged)) if p in moved), None)
+            if other is None and staged in around:
+                other = min(p for p in moved if not staged or p.startswith(staged + "/"))
+            if other is not None:
+                raise Conflict(
+                    f"{repo}@{branch} moved to {(head or '')[:12]} and changed /{other}, "
+                    f"which the open commit's change to /{staged} overlaps: discard with "
+                    f"'vfsctl discard {repo}@{branch}' and redo the change"
+                )
 
     def rollback(self, repo: str, branch: str, target: RefSpec, message: str = "", *,
                  author: str | None = None) -> Commit:
