@@ -327,10 +327,12 @@ class Index:
         _delete_prefix(txn, db, full[:_KEPT], where=lambda key, value: key.startswith(full)
                        or _staged_item(prefix, key, value)[0].startswith(below))
 
-    def clear_staging_txn(self, txn: lmdb.Transaction, repo: str, branch: str) -> None:
-        _delete_prefix(txn, self.db["staging"], staging_prefix(repo, branch))
+    def clear_staging_txn(self, txn: lmdb.Transaction, repo: str, branch: str) -> int:
+        """Drop a branch's whole open commit inside ``txn``; return how many changes."""
+        count = _delete_prefix(txn, self.db["staging"], staging_prefix(repo, branch))
         txn.delete(f"{repo}\0{branch}".encode(), db=self.db["staging_base"])
         txn.delete(f"{repo}\0{branch}".encode(), db=self.db["sealing"])
+        return count
 
     def clear_sealed_txn(self, txn: lmdb.Transaction, repo: str, branch: str,
                          sealed: dict[str, bytes], new_base: str) -> None:
@@ -389,9 +391,9 @@ class Index:
 
 
 def _delete_prefix(txn: lmdb.Transaction, db: object, prefix: bytes, *,
-                   where: Callable[[bytes, bytes], bool] | None = None) -> None:
+                   where: Callable[[bytes, bytes], bool] | None = None) -> int:
     """Delete every key of ``db`` that starts with ``prefix`` (and, given ``where``,
-    whose ``where(key, value)`` is true)."""
+    whose ``where(key, value)`` is true); return how many."""
     cursor = txn.cursor(db=db)
     doomed = []
     if cursor.set_range(prefix):
@@ -402,3 +404,4 @@ def _delete_prefix(txn: lmdb.Transaction, db: object, prefix: bytes, *,
                 doomed.append(bytes(key))
     for key in doomed:
         txn.delete(key, db=db)
+    return len(doomed)

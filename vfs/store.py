@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from vfs.blobstore import BlobStore
@@ -55,8 +56,10 @@ from vfs.refs import (
 )
 from vfs.snapshot import Change, Snapshot, changed_paths, diff_trees
 from vfs.staging import OpenCommit, decode_change, encode_change
+from vfs.tree import DIR, Entry
 
 DEFAULT_BRANCH = "main"
+_log = logging.getLogger(__name__)
 _CAS_ATTEMPTS = 10
 
 
@@ -348,25 +351,32 @@ class Store:
     def discard(self, repo: str, branch: str) -> int:
         """Drop a branch's open commit; return how many changes were dropped."""
         self.head(repo, branch)
-        count = len(self.index.staged(repo, branch))
-        with self.index.write() as txn:
-            self.index.clear_staging_txn(txn, repo, branch)
-        return count
+        with self.index.write() as txn:  # counted where cleared: nothing staged in between
+            return self.index.clear_staging_txn(txn, repo, branch)
 
     def _recover_seal(self, state: RefState) -> None:
-        """Finish or forget a commit that was interrupted after its object was written."""
+        """Finish or forget a commit that was interrupted after its object was written.
+
+        If the branch moved to it, its reflog entry is recorded (unless some entry
+        already has it) and the staged changes it contains are unstaged; changes
+        staged after it was sealed (by another process, or since) stay staged.
+        """
         sealing = self.index.sealing(state.repo, state.branch)
         if sealing is None:
             return
         if state.commit == sealing:
             entries = read_reflog(self.objects, state.repo, state.branch)
-            if not entries or entries[-1].new != sealing:
+            if not any(entry.new == sealing for entry in entries):
                 parents = self.read_commit(sealing).parents
                 self._append_reflog(state.repo, state.branch,
                                     parents[0] if parents else None, sealing,
-                              "commit (recorded after an interrupted commit)")
+                                    "commit (recorded after an interrupted commit)")
+            made = Snapshot(self.blobs, self.read_commit(sealing).tree)
+            sealed = {path: change for path, change in
+                      self.index.staged(state.repo, state.branch).items()
+                      if _contains(made, path, decode_change(change))}
             with self.index.write() as txn:
-                self.index.clear_staging_txn(txn, state.repo, state.branch)
+                self.index.clear_sealed_txn(txn, state.repo, state.branch, sealed, sealing)
         else:
             self.index.set_sealing(state.repo, state.branch, None)
 
@@ -431,14 +441,25 @@ class Store:
                 except PreconditionFailed:
                     self.index.set_sealing(repo, branch, None)
                     continue  # the branch moved meanwhile: rebuild on the new head
-                self._append_reflog(repo, branch, state.commit, commit.id, why,
-                                    who=commit.author)
-                with self.index.write() as txn:
-                    if tree is None:
-                        # Only what was sealed: a change staged meanwhile (by another
-                        # process, or the mount) stays for the next commit.
-                        self.index.clear_sealed_txn(txn, repo, branch, sealed, commit.id)
-                    txn.put(bytes.fromhex(commit.id), data, db=self.index.db["commits"])
+                try:
+                    self._append_reflog(repo, branch, state.commit, commit.id, why,
+                                        who=commit.author)
+                    with self.index.write() as txn:
+                        if tree is None:
+                            # Only what was sealed: a change staged meanwhile (by another
+                            # process, or the mount) stays for the next commit.
+                            self.index.clear_sealed_txn(txn, repo, branch, sealed, commit.id)
+                        txn.put(bytes.fromhex(commit.id), data, db=self.index.db["commits"])
+                except VfsError as exc:
+                    # The branch moved: the commit is made, and saying otherwise would
+                    # have the user redo it. The sealing record stays, so the next
+                    # operation on the branch records the rest (docs/format.md §9).
+                    _log.warning("commit %s was made (%s@%s moved to it) but recording it "
+                                 "failed: %s; the next operation on the branch finishes "
+                                 "that", commit.id[:12], repo, branch, exc)
+                    if tree is not None:
+                        with suppress(VfsError):
+                            self.index.set_sealing(repo, branch, commit.id)
                 return commit
         raise Conflict(f"{repo}@{branch} keeps moving: gave up after {_CAS_ATTEMPTS} attempts")
 
@@ -491,6 +512,18 @@ class Store:
             metadata={"rollback_to": commit.id},
             why=f"rollback to {commit.id}",
         )
+
+
+def _contains(snapshot: Snapshot, path: str, change: Entry | None) -> bool:
+    """Whether a commit's tree shows a staged change (is what sealing it made)."""
+    now = snapshot.lookup(path)
+    if change is None:
+        return now is None
+    if now is None or now.kind != change.kind:
+        return False
+    if change.kind == DIR and not change.ref:  # a new directory: sealed, it got a tree
+        return (now.mode, now.mtime_ns) == (change.mode, change.mtime_ns)
+    return now.same_content(change)
 
 
 def open_store(url: str | None = None, *, cache_dir: str | None = None, create: bool = False,
