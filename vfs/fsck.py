@@ -100,9 +100,8 @@ def check(store, *, deep: bool = False,
 
 
 def _finish_interrupted_commits(store) -> None:
-    for repo, branch in store.index.open_commits():
-        if store.index.sealing(repo, branch) is None:
-            continue
+    # Sealing records, not open commits: a commit of a tree (a rollback) stages nothing.
+    for repo, branch in store.index.sealing_branches():
         try:
             store._recover_seal(read_ref(store.objects, repo, branch))
         except VfsError:

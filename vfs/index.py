@@ -43,9 +43,11 @@ databases, their keys and values:
 
 ``sealing``
     ``repo NUL branch`` -> commit id (hex) being sealed: set after the commit
-    object is stored and before the ref's compare-and-swap, cleared with the open
-    commit. Finding it at start-up means a commit was interrupted; if the branch
-    head is that commit, the seal completed and the open commit is dropped.
+    object is stored and before the ref's compare-and-swap (for a commit of a
+    given tree, such as a rollback, only when recording it failed after the swap),
+    cleared once the commit is recorded. Finding it means a commit was interrupted;
+    if the branch head is that commit, its reflog entry is recorded if missing and
+    the staged changes the commit contains are unstaged (later ones stay).
 
 ``files``
     absolute source path (UTF-8) -> JSON ``[size, mtime_ns, ctime_ns, inode, entry]``:
@@ -364,6 +366,14 @@ class Index:
             return [
                 tuple(bytes(k).decode().split("\0", 1))  # type: ignore[misc]
                 for k in txn.cursor(db=self.db["staging_base"]).iternext(values=False)
+            ]
+
+    def sealing_branches(self) -> list[tuple[str, str]]:
+        """Every (repo, branch) with a ``sealing`` record: an interrupted commit."""
+        with self.env.begin() as txn:
+            return [
+                tuple(bytes(k).decode().split("\0", 1))  # type: ignore[misc]
+                for k in txn.cursor(db=self.db["sealing"]).iternext(values=False)
             ]
 
     def sealing(self, repo: str, branch: str) -> str | None:

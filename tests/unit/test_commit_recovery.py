@@ -206,6 +206,23 @@ def test_a_failed_index_update_after_the_swap_still_returns_the_commit(
     assert store.index.staged(REPO, "main") == {}
 
 
+@pytest.mark.expect_warnings
+def test_a_rollback_whose_reflog_append_fails_is_made_and_recorded_later(
+        faulty, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, objects = faulty
+    put_file(store, "/a", b"1")
+    first = store.commit(REPO, "main", "one")
+    put_file(store, "/a", b"2")
+    store.commit(REPO, "main", "two")
+    _fail_the_next_put_after_the_swap(objects, monkeypatch)
+    back = store.rollback(REPO, "main", vfs.parse_ref(f"{REPO}@{first.id}"))
+    assert store.head(REPO, "main").commit == back.id
+    objects.clear()
+    # fsck finishes it like any interrupted commit of this node: nothing staged here.
+    assert fsck_problems(store) == []
+    assert [e.new for e in store.reflog(REPO, "main")].count(back.id) == 1
+
+
 # -- the reflog, as fsck reads it ----------------------------------------------------------------
 
 
