@@ -91,11 +91,15 @@ def put(options: Options, target: str, sources: tuple[str, ...], recursive: bool
     note(f"{counts['files']} files: {counts['staged']} staged, {counts['unchanged']} "
          f"unchanged{deleted} ({counts['read']} read, {counts['cached']} from the files "
          f"cache), {human_size(counts['bytes_stored'])} new data")
+    skipped = counts.get("skipped") or []
+    if skipped:
+        more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+        note(f"skipped {skipped[0]}{more}: FIFOs, sockets and devices are not put")
 
 
 def _counts(result: vfs.PutResult) -> dict:
     """A put's result as the plain dict the daemon answers with."""
-    return {key: getattr(result, key) for key in _PUT_COUNTS}
+    return {**{key: getattr(result, key) for key in _PUT_COUNTS}, "skipped": result.skipped}
 
 
 def _put_through(daemon: DaemonClient, spec: vfs.RefSpec, dest: str, sources: list[str],

@@ -83,7 +83,7 @@ class ControlHandler:
         return {"files": result.files, "read": result.read, "cached": result.cached,
                 "unchanged": result.unchanged, "staged": result.staged,
                 "deleted": result.deleted, "bytes_read": result.bytes_read,
-                "bytes_stored": result.bytes_stored}
+                "bytes_stored": result.bytes_stored, "skipped": result.skipped}
 
     def op_rm(self, repo: str, branch: str, path: str, recursive: bool = False) -> dict:
         self.operations.wait_staged(repo, branch)

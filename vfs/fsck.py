@@ -7,7 +7,9 @@
 * every blob the local index knows lives in a pack that exists;
 * every commit reachable from a branch (and its ancestors) decodes and matches
   its hash, and every tree, manifest and chunk it references is known;
-* the reflog records the current head of every branch.
+* the reflog records the current head of every branch: its entries, followed from
+  ``old`` to ``new`` in the order the moves happened (not necessarily the order the
+  entries were appended), lead to the head.
 
 With ``deep`` it also reads every pack whole, checks that it hashes to its name,
 that its embedded index equals the index object, and that every blob decompresses
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from vfs.blobs import check_pack_size, decode_index, index_from_pack, pack_key
 from vfs.errors import Corruption, ObjectNotFound, VfsError
 from vfs.reachability import mark, root_commits
-from vfs.refs import Commit, read_ref, read_reflog
+from vfs.refs import Commit, ReflogEntry, read_ref, read_reflog
 
 
 @dataclass
@@ -103,9 +105,8 @@ def check(store, *, deep: bool = False,
 
 
 def _finish_interrupted_commits(store) -> None:
-    for repo, branch in store.index.open_commits():
-        if store.index.sealing(repo, branch) is None:
-            continue
+    # Sealing records, not open commits: a commit of a tree (a rollback) stages nothing.
+    for repo, branch in store.index.sealing_branches():
         try:
             store._recover_seal(read_ref(store.objects, repo, branch))
         except VfsError:
@@ -121,10 +122,34 @@ def _check_reflogs(store, report: FsckReport) -> None:
         except VfsError as exc:
             report.problems.append(f"{repo}@{branch}: {exc}")
             continue
-        if head and (not entries or entries[-1].new != head):
+        if head and _reflog_head(entries) != head:
             report.problems.append(
                 f"the reflog of {repo}@{branch} does not record its head {head[:12]}"
             )
+
+
+def _reflog_head(entries: list[ReflogEntry]) -> str | None:
+    """Where a branch's reflog says the branch is: its moves followed old -> new.
+
+    Two writers append in the order their appends land, which need not be the
+    order their swaps did (the second writer's entry can land first; a move
+    recovered after an interrupted commit is recorded later still). So the
+    entries are not read last-is-head: starting from no branch, an entry applies
+    once the chain stands at its ``old``, the earliest such first.
+    """
+    current: str | None = None
+    pending: list[ReflogEntry] = []
+    for entry in entries:
+        pending.append(entry)
+        moved = True
+        while moved:
+            moved = False
+            for i, waiting in enumerate(pending):
+                if waiting.old == current:
+                    current = pending.pop(i).new
+                    moved = True
+                    break
+    return current
 
 
 def _check_pack_deep(store, hex_id: str, entries: list | None, report: FsckReport) -> None:

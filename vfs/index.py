@@ -63,9 +63,11 @@ databases, their keys and values:
 
 ``sealing``
     ``repo NUL branch`` -> commit id (hex) being sealed: set after the commit
-    object is stored and before the ref's compare-and-swap, cleared with the open
-    commit. Finding it at start-up means a commit was interrupted; if the branch
-    head is that commit, the seal completed and the open commit is dropped.
+    object is stored and before the ref's compare-and-swap (for a commit of a
+    given tree, such as a rollback, only when recording it failed after the swap),
+    cleared once the commit is recorded. Finding it means a commit was interrupted;
+    if the branch head is that commit, its reflog entry is recorded if missing and
+    the staged changes the commit contains are unstaged (later ones stay).
 
 ``files``
     absolute source path (UTF-8) -> JSON ``[size, mtime_ns, ctime_ns, inode, entry]``:
@@ -450,10 +452,12 @@ class Index:
         _delete_prefix(txn, db, full[:_KEPT], where=lambda key, value: key.startswith(full)
                        or _staged_item(prefix, key, value)[0].startswith(below))
 
-    def clear_staging_txn(self, txn: lmdb.Transaction, repo: str, branch: str) -> None:
-        _delete_prefix(txn, self.db["staging"], staging_prefix(repo, branch))
+    def clear_staging_txn(self, txn: lmdb.Transaction, repo: str, branch: str) -> int:
+        """Drop a branch's whole open commit inside ``txn``; return how many changes."""
+        count = _delete_prefix(txn, self.db["staging"], staging_prefix(repo, branch))
         txn.delete(f"{repo}\0{branch}".encode(), db=self.db["staging_base"])
         txn.delete(f"{repo}\0{branch}".encode(), db=self.db["sealing"])
+        return count
 
     def clear_sealed_txn(self, txn: lmdb.Transaction, repo: str, branch: str,
                          sealed: dict[str, bytes], new_base: str) -> None:
@@ -485,6 +489,14 @@ class Index:
             return [
                 tuple(bytes(k).decode().split("\0", 1))  # type: ignore[misc]
                 for k in txn.cursor(db=self.db["staging_base"]).iternext(values=False)
+            ]
+
+    def sealing_branches(self) -> list[tuple[str, str]]:
+        """Every (repo, branch) with a ``sealing`` record: an interrupted commit."""
+        with self.env.begin() as txn:
+            return [
+                tuple(bytes(k).decode().split("\0", 1))  # type: ignore[misc]
+                for k in txn.cursor(db=self.db["sealing"]).iternext(values=False)
             ]
 
     def sealing(self, repo: str, branch: str) -> str | None:
@@ -525,9 +537,9 @@ def _read_elsewhere(txn: lmdb.Transaction, digest: bytes, pack_id: bytes,
 
 
 def _delete_prefix(txn: lmdb.Transaction, db: object, prefix: bytes, *,
-                   where: Callable[[bytes, bytes], bool] | None = None) -> None:
+                   where: Callable[[bytes, bytes], bool] | None = None) -> int:
     """Delete every key of ``db`` that starts with ``prefix`` (and, given ``where``,
-    whose ``where(key, value)`` is true)."""
+    whose ``where(key, value)`` is true); return how many."""
     cursor = txn.cursor(db=db)
     doomed = []
     if cursor.set_range(prefix):
@@ -538,3 +550,4 @@ def _delete_prefix(txn: lmdb.Transaction, db: object, prefix: bytes, *,
                 doomed.append(bytes(key))
     for key in doomed:
         txn.delete(key, db=db)
+    return len(doomed)

@@ -66,6 +66,7 @@ class PutResult:
     unchanged: int = 0  # files equal to what the branch already shows
     changes: dict[str, Entry | None] = field(default_factory=dict)
     bytes_stored: int = 0  # new pack bytes written to the store
+    skipped: list[str] = field(default_factory=list)  # special files met in a walk
 
     @property
     def staged(self) -> int:
@@ -160,9 +161,15 @@ class Ingest:
         ``/`` on the destination) is set (then ``dest/name``). Several
         sources: each goes to ``dest/basename``.
 
+        Only regular files, symlinks and directories hold data. A FIFO, socket or
+        device named as a source is refused (reading one could block or never end);
+        one met while walking a directory is skipped and listed in
+        :attr:`PutResult.skipped`.
+
         Raises:
             PathNotFound: a source does not exist.
             IsADirectory: a directory source without ``recursive``.
+            InvalidPath: a source is not a regular file, symlink or directory.
         """
         planned: list[_Source] = []
         dest_entry = self.open_commit.lookup(dest)
@@ -179,6 +186,11 @@ class Ingest:
                 target = dest if len(sources) == 1 else join(dest, name)
                 planned.append(_Source(os.path.abspath(src), target, st))
                 self._walk(os.path.abspath(src), target, planned)
+            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                raise InvalidPath(
+                    f"{src} is {_special_kind(st.st_mode)}, not a file: only regular files, "
+                    f"symlinks and directories can be put"
+                )
             else:
                 if len(sources) == 1 and not dest_is_dir and dest:
                     target = dest
@@ -198,7 +210,8 @@ class Ingest:
                 self._walk(entry.path, target, out)
             elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 out.append(_Source(entry.path, target, st))
-            # Sockets, FIFOs and devices are not data: skipped.
+            else:  # sockets, FIFOs and devices are not data (see plan)
+                self.result.skipped.append(entry.path)
 
     # -- running ------------------------------------------------------------------------
 
@@ -395,6 +408,19 @@ class Ingest:
     def save_files_cache(self, txn) -> None:
         for path, value in self._cache_updates.items():
             self.store.index.files_cache_put_txn(txn, path, value)
+
+
+def _special_kind(mode: int) -> str:
+    """What a file that is not a regular file, symlink or directory is, for messages."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "a special file"
 
 
 @dataclass(frozen=True)
@@ -612,7 +638,8 @@ def put(store, repo: str, branch: str, dest: str, sources: list[str], *,
         repo: repository name.
         branch: branch name (must exist).
         dest: destination path in the repository ("" or "/" is the root).
-        sources: local files or directories.
+        sources: local files, symlinks or directories (a FIFO, socket or device is
+            refused; one inside a directory is skipped and listed in the result).
         recursive: allow directories.
         delete: also stage deletions so ``dest`` mirrors a single directory source.
         progress: called with the number of bytes read as they are read.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import socket
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,8 @@ from vfs.errors import (
     PreconditionFailed,
 )
 from vfs.objstore.base import ObjectStore
+
+_COMMIT_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def canonical_json(value: object) -> bytes:
@@ -125,6 +128,10 @@ def read_ref(objects: ObjectStore, repo: str, branch: str) -> RefState:
         commit = json.loads(data)["commit"]
     except (ValueError, KeyError, TypeError) as exc:
         raise Corruption(f"ref of {repo}@{branch} is damaged: {exc}") from exc
+    if commit is not None and not (isinstance(commit, str) and _COMMIT_ID.fullmatch(commit)):
+        raise Corruption(
+            f"ref of {repo}@{branch} is damaged: {commit!r} is not a commit id"
+        )
     return RefState(repo, branch, commit, tag)
 
 

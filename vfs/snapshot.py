@@ -233,3 +233,26 @@ def _diff_entries(old: Snapshot, new: Snapshot, path: str, a: Mapping[str, Entry
             yield Change("deleted", child, ea, None)
         elif ea is not None and eb is not None and not ea.same_content(eb):
             yield Change("modified", child, ea, eb)
+
+
+def changed_paths(old: Snapshot, new: Snapshot) -> Iterator[str]:
+    """Yield every path whose entry differs between two snapshots, directories included.
+
+    Unlike :func:`diff_trees`, a directory that appears, disappears or turns into a
+    file (or the reverse) is itself reported, even when it is empty, and what is below
+    it is not (it is implied). A directory whose contents changed is not reported:
+    its changed descendants are. What a rebase must compare, path by path.
+    """
+    yield from _changed_entries(old, new, "", old.root_entries(), new.root_entries())
+
+
+def _changed_entries(old: Snapshot, new: Snapshot, path: str, a: Mapping[str, Entry],
+                     b: Mapping[str, Entry]) -> Iterator[str]:
+    for name in sorted(a.keys() | b.keys()):
+        ea, eb = a.get(name), b.get(name)
+        child = join(path, name)
+        if ea is not None and eb is not None and ea.kind == DIR and eb.kind == DIR:
+            if ea.ref != eb.ref:
+                yield from _changed_entries(old, new, child, old.tree(ea.ref), new.tree(eb.ref))
+        elif ea is None or eb is None or not ea.same_content(eb):
+            yield child

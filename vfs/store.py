@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from vfs.blobstore import BlobStore
@@ -38,7 +39,7 @@ from vfs.errors import (
     VfsError,
 )
 from vfs.index import Index
-from vfs.names import RefSpec, check_name, looks_like_commit
+from vfs.names import RefSpec, ancestors, check_name, looks_like_commit
 from vfs.nodes import ACTIVE, IDLE, Presence, node_identity
 from vfs.objstore import ObjectStore, open_object_store
 from vfs.refs import (
@@ -56,10 +57,12 @@ from vfs.refs import (
     read_reflog,
     ref_key,
 )
-from vfs.snapshot import Change, Snapshot, diff_trees
+from vfs.snapshot import Change, Snapshot, changed_paths, diff_trees
 from vfs.staging import OpenCommit, decode_change, encode_change
+from vfs.tree import DIR, Entry
 
 DEFAULT_BRANCH = "main"
+_log = logging.getLogger(__name__)
 _CAS_ATTEMPTS = 10
 
 
@@ -440,26 +443,34 @@ class Store:
         """Drop a branch's open commit; return how many changes were dropped."""
         self.head(repo, branch)
         with self.lock():
-            count = len(self.index.staged(repo, branch))
-            with self.index.write() as txn:
-                self.index.clear_staging_txn(txn, repo, branch)
+            with self.index.write() as txn:  # counted where cleared: nothing staged in between
+                count = self.index.clear_staging_txn(txn, repo, branch)
         self.settle()  # publish the node's pins without the dropped changes
         return count
 
     def _recover_seal(self, state: RefState) -> None:
-        """Finish or forget a commit that was interrupted after its object was written."""
+        """Finish or forget a commit that was interrupted after its object was written.
+
+        If the branch moved to it, its reflog entry is recorded (unless some entry
+        already has it) and the staged changes it contains are unstaged; changes
+        staged after it was sealed (by another process, or since) stay staged.
+        """
         sealing = self.index.sealing(state.repo, state.branch)
         if sealing is None:
             return
         if state.commit == sealing:
             entries = read_reflog(self.objects, state.repo, state.branch)
-            if not entries or entries[-1].new != sealing:
+            if not any(entry.new == sealing for entry in entries):
                 parents = self.read_commit(sealing).parents
                 self._append_reflog(state.repo, state.branch,
                                     parents[0] if parents else None, sealing,
-                              "commit (recorded after an interrupted commit)")
+                                    "commit (recorded after an interrupted commit)")
+            made = Snapshot(self.blobs, self.read_commit(sealing).tree)
+            sealed = {path: change for path, change in
+                      self.index.staged(state.repo, state.branch).items()
+                      if _contains(made, path, decode_change(change))}
             with self.index.write() as txn:
-                self.index.clear_staging_txn(txn, state.repo, state.branch)
+                self.index.clear_sealed_txn(txn, state.repo, state.branch, sealed, sealing)
         else:
             self.index.set_sealing(state.repo, state.branch, None)
 
@@ -524,33 +535,51 @@ class Store:
                 except PreconditionFailed:
                     self.index.set_sealing(repo, branch, None)
                     continue  # the branch moved meanwhile: rebuild on the new head
-                self._append_reflog(repo, branch, state.commit, commit.id, why,
-                                    who=commit.author)
-                with self.index.write() as txn:
-                    if tree is None:
-                        # Only what was sealed: a change staged meanwhile (by another
-                        # process, or the mount) stays for the next commit.
-                        self.index.clear_sealed_txn(txn, repo, branch, sealed, commit.id)
-                    txn.put(bytes.fromhex(commit.id), data, db=self.index.db["commits"])
+                try:
+                    self._append_reflog(repo, branch, state.commit, commit.id, why,
+                                        who=commit.author)
+                    with self.index.write() as txn:
+                        if tree is None:
+                            # Only what was sealed: a change staged meanwhile (by another
+                            # process, or the mount) stays for the next commit.
+                            self.index.clear_sealed_txn(txn, repo, branch, sealed, commit.id)
+                        txn.put(bytes.fromhex(commit.id), data, db=self.index.db["commits"])
+                except VfsError as exc:
+                    # The branch moved: the commit is made, and saying otherwise would
+                    # have the user redo it. The sealing record stays, so the next
+                    # operation on the branch records the rest (docs/format.md §9).
+                    _log.warning("commit %s was made (%s@%s moved to it) but recording it "
+                                 "failed: %s; the next operation on the branch finishes "
+                                 "that", commit.id[:12], repo, branch, exc)
+                    if tree is not None:
+                        with suppress(VfsError):
+                            self.index.set_sealing(repo, branch, commit.id)
                 return commit
         raise Conflict(f"{repo}@{branch} keeps moving: gave up after {_CAS_ATTEMPTS} attempts")
 
     def _check_rebase(self, repo: str, branch: str, base: str | None, head: str | None,
                       open_commit: OpenCommit) -> None:
-        """Refuse to apply an open commit on a head that changed the same paths."""
+        """Refuse to apply an open commit on a head that changed an overlapping path.
+
+        Paths overlap when equal or when one is below the other, and directories count:
+        a change staged below a directory the head deleted (or made a file), or a
+        staged directory change where the head changed something inside, is refused
+        rather than rebuilt into a tree that silently drops or undoes one side.
+        """
         old = Snapshot(self.blobs, self.read_commit(base).tree if base else None)
         new = Snapshot(self.blobs, self.read_commit(head).tree if head else None)
-        moved = {c.path for c in diff_trees(old, new)}
-        for staged in open_commit.changes:
-            for path in moved:
-                if path == staged or path.startswith(staged + "/") or staged.startswith(
-                    path + "/"
-                ):
-                    raise Conflict(
-                        f"{repo}@{branch} moved to {(head or '')[:12]} and changed /{path}, "
-                        f"which the open commit also changes: discard with "
-                        f"'vfsctl discard {repo}@{branch}' and redo the change"
-                    )
+        moved = set(changed_paths(old, new))
+        around = {p for path in moved for p in ancestors(path)}  # directories holding them
+        for staged in sorted(open_commit.changes):
+            other = next((p for p in (staged, *ancestors(staged)) if p in moved), None)
+            if other is None and staged in around:
+                other = min(p for p in moved if not staged or p.startswith(staged + "/"))
+            if other is not None:
+                raise Conflict(
+                    f"{repo}@{branch} moved to {(head or '')[:12]} and changed /{other}, "
+                    f"which the open commit's change to /{staged} overlaps: discard with "
+                    f"'vfsctl discard {repo}@{branch}' and redo the change"
+                )
 
     def rollback(self, repo: str, branch: str, target: RefSpec, message: str = "", *,
                  author: str | None = None) -> Commit:
@@ -577,6 +606,18 @@ class Store:
             metadata={"rollback_to": commit.id},
             why=f"rollback to {commit.id}",
         )
+
+
+def _contains(snapshot: Snapshot, path: str, change: Entry | None) -> bool:
+    """Whether a commit's tree shows a staged change (is what sealing it made)."""
+    now = snapshot.lookup(path)
+    if change is None:
+        return now is None
+    if now is None or now.kind != change.kind:
+        return False
+    if change.kind == DIR and not change.ref:  # a new directory: sealed, it got a tree
+        return (now.mode, now.mtime_ns) == (change.mode, change.mtime_ns)
+    return now.same_content(change)
 
 
 def open_store(url: str | None = None, *, cache_dir: str | None = None, create: bool = False,

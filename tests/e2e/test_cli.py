@@ -342,6 +342,35 @@ def test_refusals_leave_things_untouched(vfsctl: Vfsctl, tmp_path: Path) -> None
     assert vfsctl.json("repo", "list") == []
 
 
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_put_of_a_fifo_or_device_is_refused_at_once(vfsctl: Vfsctl, tmp_path: Path,
+                                                   kind: str) -> None:
+    # Reading either would never end (a FIFO nobody writes, /dev/zero): refused up
+    # front, as a user error naming the source. Vfsctl.run's timeout fails a hang.
+    vfsctl.ok("repo", "create", "r")
+    if kind == "fifo":
+        source = tmp_path / "pipe"
+        os.mkfifo(source)
+    else:
+        source = Path(kind)
+    err = vfsctl.fails("put", "r@main:/x", str(source))
+    assert str(source) in err and "not a file" in err
+    assert "nothing to commit" in vfsctl.fails("commit", "r@main")
+
+
+def test_put_of_a_directory_skips_special_files_with_a_note(vfsctl: Vfsctl,
+                                                            tmp_path: Path) -> None:
+    vfsctl.ok("repo", "create", "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    os.mkfifo(src / "data" / "pipe")
+    put = vfsctl.ok("put", "r@main", str(src), "-r")
+    assert f"skipped {src / 'data' / 'pipe'}" in put.err
+    vfsctl.ok("commit", "r@main")
+    assert "pipe" not in vfsctl.ok("ls", "r@main:/data").out
+    assert vfsctl.ok("cat", "r@main:/README.txt").stdout == b"hello vfs\n"
+
+
 def test_usage_errors_exit_2(vfsctl: Vfsctl) -> None:
     assert "No such command" in vfsctl.fails("frobnicate", code=2)
     vfsctl.fails("repo", "create", code=2)  # missing NAME

@@ -12,6 +12,8 @@ import json
 import os
 import random
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -984,3 +986,55 @@ def test_files_cache_of_long_local_paths(repo: vfs.Store, tmp_path: Path) -> Non
     assert first.read == 1
     second = vfs.put(repo, REPO, "main", "/x.bin", [str(directory / "x.bin")])
     assert second.cached == 1
+
+
+# -- sources that are not files: FIFOs, devices ----------------------------------------------
+
+_PUT_IN_A_CHILD = """
+import resource, sys
+import vfs
+# A put that reads /dev/zero would eat memory until it is killed: fail fast instead.
+resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30))
+store = vfs.open_store(sys.argv[1], cache_dir=sys.argv[2])
+try:
+    vfs.put(store, "data", "main", "/x", [sys.argv[3]])
+    print("staged")
+except vfs.VfsError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def _put_in_a_child(store: vfs.Store, source: str) -> str:
+    """Put ``source`` from another process, so that a hang fails the test, not blocks it."""
+    store_dir = store.objects.root
+    cache_dir = os.path.dirname(store.cache_dir)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PUT_IN_A_CHILD, store_dir, cache_dir,
+                               source], capture_output=True, timeout=20, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"put of {source} hung")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_put_refuses_a_source_that_is_not_a_regular_file(repo: vfs.Store, src: Path,
+                                                         kind: str) -> None:
+    if kind == "fifo":
+        source = src / "pipe"
+        os.mkfifo(source)
+    else:
+        source = Path(kind)
+    out = _put_in_a_child(repo, str(source))
+    assert out.startswith("InvalidPath") and str(source) in out, out
+    assert staged_paths(repo) == {}
+
+
+def test_put_of_a_directory_skips_the_special_files_in_it(repo: vfs.Store, src: Path) -> None:
+    write(src / "d" / "file", "data")
+    os.mkfifo(src / "d" / "pipe")
+    os.mkfifo(src / "d" / "sub-pipe")
+    result = put(repo, "/d", src / "d", recursive=True)
+    assert staged_paths(repo) == {"d": DIR, "d/file": FILE}
+    assert result.skipped == [str(src / "d" / "pipe"), str(src / "d" / "sub-pipe")]
+    repo.discard(REPO, "main")
