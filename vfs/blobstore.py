@@ -310,6 +310,11 @@ class BlobWriter:
             for digest, pack_id in located.items():
                 self._used.setdefault(pack_id, set()).add(digest)
 
+    def used(self) -> dict[bytes, set[bytes]]:
+        """pack id -> the blobs this session took from it (deduplicated or written)."""
+        with self._used_lock:
+            return {p: set(b) for p, b in self._used.items()}
+
     def note_used(self, digests: list[bytes]) -> None:
         """Count blobs reused without passing through :meth:`add` (a files-cache hit)."""
         self._note(self.blobs.index.blob_packs(digests))
@@ -325,9 +330,7 @@ class BlobWriter:
         every pack this session used passed the check (docs/format.md §10.4)."""
         self._store_all()
         for _ in range(3):
-            with self._used_lock:
-                used = {p: set(b) for p, b in self._used.items()}
-            self.view, condemned = self.blobs.check_packs(used)
+            self.view, condemned = self.blobs.check_packs(self.used())
             if not condemned:
                 return
             # Still present (a condemnation is carried out only once this node has

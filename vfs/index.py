@@ -377,7 +377,20 @@ class Index:
 
     def cache_commit(self, commit_id: bytes, data: bytes) -> None:
         with self.write() as txn:
-            txn.put(commit_id, data, db=self.db["commits"])
+            self.cache_commit_txn(txn, commit_id, data)
+
+    def cache_commit_txn(self, txn: lmdb.Transaction, commit_id: bytes, data: bytes) -> None:
+        txn.put(commit_id, data, db=self.db["commits"])
+
+    def reflog_hint(self, repo: str) -> int | None:
+        """The reflog number this node expects next in ``repo`` (None: list to find it)."""
+        with self.env.begin() as txn:
+            value = txn.get(f"reflog_next/{repo}".encode(), db=self.db["meta"])
+        return int(value) if value else None
+
+    def set_reflog_hint(self, repo: str, seq: int) -> None:
+        with self.write() as txn:
+            txn.put(f"reflog_next/{repo}".encode(), str(seq).encode(), db=self.db["meta"])
 
     def commits_with_prefix(self, prefix: bytes, *, limit: int = 2) -> list[bytes]:
         """Commit ids starting with the (byte) prefix, at most ``limit``."""

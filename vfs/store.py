@@ -20,9 +20,10 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+from vfs import commit as commit_protocol
 from vfs.blobstore import BlobStore
 from vfs.config import StoreConfig, create_config, load_config
 from vfs.errors import (
@@ -30,16 +31,14 @@ from vfs.errors import (
     AmbiguousRef,
     BranchNotFound,
     CommitNotFound,
-    Conflict,
     InvalidRef,
-    NothingToCommit,
     ObjectNotFound,
     PreconditionFailed,
     RepoNotFound,
     VfsError,
 )
 from vfs.index import Index
-from vfs.names import RefSpec, ancestors, check_name, looks_like_commit
+from vfs.names import RefSpec, check_name, looks_like_commit
 from vfs.nodes import ACTIVE, IDLE, Presence, node_identity
 from vfs.objstore import ObjectStore, open_object_store
 from vfs.refs import (
@@ -50,20 +49,17 @@ from vfs.refs import (
     canonical_json,
     commit_key,
     create_ref,
-    current_user,
-    move_ref,
     now_iso,
     read_ref,
     read_reflog,
     ref_key,
 )
-from vfs.snapshot import Change, Snapshot, changed_paths, diff_trees
+from vfs.snapshot import Change, Snapshot, diff_trees
 from vfs.staging import OpenCommit, decode_change, encode_change
 from vfs.tree import DIR, Entry
 
 DEFAULT_BRANCH = "main"
 _log = logging.getLogger(__name__)
-_CAS_ATTEMPTS = 10
 
 
 def default_store_url() -> str:
@@ -306,13 +302,9 @@ class Store:
 
     def _append_reflog(self, repo: str, branch: str, old: str | None, new: str | None,
                        why: str, who: str | None = None) -> ReflogEntry:
-        key = f"reflog_next/{repo}".encode()
-        with self.index.read() as txn:
-            hint = txn.get(key, db=self.index.db["meta"])
         entry = append_reflog(self.objects, repo, branch, old, new, why,
-                              start=int(hint) if hint else None, who=who)
-        with self.index.write() as txn:
-            txn.put(key, str(entry.seq + 1).encode(), db=self.index.db["meta"])
+                              start=self.index.reflog_hint(repo), who=who)
+        self.index.set_reflog_hint(repo, entry.seq + 1)
         return entry
 
     def reflog(self, repo: str, branch: str | None = None) -> list[ReflogEntry]:
@@ -480,106 +472,15 @@ class Store:
                allow_empty: bool = False) -> Commit:
         """Seal the open commit of a branch (or commit ``tree`` as is) and move the branch.
 
-        ``allow_empty`` (with ``tree``) commits even when the tree equals the head's:
-        a pipeline records every input commit it processed this way.
+        The protocol is :func:`vfs.commit.commit`, which documents its steps.
 
         Raises:
             NothingToCommit: nothing is staged, or the result equals the head.
-            Conflict: the branch moved and touched the same paths as the open commit.
+            Conflict: the branch moved and touched paths the open commit overlaps.
         """
-        with self.lock():
-            for _ in range(_CAS_ATTEMPTS):
-                state, open_commit, sealed = self._open_commit(repo, branch)
-                if tree is None and not open_commit:
-                    raise NothingToCommit(
-                        f"nothing to commit on {repo}@{branch}: stage changes with put or rm"
-                    )
-                base = self.index.staging_base(repo, branch)
-                if tree is None and base is not None and (base or None) != state.commit:
-                    self._check_rebase(repo, branch, base or None, state.commit, open_commit)
-                head = self.read_commit(state.commit) if state.commit else None
-                new_tree = tree
-                if new_tree is None:
-                    with self.blobs.writer() as writer:
-                        new_tree = open_commit.seal(writer)
-                if head is not None and new_tree == head.tree and not (
-                        allow_empty and tree is not None):
-                    if tree is None:
-                        self.discard(repo, branch)
-                    raise NothingToCommit(
-                        f"nothing to commit on {repo}@{branch}: the result equals the head"
-                    )
-                root_entries = Snapshot(self.blobs, new_tree).root_entries()
-                commit = Commit(
-                    repo=repo,
-                    branch=branch,
-                    parents=(state.commit,) if state.commit else (),
-                    tree=new_tree,
-                    message=message,
-                    author=author or current_user(),
-                    time=now_iso(),
-                    files=sum(e.file_count for e in root_entries.values()),
-                    bytes=sum(e.size for e in root_entries.values() if e.kind != "l"),
-                    provenance=provenance or {},
-                    metadata=metadata or {},
-                ).with_id()
-                data = commit.encode()
-                try:
-                    self.objects.put(commit_key(commit.id), data, if_absent=True)
-                except PreconditionFailed:
-                    pass  # the same commit object is already stored
-                if tree is None:
-                    self.index.set_sealing(repo, branch, commit.id)
-                try:
-                    move_ref(self.objects, state, commit.id)
-                except PreconditionFailed:
-                    self.index.set_sealing(repo, branch, None)
-                    continue  # the branch moved meanwhile: rebuild on the new head
-                try:
-                    self._append_reflog(repo, branch, state.commit, commit.id, why,
-                                        who=commit.author)
-                    with self.index.write() as txn:
-                        if tree is None:
-                            # Only what was sealed: a change staged meanwhile (by another
-                            # process, or the mount) stays for the next commit.
-                            self.index.clear_sealed_txn(txn, repo, branch, sealed, commit.id)
-                        txn.put(bytes.fromhex(commit.id), data, db=self.index.db["commits"])
-                except VfsError as exc:
-                    # The branch moved: the commit is made, and saying otherwise would
-                    # have the user redo it. The sealing record stays, so the next
-                    # operation on the branch records the rest (docs/format.md §9).
-                    _log.warning("commit %s was made (%s@%s moved to it) but recording it "
-                                 "failed: %s; the next operation on the branch finishes "
-                                 "that", commit.id[:12], repo, branch, exc)
-                    if tree is not None:
-                        with suppress(VfsError):
-                            self.index.set_sealing(repo, branch, commit.id)
-                return commit
-        raise Conflict(f"{repo}@{branch} keeps moving: gave up after {_CAS_ATTEMPTS} attempts")
-
-    def _check_rebase(self, repo: str, branch: str, base: str | None, head: str | None,
-                      open_commit: OpenCommit) -> None:
-        """Refuse to apply an open commit on a head that changed an overlapping path.
-
-        Paths overlap when equal or when one is below the other, and directories count:
-        a change staged below a directory the head deleted (or made a file), or a
-        staged directory change where the head changed something inside, is refused
-        rather than rebuilt into a tree that silently drops or undoes one side.
-        """
-        old = Snapshot(self.blobs, self.read_commit(base).tree if base else None)
-        new = Snapshot(self.blobs, self.read_commit(head).tree if head else None)
-        moved = set(changed_paths(old, new))
-        around = {p for path in moved for p in ancestors(path)}  # directories holding them
-        for staged in sorted(open_commit.changes):
-            other = next((p for p in (staged, *ancestors(staged)) if p in moved), None)
-            if other is None and staged in around:
-                other = min(p for p in moved if not staged or p.startswith(staged + "/"))
-            if other is not None:
-                raise Conflict(
-                    f"{repo}@{branch} moved to {(head or '')[:12]} and changed /{other}, "
-                    f"which the open commit's change to /{staged} overlaps: discard with "
-                    f"'vfsctl discard {repo}@{branch}' and redo the change"
-                )
+        return commit_protocol.commit(self, repo, branch, message, author=author,
+                                      provenance=provenance, metadata=metadata, tree=tree,
+                                      why=why, allow_empty=allow_empty)
 
     def rollback(self, repo: str, branch: str, target: RefSpec, message: str = "", *,
                  author: str | None = None) -> Commit:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import vfs
+import vfs.commit
 import vfs.store
 from vfs import fsck
 from vfs.config import create_config
@@ -63,16 +64,16 @@ def test_recovery_keeps_changes_staged_after_the_interrupted_commit(
         repo: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     put_file(repo, "/a", b"a1")
     put_file(repo, "/b", b"b1")
-    real_move_ref = vfs.store.move_ref
+    real_move_ref = vfs.commit.move_ref
 
     def move_then_die(objects, state, commit_id):
         real_move_ref(objects, state, commit_id)
         raise _Crash  # killed after the swap, before the reflog and the index
 
-    monkeypatch.setattr(vfs.store, "move_ref", move_then_die)
+    monkeypatch.setattr(vfs.commit, "move_ref", move_then_die)
     with pytest.raises(_Crash):
         repo.commit(REPO, "main", "interrupted")
-    monkeypatch.setattr(vfs.store, "move_ref", real_move_ref)
+    monkeypatch.setattr(vfs.commit, "move_ref", real_move_ref)
     made = repo.head(REPO, "main").commit
     assert repo.index.sealing(REPO, "main") == made
     # Another process stages after the seal: a new version of a, and c.
@@ -94,16 +95,16 @@ def test_recovery_keeps_changes_staged_after_the_interrupted_commit(
 def test_recovery_keeps_a_change_staged_while_it_runs(
         repo: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     put_file(repo, "/a", b"a1")
-    real_move_ref = vfs.store.move_ref
+    real_move_ref = vfs.commit.move_ref
 
     def move_then_die(objects, state, commit_id):
         real_move_ref(objects, state, commit_id)
         raise _Crash
 
-    monkeypatch.setattr(vfs.store, "move_ref", move_then_die)
+    monkeypatch.setattr(vfs.commit, "move_ref", move_then_die)
     with pytest.raises(_Crash):
         repo.commit(REPO, "main", "interrupted")
-    monkeypatch.setattr(vfs.store, "move_ref", real_move_ref)
+    monkeypatch.setattr(vfs.commit, "move_ref", real_move_ref)
     real_read_reflog = vfs.store.read_reflog
 
     def read_reflog_then_race(*args, **kwargs):
@@ -160,14 +161,14 @@ def faulty(tmp_path: Path) -> Iterator[tuple[Store, FaultyStore]]:
 
 def _fail_the_next_put_after_the_swap(objects: FaultyStore,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    real_move_ref = vfs.store.move_ref
+    real_move_ref = vfs.commit.move_ref
 
     def move_then_arm(store_objects, state, commit_id):
         real_move_ref(store_objects, state, commit_id)
         objects.fail_once(1, lambda: StoreUnavailable("timed out (injected)"))
-        monkeypatch.setattr(vfs.store, "move_ref", real_move_ref)
+        monkeypatch.setattr(vfs.commit, "move_ref", real_move_ref)
 
-    monkeypatch.setattr(vfs.store, "move_ref", move_then_arm)
+    monkeypatch.setattr(vfs.commit, "move_ref", move_then_arm)
 
 
 @pytest.mark.expect_warnings

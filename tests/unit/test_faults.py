@@ -20,7 +20,7 @@ import vfs
 from vfs import fsck
 from vfs.blobs import BlobKind, pack_key
 from vfs.config import StoreConfig, create_config
-from vfs.errors import Conflict, Corruption, NothingToCommit, StoreFull, StoreUnavailable
+from vfs.errors import Corruption, NothingToCommit, StoreFull, StoreUnavailable
 from vfs.objstore.local import LocalStore
 from vfs.objstore.wrappers import DelegatingStore, FaultyStore, RetryingStore
 from vfs.snapshot import file_chunks
@@ -237,10 +237,6 @@ def test_ref_moved_but_the_reply_was_lost(keyed, tmp_path: Path) -> None:
     assert set(_view(store)) == {"a", "dir/b"}
 
 
-@pytest.mark.xfail(strict=True, raises=(Conflict, NothingToCommit), reason=(
-    "vfs/store.py: Store.commit takes the PreconditionFailed of a retried ref swap "
-    "whose first try landed for a moved branch (RetryingStore, as on S3) and rebuilds "
-    "on its own commit: it should re-read the ref and finish the commit"))
 def test_ref_swap_retried_after_its_reply_was_lost(tmp_path: Path) -> None:
     """The ref swap lands, its answer is lost, RetryingStore tries again and the
     retry's If-Match fails: the commit happened and must be reported as such."""
