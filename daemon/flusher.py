@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from daemon.spools import SpoolFiles
 from daemon.views import BranchView, SpoolFile, StoredSpool
 from vfs.blobstore import BlobWriter
-from vfs.errors import StoreError, StoreFull, VfsError
+from vfs.errors import StoreChanged, StoreError, StoreFull, VfsError
 from vfs.ingest import EncodedPrefix, encode_bytes, encode_file, encode_prefix
 
 log = logging.getLogger("daemon.flusher")
@@ -296,10 +296,22 @@ class Flusher:
         with self.store.lock():
             try:
                 try:
-                    with self.store.blobs.writer() as writer:
-                        self._encode_heads(head_jobs, writer)
-                        self._encode(jobs, writer)
-                        encoded = time.monotonic()
+                    try:
+                        writer = self._store_round(jobs, head_jobs)
+                    except StoreChanged as exc:
+                        # gc deleted a pack this round deduplicated against; the check
+                        # applied the deletion to the index, so a second try stores
+                        # those blobs anew (and the heads, which may sit there, whole).
+                        log.info("storing again: %s", exc)
+                        self._heads_done(head_jobs, failed=True)
+                        for head in head_jobs:
+                            os.close(head.fd)
+                        head_jobs = []
+                        for job in jobs:
+                            job.prefix, job.ref, job.size = EncodedPrefix(), "", 0
+                            os.lseek(job.fd, 0, os.SEEK_SET)
+                        writer = self._store_round(jobs, head_jobs)
+                    encoded = time.monotonic()
                     log.debug("round of %d files and %d heads: %d bytes stored, encoded in "
                               "%.3f s, synced in %.3f s", len(jobs), len(head_jobs),
                               writer.bytes_written, encoded - started,
@@ -341,6 +353,12 @@ class Flusher:
                     if job.spool.dirty and job.spool.opens == 0 and \
                             job.view.path_of(job.spool) is not None:
                         self.submit(job.view, job.spool)
+
+    def _store_round(self, jobs: list[_Job], head_jobs: list[_HeadJob]) -> BlobWriter:
+        with self.store.blobs.writer() as writer:
+            self._encode_heads(head_jobs, writer)
+            self._encode(jobs, writer)
+        return writer
 
     def _jobs(self, batch: dict[SpoolFile, BranchView], waited: set[SpoolFile]) -> list[_Job]:
         jobs = []

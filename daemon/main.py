@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how often the pipeline watcher looks for branch heads moved "
                              "by other writers (default 2 s; commits made through this "
                              "daemon start jobs at once)")
+    parser.add_argument("--node-name", default=None, metavar="NAME",
+                        help="this node's name in the store, for 'vfsctl gc --ignore-node' "
+                             "(default $VFS_NODE_NAME, then the host name)")
+    parser.add_argument("--node-ttl", type=float, default=60.0, metavar="S",
+                        help="how long this node's record in the store stays fresh; vfsd "
+                             "refreshes it every third of that, and gc refuses to delete "
+                             "while a node's record is older (default 60 s)")
     parser.add_argument("--no-pipelines", action="store_true",
                         help="do not run pipeline jobs on this node")
     parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
@@ -102,6 +109,8 @@ def load_options(argv: list[str] | None) -> argparse.Namespace:
                 setattr(options, attr, value)
     if options.encode_ahead < 0 or 0 < options.encode_ahead < 1 << 20:
         parser.error("--encode-ahead: 0 (off) or at least 1M")
+    if not options.node_ttl >= 3:  # also refuses NaN
+        parser.error("--node-ttl: at least 3 seconds")
     return options
 
 
@@ -147,7 +156,20 @@ def set_read_ahead(mountpoint: str, kilobytes: int) -> None:
     log.debug("read-ahead of %s (%s) set to %d KiB", mountpoint, path, kilobytes)
 
 
+async def _heartbeat(store: vfs.Store, ttl: float) -> None:
+    """Keep this node's record fresh and acknowledge gc (docs/format.md §10.2)."""
+    while True:
+        await trio.sleep(ttl / 3)
+        try:
+            await trio.to_thread.run_sync(store.heartbeat)
+        except vfs.VfsError as exc:
+            log.warning("cannot refresh this node's record in the store: %s", exc)
+
+
 async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
+    # Active before anything of this process writes: the node's record tells gc that
+    # writes may be in flight for as long as vfsd runs.
+    await trio.to_thread.run_sync(store.keep_active, options.node_ttl)
     spool_dir = os.path.join(store.cache_dir, "spool")
     os.makedirs(spool_dir, exist_ok=True)
     # Files a dead daemon had closed are staged now, before the mount serves;
@@ -184,6 +206,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
             operations.nursery = nursery
             handler.stop = lambda: trio.from_thread.run_sync(pyfuse3.terminate)
             nursery.start_soon(_fuse_main, nursery)
+            nursery.start_soon(_heartbeat, store, options.node_ttl)
             if options.read_ahead_kb:
                 await trio.to_thread.run_sync(set_read_ahead, mountpoint, options.read_ahead_kb,
                                               abandon_on_cancel=True)
@@ -234,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     limit_malloc_arenas()  # before any worker thread allocates
+    if options.node_name:
+        os.environ["VFS_NODE_NAME"] = options.node_name
     try:
         store = vfs.open_store(options.store, cache_dir=options.cache,
                                s3_endpoint=options.s3_endpoint, durable_index=False)
