@@ -251,7 +251,7 @@ def branch_delete(options: Options, ref: str) -> None:
 
 for _command in (changes.put, changes.rm, changes.status, changes.commit, changes.discard,
                  changes.rollback, reading.log, reading.ls, reading.cat, reading.get,
-                 reading.diff, reading.inspect, reading.reflog, maintenance.gc,
+                 reading.diff, reading.inspect, reading.reflog, maintenance.gc, maintenance.nodes,
                  maintenance.fsck, maintenance.index, mounting.mount, mounting.unmount,
                  pipelines.pipeline, pipelines.job, pipelines.wait, pipelines.provenance):
     cli.add_command(_command)

@@ -10,7 +10,7 @@ import click
 
 from cli import output
 from cli.options import Duration, Options, json_option, pass_options
-from cli.output import emit_json, human_size, note
+from cli.output import emit_json, human_size, note, table
 
 
 @click.command()
@@ -62,6 +62,28 @@ def gc(options: Options, dry_run: bool, grace: float, reflog_retention: float,
     if report.waiting_for:
         note(f"condemned data waits for node {', '.join(report.waiting_for)} to acknowledge; "
              "a later gc deletes it")
+
+
+@click.command()
+@click.option("--expiry", type=Duration(), default="1d", show_default=True,
+              help="A node silent for this long shows as expired (as gc's --node-expiry).")
+@json_option
+@pass_options
+def nodes(options: Options, expiry: float, as_json: bool) -> None:
+    """The nodes using the store: name, id, last heartbeat (store time), gc status."""
+    from vfs.nodes import describe_nodes
+
+    store = options.store()
+    found = describe_nodes(store.objects, store.node.id, expiry=expiry)
+    if as_json:
+        emit_json(found)
+        return
+    if not found:
+        note("no node has written to this store yet")
+        return
+    table([[n["name"], n["id"][:12], n["status"], f"{n['seen_seconds_ago']:.0f}s ago",
+            n["gc_seen"]] for n in found],
+          headers=["NAME", "ID", "STATUS", "LAST SEEN", "GC SEEN"])
 
 
 @click.command()

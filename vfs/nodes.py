@@ -218,3 +218,27 @@ class Presence:
             # ObjectNotFound), so the old pins can go at once.
             self.objects.delete(last.pins)
         return record
+
+
+def describe_nodes(objects: ObjectStore, node_id: str, *,
+                   expiry: float = 86400.0) -> list[dict]:
+    """Every node record with its age in store time and what gc makes of it.
+
+    ``status`` is ``idle`` (no write in flight), ``alive`` (active and fresh),
+    ``stale`` (active, silent longer than its ttl: gc will not delete) or
+    ``expired`` (silent longer than ``expiry``: gc no longer waits for it).
+    """
+    now = store_now(objects, node_id)
+    out = []
+    for record in sorted(read_records(objects), key=lambda r: (r.name, r.node)):
+        age = max(0.0, now - record.mtime)
+        if age >= expiry:
+            status = "expired"
+        elif record.state != ACTIVE:
+            status = IDLE
+        else:
+            status = "alive" if age <= record.ttl else "stale"
+        out.append({"name": record.name, "id": record.node, "state": record.state,
+                    "status": status, "seen_seconds_ago": round(age, 1), "ttl": record.ttl,
+                    "gc_seen": record.gc_seen, "pins": record.pins})
+    return out

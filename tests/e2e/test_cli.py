@@ -414,3 +414,38 @@ def test_cat_into_a_closed_pipe_exits_quietly(vfsctl: Vfsctl, tmp_path: Path) ->
     code = proc.wait(timeout=30)
     assert code in (141, -signal.SIGPIPE), (code, err)
     assert err == b""
+
+
+def test_gc_waits_for_an_active_node_and_refuses_while_it_is_stale(
+        vfsctl: Vfsctl, tmp_path: Path) -> None:
+    import time
+
+    import vfs
+    from vfs.nodes import ACTIVE, record_key
+
+    vfsctl.ok("repo", "create", "data")
+    (tmp_path / "y.bin").write_bytes(os.urandom(200_000))
+    node_a = {**vfsctl.env, "VFS_CACHE": str(tmp_path / "cache-a"), "VFS_NODE_NAME": "node-a"}
+    node_b = {**vfsctl.env, "VFS_NODE_NAME": "node-b"}
+    vfsctl.env = node_a
+    vfsctl.ok("put", "data@main:/y.bin", str(tmp_path / "y.bin"))
+    vfsctl.ok("discard", "data@main")  # garbage now
+    with vfs.open_store(node_a["VFS_STORE"], cache_dir=node_a["VFS_CACHE"]) as store:
+        store.presence.publish(ACTIVE)  # as if node a were in the middle of a write
+        record = Path(node_a["VFS_STORE"]) / record_key(store.node.id)
+    vfsctl.env = node_b
+    first = vfsctl.json("gc", "--grace", "0")
+    assert first["packs_condemned"] == 1 and first["packs_deleted"] == 0
+    assert first["waiting_for"] == ["node-a"]
+    assert "node-a" in vfsctl.ok("gc", "--grace", "0").err  # the note says who it waits for
+    statuses = {n["name"]: n["status"] for n in vfsctl.json("nodes")}
+    assert statuses["node-a"] == "alive"
+    past = time.time() - 3600
+    os.utime(record, (past, past))  # node a fell silent mid-write an hour ago
+    assert {n["name"]: n["status"] for n in vfsctl.json("nodes")}["node-a"] == "stale"
+    err = vfsctl.fails("gc", "--grace", "0", code=3)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "node-a" in lines[0] and "--ignore-node" in lines[0], err
+    assert len(list((Path(node_a["VFS_STORE"]) / "packs").glob("*/*"))) == 1
+    done = vfsctl.json("gc", "--grace", "0", "--ignore-node", "node-a")
+    assert done["packs_deleted"] == 1
