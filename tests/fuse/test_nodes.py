@@ -65,9 +65,18 @@ def nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seaweed_endpoint: str
 
 
 def write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        os.fsync(f.fileno())
+    for _ in range(30):
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+            return
+        except FileNotFoundError:
+            # The kernel keeps a branch path's entries for about a second: a file
+            # dropped by 'discard' may still look present, and opening it without
+            # creating fails (the mount's cache coherence is issue 11's work).
+            time.sleep(0.1)
+    raise AssertionError(f"cannot write {path}")
 
 
 def staged_paths(mount: Mount) -> list[str]:
@@ -141,3 +150,71 @@ def test_gc_refuses_while_a_node_is_stale_and_ignore_node_overrides(
         done = b.vfsctl("gc", "--grace", "0", "--ignore-node", "node-a")
     finally:
         os.kill(a.process.pid, 18)  # SIGCONT
+
+
+def _bucket_and_prefix(url: str) -> tuple[str, str]:
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    return bucket, prefix
+
+
+def test_a_file_staged_under_a_directory_the_other_node_deleted_is_a_conflict(nodes) -> None:
+    a, b, _ = nodes
+    (a.path / "data@main" / "e").mkdir()
+    write(a.path / "data@main" / "e" / "old", b"old")
+    first = a.commit("data@main")
+    assert wait_for(lambda: (b.path / "data@main" / "e" / "old").exists(), True)
+    write(b.path / "data@main" / "e" / "f", b"staged on node b")
+    assert wait_for(lambda: staged_paths(b), ["/e/f"]) == ["/e/f"]
+    a.vfsctl("rm", "-r", "data@main:/e")
+    a.commit("data@main")
+    done = b.vfsctl("commit", "data@main", "-m", "f", check=False)
+    assert done.returncode == 1, done
+    assert "/e" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert staged_paths(b) == ["/e/f"]  # nothing lost: still staged
+    assert first
+
+
+@pytest.mark.corrupts_store
+def test_gc_on_a_cold_node_stops_on_a_damaged_commit(nodes, tmp_path: Path) -> None:
+    a, b, url = nodes
+    data = random.Random(5).randbytes(MiB)
+    write(a.path / "data@main" / "f", data)
+    first = a.commit("data@main")
+    a.vfsctl("rm", "data@main:/f")
+    a.commit("data@main")  # /f lives only in the first commit now
+    bucket, prefix = _bucket_and_prefix(url)
+    client = boto3.client("s3", endpoint_url=os.environ["VFS_S3_ENDPOINT"])
+    key = f"{prefix}/commits/{first}"
+    original = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=original.replace(b'"test"', b'"damaged"'))
+    packs = {o["Key"] for o in client.list_objects_v2(Bucket=bucket,
+                                                      Prefix=f"{prefix}/packs/")["Contents"]}
+    cold = {**b.env, "VFS_CACHE": str(tmp_path / "cold")}  # a node that never read it
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cli.main", "gc", "--grace", "0"], env=cold,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and first in done.stderr, done
+    assert "nothing was deleted" in done.stderr
+    after = {o["Key"] for o in client.list_objects_v2(Bucket=bucket,
+                                                      Prefix=f"{prefix}/packs/")["Contents"]}
+    assert after == packs
+    client.put_object(Bucket=bucket, Key=key, Body=original)
+    assert (b.path / f"data@{first}" / "f").read_bytes() == data
+
+
+def test_gc_reindexes_a_pack_whose_index_copy_went_missing(nodes) -> None:
+    a, b, url = nodes
+    data = random.Random(6).randbytes(MiB)
+    write(a.path / "data@main" / "f", data)
+    commit = a.commit("data@main")
+    bucket, prefix = _bucket_and_prefix(url)
+    client = boto3.client("s3", endpoint_url=os.environ["VFS_S3_ENDPOINT"])
+    copies = [o["Key"] for o in client.list_objects_v2(Bucket=bucket,
+                                                        Prefix=f"{prefix}/index/")["Contents"]]
+    for key in copies:
+        client.delete_object(Bucket=bucket, Key=key)
+    report = json.loads(b.vfsctl("gc", "--grace", "0", "--json").stdout)
+    assert report["packs_reindexed"] == len(copies) and report["packs_deleted"] == 0, report
+    assert (b.path / f"data@{commit}" / "f").read_bytes() == data
