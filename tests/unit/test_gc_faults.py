@@ -26,6 +26,7 @@ from vfs import fsck
 from vfs.config import ChunkerParams, StoreConfig, create_config, load_config
 from vfs.errors import StoreUnavailable, VfsError
 from vfs.gc import collect
+from vfs.nodes import ACTIVE
 from vfs.objstore.local import LocalStore
 from vfs.objstore.wrappers import FaultyStore
 
@@ -63,7 +64,7 @@ def put(store: vfs.Store, root: Path, branch: str, files: dict[str, bytes]) -> N
         vfs.put(store, REPO, branch, dest, [str(src / str(i))])
 
 
-def build(root: Path, monkeypatch: pytest.MonkeyPatch) -> Template:
+def build(root: Path, monkeypatch: pytest.MonkeyPatch, *, pending: bool) -> Template:
     rng = random.Random(11)
     data = {name: rng.randbytes(size) for name, size in (
         ("keep", 150_000), ("side", 90_000), ("small", 40_000), ("big", 400_000),
@@ -94,9 +95,16 @@ def build(root: Path, monkeypatch: pytest.MonkeyPatch) -> Template:
     b = open_node(root, "b", monkeypatch)
     # Node b's open commit: deduplicated onto the discarded garbage, plus new bytes.
     put(b, root, "main", {"/staged/again": data["garbage"], "/staged/fresh": data["fresh"]})
+    time.sleep(0.05)  # the store's clock (file times) is coarser than the reflog's
+    if pending:
+        # A gc that condemned while node b was active: the run under test carries out
+        # an older condemnation (phase 2 first), then condemns what it repacked.
+        b.presence.publish(ACTIVE)
+        report = collect(a, **GC)
+        assert report.packs_condemned >= 2 and report.packs_deleted == 0, report
+        b.settle()
     a.close()
     b.close()
-    time.sleep(0.05)  # the store's clock (file times) is coarser than the reflog's
     committed = {
         "main": {"keep": sha(data["keep"]), "tiny": sha(data["tiny"]),
                  "small": sha(data["small"])},
@@ -107,11 +115,14 @@ def build(root: Path, monkeypatch: pytest.MonkeyPatch) -> Template:
     return Template(root, committed, staged)
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
+@pytest.fixture(scope="module", params=["fresh", "pending"])
+def template(request: pytest.FixtureRequest,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
+    """``fresh``: nothing condemned yet; ``pending``: a condemnation awaits phase 2."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("VFS_USER", "tester@test")
-        yield build(tmp_path_factory.mktemp("gc-faults") / "template", monkeypatch)
+        yield build(tmp_path_factory.mktemp("gc-faults") / "template", monkeypatch,
+                    pending=request.param == "pending")
 
 
 def files_of(store: vfs.Store, branch: str) -> dict[str, str]:
@@ -139,8 +150,7 @@ def clean_calls(template: Template, root: Path, monkeypatch: pytest.MonkeyPatch)
         report = collect(a, **GC)
         calls = faulty.total()
     # The run must have something to do, or the positions test little.
-    assert report.packs_deleted >= 2 and report.packs_repacked == 1, report
-    assert report.commits_deleted >= 1, report
+    assert report.packs_deleted >= 2, report
     return calls
 
 
