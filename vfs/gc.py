@@ -137,8 +137,10 @@ class _Collector:
                     self._carry_out(fresh, wait=self.settings.wait_acks)
                 self._expire_log()
             finally:
-                self._acknowledge()
-                self.objects.delete(LEASE_KEY)
+                try:
+                    self._acknowledge()
+                finally:
+                    self.objects.delete(LEASE_KEY)
         return self.report
 
     # -- steps ---------------------------------------------------------------------
@@ -172,11 +174,15 @@ class _Collector:
             pass
         data, tag = self.objects.get_tagged(LEASE_KEY)
         age = self._now() - self.objects.stat(LEASE_KEY).mtime
-        if age < LEASE_TTL:
-            try:
-                holder = json.loads(data).get("name", "?")
-            except ValueError:
-                holder = "?"
+        try:
+            holder = json.loads(data)
+        except ValueError:
+            holder = {}
+        # This node's own lease was left by a run that failed to delete it (or lost the
+        # answer to taking it): no gc of this node runs now, since we hold its lock alone.
+        mine = isinstance(holder, dict) and holder.get("node") == self.store.node.id
+        if age < LEASE_TTL and not mine:
+            holder = holder.get("name", "?") if isinstance(holder, dict) else "?"
             raise GcRefused(f"gc is already running on node {holder} (for {age:.0f} s): "
                             "wait for it to finish")
         try:

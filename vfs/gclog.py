@@ -153,6 +153,9 @@ class GcFollower:
         with self._lock:
             view = GcView()
             current = {}
+            # The log before the condemnations: an entry whose condemnation is gone from
+            # the later listing was carried out completely (gc deletes it last).
+            logged = [(info, _seq_of(info.key)) for info in self.objects.list(DELETED)]
             for info in self.objects.list(CONDEMNED):
                 cached = self._cache.get(info.key)
                 if cached is None:
@@ -168,8 +171,12 @@ class GcFollower:
                     view.condemned_commits.setdefault(commit, cached.seq)
             self._cache = current
             applied = self.index.gc_log_cursor()
-            logged = [(info, _seq_of(info.key)) for info in self.objects.list(DELETED)]
             numbers = {c.seq for c in current.values()} | {seq for _, seq in logged}
+            # An entry whose condemnation is still listed is being carried out: its packs
+            # may still be listed in index/ (and learned again by learn_new_packs), and a
+            # gc that stopped half-way writes the entry again. Apply it, but keep the
+            # cursor below it so that the next sync applies it again.
+            in_progress = min((c.seq for c in current.values()), default=None)
             newest = max(numbers, default=0)
             if any(n not in numbers for n in range(applied + 1, newest + 1)):
                 # Entries this node never applied have expired from the log: compare
@@ -185,7 +192,8 @@ class GcFollower:
                     continue  # expired from the log meanwhile
                 self.apply(deletion)
                 view.deleted_packs.update(deletion.packs)
-                self.index.set_gc_log_cursor(seq)
+                if in_progress is None or seq < in_progress:
+                    self.index.set_gc_log_cursor(seq)
             return view
 
     def _reconcile(self) -> None:

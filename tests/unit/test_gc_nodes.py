@@ -293,3 +293,41 @@ def test_an_open_commit_on_another_node_survives_gc(
     with open_node(tmp_path, "node-c", monkeypatch) as c:
         assert read(c, f"{REPO}@work:/staged") == DATA
         assert_clean(a, b, c)
+
+
+class _OnDeletionLogged(DelegatingStore):
+    """Runs ``hook`` once, right after gc wrote its deletion-log entry and before it
+    deleted anything: the moment another node may follow the log."""
+
+    def __init__(self, inner, hook) -> None:
+        super().__init__(inner)
+        self.hook = hook
+
+    def put(self, key: str, data, **kwargs):
+        result = super().put(key, data, **kwargs)
+        if key.startswith("gc/deleted/") and self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+        return result
+
+
+def test_a_node_following_the_log_mid_deletion_does_not_keep_the_deleted_pack(
+        two, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = two
+    put_file(a, tmp_path, "/f", DATA)
+    a.discard(REPO, "main")  # its pack is garbage
+    b.blobs.learn_new_packs()  # node b knows the garbage pack too
+
+    def node_b_looks() -> None:  # e.g. an fsck, or a read that learns new packs
+        b.blobs.gc.sync()
+        b.blobs.learn_new_packs()
+
+    gc_objects = _OnDeletionLogged(LocalStore(str(tmp_path / "store")), node_b_looks)
+    with open_node(tmp_path, "node-gc", monkeypatch, objects=gc_objects) as g:
+        assert collect(g, grace=0).packs_deleted == 1
+    assert packs(tmp_path) == set()
+    put_file(b, tmp_path, "/f", DATA)  # must not deduplicate onto the deleted pack
+    b.commit(REPO, "main", "f")
+    with open_node(tmp_path, "node-c", monkeypatch) as c:
+        assert read(c, f"{REPO}@main:/f") == DATA
+        assert_clean(a, b, c)
