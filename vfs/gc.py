@@ -35,6 +35,7 @@ from vfs.gclog import (
     DELETED,
     Condemnation,
     condemned_key,
+    deleted_key,
     list_condemnations,
     write_condemnation,
     write_deletion,
@@ -195,8 +196,9 @@ class _Collector:
         store = self.store
         try:
             now = self._now()
-            roots, problems = root_commits(
-                store, reflog_since=now - self.settings.reflog_retention)
+            # Node pins before refs: a commit moves its ref first and unpins what it
+            # staged after, so one of the two reads sees what the commit made.
+            bases: set[str] = set()
             entries: list[tuple[Entry, str]] = []
             for record in read_records(self.objects):
                 pins = self._pins_of(record)
@@ -204,13 +206,27 @@ class _Collector:
                     continue
                 for base in pins.bases:
                     if self.objects.exists(f"commits/{base}"):
-                        roots.add(base)
+                        bases.add(base)
                     else:  # a base gone long ago: nothing left to keep
                         self.report.notes.append(
                             f"node {record.name}: open commit based on missing commit {base}")
                 for kind, ref in pins.entries:
                     entries.append((Entry("pin", kind, 0o644, 0, 0, ref, 0),
                                     f"pins of node {record.name}"))
+            # A commit that was a head within the grace period stays live even with a
+            # shorter retention: a writer may be making a branch from it right now.
+            retention = max(self.settings.reflog_retention, self.settings.grace)
+            from_reflog: set[str] = set()
+            roots, problems = root_commits(store, reflog_since=now - retention,
+                                           reflog_roots=from_reflog)
+            if from_reflog:
+                # An earlier gc with a shorter retention may have collected commits the
+                # reflog still names: gone, not unreadable.
+                stored = {info.key.split("/", 1)[1] for info in self.objects.list("commits/")}
+                for gone in from_reflog - stored:
+                    roots.discard(gone)
+                    store.forget_commit(gone)
+            roots |= bases
             for repo, branch in store.index.open_commits():
                 base = store.index.staging_base(repo, branch)
                 if base:
@@ -383,6 +399,16 @@ class _Collector:
             kept_in.update(located[e.hash].hex() for e in entries if e.hash in located)
         commits = sorted(c for c in condemnation.commits if c not in live.commits)
         write_deletion(self.objects, condemnation.seq, packs, commits, sorted(kept_in))
+        # A branch may have been made from a condemned commit after the mark read the
+        # refs. Its maker checks for this log entry after making the ref, so reading
+        # the refs once more now closes the window: one of the two sees the other.
+        named, _ = root_commits(store, reflog_since=None)
+        if named & set(commits):
+            self.objects.delete(deleted_key(condemnation.seq))
+            self.report.notes.append(
+                f"condemnation {condemnation.seq}: a branch was made from one of its "
+                "commits meanwhile; left for the next run")
+            return
         # Forget locally first: a crash after this leaves an unindexed pack (which
         # the next run re-indexes or collects), never an index entry naming a
         # deleted pack.
@@ -395,6 +421,7 @@ class _Collector:
             self.report.packs_deleted += 1
         for commit_id in commits:
             self.objects.delete(f"commits/{commit_id}")
+            store.forget_commit(commit_id)
             self.report.commits_deleted += 1
         store.index.set_gc_log_cursor(max(store.index.gc_log_cursor(), condemnation.seq))
         self.objects.delete(condemned_key(condemnation.seq))

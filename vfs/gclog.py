@@ -82,6 +82,14 @@ def read_deletion(objects: ObjectStore, key: str) -> Deletion:
         raise Corruption(f"{key} is damaged: {exc!r}") from exc
 
 
+def deleted_commits(objects: ObjectStore, seq: int) -> list[str]:
+    """The commits the deletion-log entry of condemnation ``seq`` lists (none yet: [])."""
+    try:
+        return read_deletion(objects, deleted_key(seq)).commits
+    except ObjectNotFound:
+        return []
+
+
 def list_condemnations(objects: ObjectStore) -> list[Condemnation]:
     out = []
     for info in objects.list(CONDEMNED):
@@ -218,6 +226,7 @@ class GcFollower:
             learned.append((pack_id, size, entries))
         with self.index.write() as txn:
             self.index.remove_packs_txn(txn, {bytes.fromhex(h) for h in deletion.packs})
+            self.index.forget_commits_txn(txn, deletion.commits)
             for pack_id, size, entries in learned:
                 self.index.add_pack_txn(txn, pack_id, size,
                                         [e.location(pack_id) for e in entries],

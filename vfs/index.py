@@ -382,6 +382,11 @@ class Index:
     def cache_commit_txn(self, txn: lmdb.Transaction, commit_id: bytes, data: bytes) -> None:
         txn.put(commit_id, data, db=self.db["commits"])
 
+    def forget_commits_txn(self, txn: lmdb.Transaction, commit_ids: Iterable[str]) -> None:
+        """Drop cached commit objects that gc deleted from the store."""
+        for commit_id in commit_ids:
+            txn.delete(bytes.fromhex(commit_id), db=self.db["commits"])
+
     def reflog_hint(self, repo: str) -> int | None:
         """The reflog number this node expects next in ``repo`` (None: list to find it)."""
         with self.env.begin() as txn:

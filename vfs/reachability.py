@@ -21,8 +21,13 @@ class Reachable:
     problems: list[str] = field(default_factory=list)
 
 
-def root_commits(store, *, reflog_since: float | None) -> tuple[set[str], list[str]]:
-    """Commit ids named by refs and (when given) by reflog entries newer than the time."""
+def root_commits(store, *, reflog_since: float | None,
+                 reflog_roots: set[str] | None = None) -> tuple[set[str], list[str]]:
+    """Commit ids named by refs and (when given) by reflog entries newer than the time.
+
+    The ones named only by the reflog are also added to ``reflog_roots`` when given
+    (a gc run with a shorter retention may have collected them: not a problem).
+    """
     roots: set[str] = set()
     problems: list[str] = []
     for repo_info in store.objects.list("refs/"):
@@ -39,7 +44,10 @@ def root_commits(store, *, reflog_since: float | None) -> tuple[set[str], list[s
         for repo in repos:
             for entry in read_reflog(store.objects, repo):
                 if parse_time(entry.when) >= reflog_since:
-                    roots.update(c for c in (entry.old, entry.new) if c)
+                    named = {c for c in (entry.old, entry.new) if c}
+                    if reflog_roots is not None:
+                        reflog_roots.update(named - roots)
+                    roots.update(named)
     return roots, problems
 
 

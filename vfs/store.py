@@ -37,6 +37,7 @@ from vfs.errors import (
     RepoNotFound,
     VfsError,
 )
+from vfs.gclog import deleted_commits
 from vfs.index import Index
 from vfs.names import RefSpec, check_name, looks_like_commit
 from vfs.nodes import ACTIVE, IDLE, Presence, node_identity
@@ -281,17 +282,53 @@ class Store:
         self.repo(repo)
         check_name(branch, "branch")
         commit = None
-        if start is not None:
-            if start.repo != repo:
-                raise InvalidRef(f"--from must name a commit of {repo}, not of {start.repo}")
-            found = self.resolve(start)
-            commit = found.id if found else None
-        try:
-            create_ref(self.objects, repo, branch, commit)
-        except PreconditionFailed:
-            raise AlreadyExists(f"branch {repo}@{branch} already exists") from None
+        # Check, then publish (docs/format.md §10.4): the new ref may be all that keeps
+        # an old commit alive, so it is made under the lock, against a fresh view of gc.
+        with self.lock():
+            if start is not None:
+                if start.repo != repo:
+                    raise InvalidRef(f"--from must name a commit of {repo}, not of {start.repo}")
+                found = self.resolve(start)
+                commit = found.id if found else None
+            doomed = self._condemned_after_ack(commit) if commit else None
+            try:
+                create_ref(self.objects, repo, branch, commit)
+            except PreconditionFailed:
+                raise AlreadyExists(f"branch {repo}@{branch} already exists") from None
+            if doomed is not None and commit in deleted_commits(self.objects, doomed):
+                # gc is carrying the condemnation out and read the refs before this one
+                # was made; once its log entry exists, it checks the refs again before
+                # deleting, so a ref made earlier saves the commit (§10.5).
+                self.objects.delete(ref_key(repo, branch))
+                raise _condemned(commit)
         self._append_reflog(repo, branch, None, commit, "branch created")
         return BranchInfo(repo, branch, commit)
+
+    def _condemned_after_ack(self, commit_id: str) -> int | None:
+        """The condemnation of a commit gc may be carrying out now, if any.
+
+        A condemned commit (nothing named it when gc marked; a commit whose ref moved
+        just after gc read the refs is one) may be named again safely while this node
+        has not acknowledged the condemnation: gc waits for this node, whose
+        acknowledgement comes after the new name is published, and marks again (§10,
+        G1). Callers hold :meth:`lock` until the name is published.
+
+        Raises:
+            CommitNotFound: gc deleted it already (a stale cache named it).
+        """
+        self.blobs.before_check()
+        view = self.blobs.gc.sync()
+        if not self.objects.exists(commit_key(commit_id)):
+            self.forget_commit(commit_id)
+            raise CommitNotFound(f"commit {commit_id[:12]} was deleted by gc")
+        seq = view.condemned_commits.get(commit_id)
+        if seq is not None and self.index.node_state().gc_seen >= seq:
+            return seq
+        return None
+
+    def _check_not_condemned(self, commit_id: str) -> None:
+        if self._condemned_after_ack(commit_id) is not None:
+            raise _condemned(commit_id)
 
     def delete_branch(self, repo: str, branch: str) -> None:
         state = self.head(repo, branch)
@@ -338,6 +375,12 @@ class Store:
         commit = Commit.decode(data, commit_id)
         self._commits[commit_id] = commit
         return commit
+
+    def forget_commit(self, commit_id: str) -> None:
+        """Drop a commit gc deleted from this node's caches."""
+        self._commits.pop(commit_id, None)
+        with self.index.write() as txn:
+            self.index.forget_commits_txn(txn, [commit_id])
 
     def resolve(self, spec: RefSpec) -> Commit | None:
         """The commit a ref names; None for a branch that has no commits yet.
@@ -498,15 +541,22 @@ class Store:
         commit = self.resolve(target)
         if commit is None:
             raise CommitNotFound(f"{target} has no commits to roll back to")
-        return self.commit(
-            repo,
-            branch,
-            message or f"rollback to {commit.id[:12]}",
-            author=author,
-            tree=commit.tree,
-            metadata={"rollback_to": commit.id},
-            why=f"rollback to {commit.id}",
-        )
+        with self.lock():  # from the check until the commit is published
+            self._check_not_condemned(commit.id)
+            return self.commit(
+                repo,
+                branch,
+                message or f"rollback to {commit.id[:12]}",
+                author=author,
+                tree=commit.tree,
+                metadata={"rollback_to": commit.id},
+                why=f"rollback to {commit.id}",
+            )
+
+
+def _condemned(commit_id: str) -> VfsError:
+    return VfsError(f"commit {commit_id[:12]} is condemned by gc (no branch or recent reflog "
+                    "entry named it) and its data is being deleted: it cannot be used")
 
 
 def _contains(snapshot: Snapshot, path: str, change: Entry | None) -> bool:

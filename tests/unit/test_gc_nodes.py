@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 import vfs
+import vfs.gclog
 from vfs import fsck
 from vfs.config import StoreConfig, create_config
-from vfs.errors import GcAborted, GcRefused, StoreUnavailable
+from vfs.errors import GcAborted, GcRefused, StoreUnavailable, VfsError
 from vfs.gc import collect
 from vfs.nodes import ACTIVE, record_key
 from vfs.objstore.local import LocalStore
@@ -328,6 +329,117 @@ def test_a_node_following_the_log_mid_deletion_does_not_keep_the_deleted_pack(
     assert packs(tmp_path) == set()
     put_file(b, tmp_path, "/f", DATA)  # must not deduplicate onto the deleted pack
     b.commit(REPO, "main", "f")
+    with open_node(tmp_path, "node-c", monkeypatch) as c:
+        assert read(c, f"{REPO}@main:/f") == DATA
+        assert_clean(a, b, c)
+
+
+def test_gc_with_a_longer_retention_after_a_shorter_one_still_runs(two, tmp_path: Path) -> None:
+    # The reflog outlives commits that a gc with a shorter retention collected: the next
+    # gc must take them as gone, not as unreadable (it aborted until the entries aged out).
+    a, b = two
+    a.create_branch(REPO, "tmp")
+    put_file(a, tmp_path, "/f", DATA, branch="tmp")
+    a.commit(REPO, "tmp", "f")
+    a.delete_branch(REPO, "tmp")
+    time.sleep(0.05)
+    assert collect(a, grace=0, reflog_retention=0).commits_deleted == 1
+    for node in (a, b):
+        report = collect(node, grace=0)  # 30 days: the reflog names the deleted commit
+        assert report.packs_deleted == 0
+    assert_clean(a, b)
+
+
+def _condemn_a_dead_commit(a: vfs.Store, b: vfs.Store, tmp_path: Path):
+    a.create_branch(REPO, "tmp")
+    put_file(a, tmp_path, "/f", DATA, branch="tmp")
+    doomed = a.commit(REPO, "tmp", "f")
+    a.delete_branch(REPO, "tmp")
+    time.sleep(0.05)
+    b.presence.publish(ACTIVE)  # node b is mid-write: the condemnation waits for it
+    report = collect(a, grace=0, reflog_retention=0)  # node a acknowledges it
+    assert report.commits_condemned == 1 and report.waiting_for == ["node-b"]
+    return doomed
+
+
+def test_a_condemned_commit_named_again_before_gc_deletes_it_is_kept(
+        two, tmp_path: Path) -> None:
+    a, b = two
+    doomed = _condemn_a_dead_commit(a, b, tmp_path)
+    with pytest.raises(VfsError, match="condemned"):  # acknowledged: a rollback refuses
+        a.rollback(REPO, "main", vfs.parse_ref(f"{REPO}@{doomed.id}"))
+    # A new branch saves it, whichever node makes it: node b has not acknowledged (gc
+    # waits for it), node a has but gc's second look at the refs sees the branch.
+    b.create_branch(REPO, "saved-b", vfs.parse_ref(f"{REPO}@{doomed.id}"))
+    a.create_branch(REPO, "saved-a", vfs.parse_ref(f"{REPO}@{doomed.id}"))
+    b.delete_branch(REPO, "saved-b")
+    report = collect(a, grace=0, reflog_retention=3600)
+    assert report.commits_deleted == 0 and report.packs_deleted == 0
+    assert read(b, f"{REPO}@saved-a:/f") == DATA
+    assert_clean(a, b)
+
+
+def test_gc_and_a_branch_made_while_it_deletes_see_each_other(
+        two, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vfs.gc
+    from vfs.refs import append_reflog, create_ref
+
+    a, b = two
+    doomed = _condemn_a_dead_commit(a, b, tmp_path)
+    b.settle()  # acknowledged: gc carries the condemnation out in its next run
+    real = vfs.gc.write_deletion
+
+    def deletion_then_a_branch(objects, seq, packs, commits, kept_in):
+        # A node that checked before the log entry existed makes its ref just now.
+        real(objects, seq, packs, commits, kept_in)
+        create_ref(objects, REPO, "late", doomed.id)
+        append_reflog(objects, REPO, "late", None, doomed.id, "branch created")
+
+    monkeypatch.setattr(vfs.gc, "write_deletion", deletion_then_a_branch)
+    report = collect(a, grace=0, reflog_retention=0)
+    assert report.commits_deleted == 0 and report.packs_deleted == 0, report
+    monkeypatch.setattr(vfs.gc, "write_deletion", real)
+    assert read(b, f"{REPO}@late:/f") == DATA
+    # The other order: the log entry exists when the branch is made: the maker backs out.
+    put_file(a, tmp_path, "/g", DATA[:1000] * 3)  # another dead commit, on tmp again
+    a.discard(REPO, "main")
+    again = _condemn_a_dead_commit(a, b, tmp_path)
+    seq = max(c.seq for c in vfs.gclog.list_condemnations(a.objects))
+    vfs.gclog.write_deletion(a.objects, seq, [], [again.id], [])  # gc is deleting it
+    with pytest.raises(VfsError, match="condemned"):
+        a.create_branch(REPO, "too-late", vfs.parse_ref(f"{REPO}@{again.id}"))
+    assert "too-late" not in {br.name for br in a.list_branches(REPO)}
+    a.objects.delete(vfs.gclog.deleted_key(seq))
+    b.settle()
+    collect(a, grace=0, reflog_retention=0)
+    assert_clean(a, b)
+
+
+def test_a_commit_landing_while_gc_marks_is_seen_through_its_ref_or_its_pins(
+        two, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by the soak: gc read the refs, then node a committed (its ref moved, its
+    # staged file left its pins), then gc read the pins: neither showed the new file,
+    # and its pack (condemned while it was being uploaded) was deleted.
+    import vfs.gc
+
+    a, b = two
+    put_file(a, tmp_path, "/f", DATA)  # staged and pinned
+    pack = next(iter(packs(tmp_path)))
+    # A gc's first phase condemned the pack while it was uploaded, before it was staged.
+    vfs.gclog.write_condemnation(a.objects, "another-gc", [pack], [])
+    a.settle()  # node a acknowledges: its pins cover the staged file
+    real = vfs.gc.root_commits
+    done = []
+
+    def refs_then_a_commit(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not done:
+            done.append(a.commit(REPO, "main", "f"))  # swap, then unstage and unpin
+        return result
+
+    monkeypatch.setattr(vfs.gc, "root_commits", refs_then_a_commit)
+    report = collect(b, grace=0)
+    assert done and report.packs_deleted == 0, report
     with open_node(tmp_path, "node-c", monkeypatch) as c:
         assert read(c, f"{REPO}@main:/f") == DATA
         assert_clean(a, b, c)
