@@ -35,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -94,8 +95,10 @@ def classify(method: str, path: str, headers) -> tuple[str, str]:
         area = "(bucket)"
     elif parts[0] == "gc" and len(parts) > 2:
         area = f"gc/{parts[1]}/"
+    elif parts[0] == "gc" and len(parts) == 2 and op != "LIST":
+        area = "/".join(parts)  # gc/lease
     elif len(parts) == 1 and op != "LIST":
-        area = parts[0]  # "config", "gc/lease"-like single objects
+        area = parts[0]  # config
     else:
         area = f"{parts[0]}/"
     return op, area
@@ -113,6 +116,7 @@ class CountingProxy:
         self.upstream = (split.hostname, split.port)
         self.counts: Counter[tuple[str, str]] = Counter()
         self.statuses: Counter[tuple[str, int]] = Counter()
+        self.seconds: Counter[str] = Counter()  # time SeaweedFS took to answer, by op
         self._lock = threading.Lock()
         proxy = self
 
@@ -125,8 +129,9 @@ class CountingProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def record(self, op: str, area: str, status: int) -> None:
+    def record(self, op: str, area: str, status: int, seconds: float) -> None:
         with self._lock:
+            self.seconds[op] += seconds
             self.counts[op, area] += 1
             self.statuses[op, status] += 1
 
@@ -136,6 +141,7 @@ class CountingProxy:
         with self._lock:
             counts, self.counts = self.counts, Counter()
             statuses, self.statuses = self.statuses, Counter()
+            seconds, self.seconds = self.seconds, Counter()
         by_op = Counter()
         for (op, _), n in counts.items():
             by_op[op] += n
@@ -143,7 +149,8 @@ class CountingProxy:
                 "by_area": {f"{op} {area}": n for (op, area), n in sorted(counts.items())},
                 "not_2xx": {f"{op} {status}": n for (op, status), n in sorted(statuses.items())
                             if not 200 <= status < 300},
-                "total": sum(counts.values())}
+                "total": sum(counts.values()),
+                "upstream_s": {op: round(t, 3) for op, t in sorted(seconds.items())}}
 
     def close(self) -> None:
         self._server.shutdown()
@@ -154,6 +161,12 @@ class _ForwardingHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as boto3 expects
     owner: CountingProxy
     _upstream: http.client.HTTPConnection | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body leave in two writes: without this, Nagle's algorithm and
+        # the client's delayed ACK add ~40 ms to many answers.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
@@ -178,6 +191,8 @@ class _ForwardingHandler(BaseHTTPRequestHandler):
         for attempt in range(2):  # the kept-alive upstream connection may have closed
             if self._upstream is None:
                 self._upstream = http.client.HTTPConnection(*self.owner.upstream, timeout=120)
+                self._upstream.connect()
+                self._upstream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = self._upstream
             try:
                 conn.putrequest(self.command, self.path, skip_host=True,
@@ -198,10 +213,11 @@ class _ForwardingHandler(BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         body = self._body()
+        start = time.perf_counter()
         response = self._send_upstream(body)
         data = response.read()
         op, area = classify(self.command, self.path, self.headers)
-        self.owner.record(op, area, response.status)
+        self.owner.record(op, area, response.status, time.perf_counter() - start)
         self.send_response_only(response.status, response.reason)
         for name, value in response.getheaders():
             if name.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -407,9 +423,9 @@ def bench_packs(codes: list[Code], workdir: Path, count: int, s3_count: int, rep
     log(f"packs/local: {built['packs']} packs in {built['build_s']} s")
     out["local"] = {"build": built, "runs": {}}
     caches = {}
-    for code in codes:  # each version's own index, made by its own `index rebuild`
+    for code in codes:  # after: the builder's cache; before: its own `index rebuild`
         cache = pristine / f"cache-{code.name}"
-        if not cache.exists():
+        if code is not codes[-1]:
             Node(code, str(pristine / "store"), str(cache), None, workdir).run(
                 "index", "rebuild")
         caches[code.name] = cache
@@ -448,8 +464,11 @@ def bench_packs(codes: list[Code], workdir: Path, count: int, s3_count: int, rep
         return url
 
     def s3_gc(case: str, code: Code, url: str, tag: str) -> None:
-        node = Node(code, url, str(workdir / f"s3-{tag}-{code.name}"), proxy.endpoint, workdir)
-        if not Path(node.cache).exists():
+        cache = workdir / f"s3-{tag}-{code.name}"
+        if code is codes[-1]:
+            cache = workdir / f"s3-{tag}-builder"
+        node = Node(code, url, str(cache), proxy.endpoint, workdir)
+        if not cache.exists():
             node.run("index", "rebuild")
         if case == "half":
             node.run("branch", "delete", "data@junk")
