@@ -156,15 +156,18 @@ class GcFollower:
     def sync(self) -> GcView:
         """Read the condemnations and apply new deletion-log entries to the index.
 
-        Costs one listing of each prefix plus one read per new object.
+        Costs one listing (of ``gc/``) plus one read per new object.
         """
         with self._lock:
             view = GcView()
             current = {}
-            # The log before the condemnations: an entry whose condemnation is gone from
-            # the later listing was carried out completely (gc deletes it last).
-            logged = [(info, _seq_of(info.key)) for info in self.objects.list(DELETED)]
-            for info in self.objects.list(CONDEMNED):
+            # One listing, in key order: the condemnations, then the log. gc writes a log
+            # entry before it deletes its condemnation, so a condemnation missing from
+            # the listing was carried out completely and its entry is listed after it.
+            listed = list(self.objects.list("gc/"))
+            logged = [(info, _seq_of(info.key)) for info in listed
+                      if info.key.startswith(DELETED)]
+            for info in (i for i in listed if i.key.startswith(CONDEMNED)):
                 cached = self._cache.get(info.key)
                 if cached is None:
                     try:
