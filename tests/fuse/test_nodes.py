@@ -74,7 +74,7 @@ def write(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             # The kernel keeps a branch path's entries for about a second: a file
             # dropped by 'discard' may still look present, and opening it without
-            # creating fails (the mount's cache coherence is issue 11's work).
+            # creating fails (the mount does not invalidate those entries yet).
             time.sleep(0.1)
     raise AssertionError(f"cannot write {path}")
 

@@ -64,6 +64,14 @@ def assert_clean(*stores: vfs.Store) -> None:
         assert report.ok, (store.node.name, report.problems)
 
 
+def assert_readable_from_a_new_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str,
+                                    data: bytes, *nodes: vfs.Store) -> None:
+    """A node that never saw the store before reads ``spec``; every node checks clean."""
+    with open_node(tmp_path, "node-c", monkeypatch) as c:
+        assert read(c, spec) == data
+        assert_clean(*nodes, c)
+
+
 @pytest.fixture
 def two(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     a = open_node(tmp_path, "node-a", monkeypatch)
@@ -158,9 +166,7 @@ def test_gc_reindexes_a_live_pack_whose_index_copy_is_missing(
     assert report.packs_reindexed == len(stored) and report.packs_deleted == 0
     assert packs(tmp_path) == stored
     assert all((tmp_path / "store" / "index" / pack).exists() for pack in stored)
-    with open_node(tmp_path, "node-c", monkeypatch) as c:  # learns it from the new copy
-        assert read(c, f"{REPO}@main:/f") == DATA
-        assert_clean(a, b, c)
+    assert_readable_from_a_new_node(tmp_path, monkeypatch, f"{REPO}@main:/f", DATA, a, b)
 
 
 # -- 4. dedup on one node, gc on another ---------------------------------------------------
@@ -176,9 +182,7 @@ def test_dedup_onto_garbage_is_pinned_against_gc_on_another_node(
     report = collect(b, grace=0)
     assert report.packs_deleted == 0  # node a's pins keep it
     a.commit(REPO, "main", "f")
-    with open_node(tmp_path, "node-c", monkeypatch) as c:
-        assert read(c, f"{REPO}@main:/f") == DATA
-        assert_clean(a, b, c)
+    assert_readable_from_a_new_node(tmp_path, monkeypatch, f"{REPO}@main:/f", DATA, a, b)
 
 
 def test_a_write_rewrites_blobs_of_a_condemned_pack(
@@ -196,9 +200,7 @@ def test_a_write_rewrites_blobs_of_a_condemned_pack(
     report = collect(b, grace=0)  # node a acknowledged when its put ended
     assert report.packs_deleted == 1 and old not in packs(tmp_path)
     a.commit(REPO, "main", "f")
-    with open_node(tmp_path, "node-c", monkeypatch) as c:
-        assert read(c, f"{REPO}@main:/f") == DATA
-        assert_clean(a, b, c)
+    assert_readable_from_a_new_node(tmp_path, monkeypatch, f"{REPO}@main:/f", DATA, a, b)
 
 
 def test_dedup_onto_a_pack_another_node_deleted_is_redone(
@@ -210,9 +212,7 @@ def test_dedup_onto_a_pack_another_node_deleted_is_redone(
     assert packs(tmp_path) == set()
     put_file(a, tmp_path, "/f", DATA)  # node a's index still offered the deleted pack
     a.commit(REPO, "main", "f")
-    with open_node(tmp_path, "node-c", monkeypatch) as c:
-        assert read(c, f"{REPO}@main:/f") == DATA
-        assert_clean(a, b, c)
+    assert_readable_from_a_new_node(tmp_path, monkeypatch, f"{REPO}@main:/f", DATA, a, b)
 
 
 def test_reads_after_another_nodes_repack_follow_the_log(
@@ -238,9 +238,7 @@ def test_reads_after_another_nodes_repack_follow_the_log(
     assert read(b, f"{REPO}@main:/small") == small  # follows the log to the new pack
     put_file(b, tmp_path, "/again", small)  # and deduplicates onto the new pack
     b.commit(REPO, "main", "again")
-    with open_node(tmp_path, "node-c", monkeypatch) as c:
-        assert read(c, f"{REPO}@main:/again") == small
-        assert_clean(a, b, c)
+    assert_readable_from_a_new_node(tmp_path, monkeypatch, f"{REPO}@main:/again", small, a, b)
     a.close()
     b.close()
 
@@ -291,9 +289,7 @@ def test_an_open_commit_on_another_node_survives_gc(
     put_file(a, tmp_path, "/staged", DATA, branch="work")  # no ref names it
     assert collect(b, grace=0).packs_deleted == 0
     a.commit(REPO, "work", "staged")
-    with open_node(tmp_path, "node-c", monkeypatch) as c:
-        assert read(c, f"{REPO}@work:/staged") == DATA
-        assert_clean(a, b, c)
+    assert_readable_from_a_new_node(tmp_path, monkeypatch, f"{REPO}@work:/staged", DATA, a, b)
 
 
 class _OnDeletionLogged(DelegatingStore):
@@ -329,9 +325,7 @@ def test_a_node_following_the_log_mid_deletion_does_not_keep_the_deleted_pack(
     assert packs(tmp_path) == set()
     put_file(b, tmp_path, "/f", DATA)  # must not deduplicate onto the deleted pack
     b.commit(REPO, "main", "f")
-    with open_node(tmp_path, "node-c", monkeypatch) as c:
-        assert read(c, f"{REPO}@main:/f") == DATA
-        assert_clean(a, b, c)
+    assert_readable_from_a_new_node(tmp_path, monkeypatch, f"{REPO}@main:/f", DATA, a, b)
 
 
 def test_gc_with_a_longer_retention_after_a_shorter_one_still_runs(two, tmp_path: Path) -> None:
@@ -440,6 +434,4 @@ def test_a_commit_landing_while_gc_marks_is_seen_through_its_ref_or_its_pins(
     monkeypatch.setattr(vfs.gc, "root_commits", refs_then_a_commit)
     report = collect(b, grace=0)
     assert done and report.packs_deleted == 0, report
-    with open_node(tmp_path, "node-c", monkeypatch) as c:
-        assert read(c, f"{REPO}@main:/f") == DATA
-        assert_clean(a, b, c)
+    assert_readable_from_a_new_node(tmp_path, monkeypatch, f"{REPO}@main:/f", DATA, a, b)
