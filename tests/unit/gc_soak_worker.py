@@ -92,8 +92,12 @@ class Writer:
             with open(sources[-1], "wb") as f:
                 f.write(data)
         vfs.put(self.store, REPO, branch, dest, sources)
+        # A file equal to what the branch shows already is not staged (as with git add):
+        # only what the open commit holds now is this node's change.
+        _, open_commit = self.store.open_commit(REPO, branch)
         for path, data in files.items():
-            self.staged.setdefault(branch, {})[path] = hashlib.sha256(data).hexdigest()
+            if path in open_commit.changes:
+                self.staged.setdefault(branch, {})[path] = hashlib.sha256(data).hexdigest()
 
     def op_commit(self) -> None:
         branch = self.branch()
