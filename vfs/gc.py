@@ -350,7 +350,10 @@ class _Collector:
             age = now - record.mtime
             if age >= self.settings.node_expiry:
                 continue
-            if age > record.ttl:
+            newest = max(c.seq for c in condemnations)
+            if age > record.ttl and record.gc_seen < newest:
+                # It may be between a check that did not see these condemnations and its
+                # publish; one that acknowledged them already checked against them.
                 stale.append(f"{record.name} ({record.node[:8]}, silent for {age:.0f} s)")
             waiting.append(record)
         if stale:
