@@ -364,8 +364,12 @@ class Watcher:
         """Store a datum's outputs and record them (if it succeeded), and keep its log."""
         record = None
         if succeeded:
-            record = DatumRecord(task.root, job_id, collect_outputs(self.store, io.out_dir))
-            records.save_datum(self.store.objects, pipeline, task.hash, record)
+            # Stored and checked, then recorded, under the node's lock: the datum record
+            # is what keeps its outputs alive for gc (docs/format.md §10.4).
+            with self.store.lock():
+                record = DatumRecord(task.root, job_id,
+                                     collect_outputs(self.store, io.out_dir))
+                records.save_datum(self.store.objects, pipeline, task.hash, record)
         if os.path.exists(io.log_path) and os.path.getsize(io.log_path):
             records.save_log(self.store.objects, job_id, task.id, io.log_path)
         return record

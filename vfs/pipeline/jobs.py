@@ -209,16 +209,19 @@ def commit_outputs(store, plan: JobPlan, ran: dict[str, DatumRecord]) -> Commit:
                 view.apply(view.plan_set(path, entry.renamed(parent_and_name(path)[1])))
             except VfsError as exc:
                 raise Conflict(f"pipeline {spec.pipeline}: datum /{root}: {exc}") from None
-    with store.blobs.writer() as writer:
-        tree = view.seal(writer)
     job = plan.job
     message = (f"{spec.pipeline} job {job.id}: {job.datums_processed} processed, "
                f"{job.datums_skipped} skipped, {job.datums_removed} removed "
                f"({spec.input_repo}@{plan.head.id[:12]})")
-    return store.commit(spec.pipeline, spec.output_branch, message, tree=tree,
-                        provenance=provenance(spec.pipeline, plan.version.version, job),
-                        author=f"pipeline:{spec.pipeline}", why=f"pipeline job {job.id}",
-                        allow_empty=True)
+    # From the check of the trees' packs (the writer's flush) to the ref's move, under
+    # the node's lock: gc's condemnations are not acknowledged in between (§10.4).
+    with store.lock():
+        with store.blobs.writer() as writer:
+            tree = view.seal(writer)
+        return store.commit(spec.pipeline, spec.output_branch, message, tree=tree,
+                            provenance=provenance(spec.pipeline, plan.version.version, job),
+                            author=f"pipeline:{spec.pipeline}", why=f"pipeline job {job.id}",
+                            allow_empty=True)
 
 
 def _prune(view: OpenCommit, path: str) -> None:
