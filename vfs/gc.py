@@ -111,6 +111,9 @@ def collect(store, *, grace: float = 3600.0, reflog_retention: float = 30 * 8640
 class _Collector:
     def __init__(self, store, settings: GcSettings, dry_run: bool,
                  progress: Callable[[int], None] | None) -> None:
+        self._started = 0.0  # the store's time when the run began (see _prepare)
+        self._index_listing: set[str] = set()
+        self._pack_listing: dict = {}
         self.store = store
         self.objects = store.objects
         self.settings = settings
@@ -122,7 +125,7 @@ class _Collector:
             if self.report.dry_run:
                 self._prepare()
                 live = self._mark()
-                self._condemn(live, self._now())
+                self._condemn(live, self._started)
                 return self.report
             self._take_lease()
             try:
@@ -131,7 +134,7 @@ class _Collector:
                 if pending:
                     self._carry_out(pending, wait=0.0)
                 live = self._mark()
-                seq = self._condemn(live, self._now())
+                seq = self._condemn(live, self._started)
                 if seq is not None:
                     self._acknowledge()
                     fresh = [c for c in list_condemnations(self.objects) if c.seq == seq]
@@ -150,15 +153,23 @@ class _Collector:
         return store_now(self.objects, self.store.node.id)
 
     def _prepare(self) -> None:
+        # One reading of the store's clock serves the grace period, the retention and
+        # the log's expiry: an earlier "now" only keeps more. (Staleness of nodes is
+        # judged with a fresh one.)
+        self._started = self._now()
         self.store.blobs.gc.sync()  # other gcs' deletions
         self.store.blobs.learn_new_packs()  # other nodes' blobs count when sweeping
+        # One listing of packs/ and index/ per run, taken before the mark: a pack
+        # stored after it is only condemned by a later run.
+        self._index_listing = {info.key.split("/", 1)[1] for info in self.objects.list("index/")}
+        self._pack_listing = {info.key.rsplit("/", 1)[1]: info
+                              for info in self.objects.list("packs/")}
         # Before marking: a live tree may sit in a pack whose index copy was lost.
-        now = self._now()
-        indexed = {info.key.split("/", 1)[1] for info in self.objects.list("index/")}
-        for info in self.objects.list("packs/"):
-            hex_id = info.key.rsplit("/", 1)[1]
-            if hex_id not in indexed and now - info.mtime >= self.settings.grace:
-                self._reindex(hex_id)
+        for hex_id, info in self._pack_listing.items():
+            if hex_id not in self._index_listing and \
+                    self._started - info.mtime >= self.settings.grace:
+                if self._reindex(hex_id):
+                    self._index_listing.add(hex_id)
 
     def _acknowledge(self) -> None:
         # This node holds its lock alone: no write of its own is in flight.
@@ -195,7 +206,7 @@ class _Collector:
         """Mark from refs, the reflog, node pins and datum records (§10.5 step 3)."""
         store = self.store
         try:
-            now = self._now()
+            now = self._started
             # Node pins before refs: a commit moves its ref first and unpins what it
             # staged after, so one of the two reads sees what the commit made.
             bases: set[str] = set()
@@ -258,8 +269,8 @@ class _Collector:
         """Phase 1: condemn what is dead and older than the grace period."""
         store = self.store
         pending = {p for c in list_condemnations(self.objects) for p in c.packs}
-        stored = {info.key.rsplit("/", 1)[1]: info for info in self.objects.list("packs/")}
-        indexed = {info.key.split("/", 1)[1] for info in self.objects.list("index/")}
+        stored = self._pack_listing
+        indexed = self._index_listing
         self.report.packs_total = len(stored)
         by_pack: dict[bytes, list[tuple[bytes, int, bool]]] = {}
         for digest, loc in store.index.iter_blobs():
@@ -298,9 +309,9 @@ class _Collector:
             return None
         return write_condemnation(self.objects, self.store.node.id, packs, commits)
 
-    def _reindex(self, hex_id: str) -> None:
+    def _reindex(self, hex_id: str) -> bool:
         """A pack whose index copy is missing: write it again from the pack (never
-        treat the pack as dead: its blobs may be live)."""
+        treat the pack as dead: its blobs may be live). True if it was written."""
         pack_id = bytes.fromhex(hex_id)
         try:
             data = self.objects.get(pack_key(pack_id))
@@ -311,14 +322,15 @@ class _Collector:
         except (Corruption, ObjectNotFound) as exc:
             self.report.notes.append(f"pack {hex_id} has no index and cannot be read ({exc}): "
                                      "kept")
-            return
+            return False
         if self.report.dry_run:
             self.report.notes.append(f"pack {hex_id} has no index: would re-index it")
-            return
+            return False
         self.objects.put(index_key(pack_id), index_bytes)
         self.store.index.add_pack(pack_id, len(data), [e.location(pack_id) for e in entries],
                                   [e.hash for e in entries])
         self.report.packs_reindexed += 1
+        return True
 
     def _repack(self, live: list[bytes]) -> None:
         # The new pack is stored and indexed (the writer flushed) before the old one
@@ -421,6 +433,8 @@ class _Collector:
             pack_id = bytes.fromhex(hex_id)
             self.objects.delete(index_key(pack_id))
             self.objects.delete(pack_key(pack_id))
+            self._pack_listing.pop(hex_id, None)  # this run's listing is taken once
+            self._index_listing.discard(hex_id)
             self.report.packs_deleted += 1
         for commit_id in commits:
             self.objects.delete(f"commits/{commit_id}")
@@ -433,7 +447,7 @@ class _Collector:
         """Drop old deletion-log entries. A node that missed expired entries compares
         its whole index with the store instead (vfs.gclog), so this is only a cost."""
         keep = max(LOG_RETENTION, self.settings.node_expiry, self.settings.reflog_retention)
-        now = self._now()
+        now = self._started
         for info in self.objects.list(DELETED):
             if now - info.mtime > keep:
                 self.objects.delete(info.key)
