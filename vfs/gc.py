@@ -268,7 +268,8 @@ class _Collector:
     def _condemn(self, live: Reachable, now: float) -> int | None:
         """Phase 1: condemn what is dead and older than the grace period."""
         store = self.store
-        pending = {p for c in list_condemnations(self.objects) for p in c.packs}
+        condemnations = list_condemnations(self.objects)
+        pending = {p for c in condemnations for p in c.packs}
         stored = self._pack_listing
         indexed = self._index_listing
         self.report.packs_total = len(stored)
@@ -298,7 +299,7 @@ class _Collector:
                 if not self.report.dry_run:
                     self._repack([d for d, _, is_live in blobs if is_live])
                 packs.append(hex_id)
-        pending_commits = {c for k in list_condemnations(self.objects) for c in k.commits}
+        pending_commits = {c for k in condemnations for c in k.commits}
         commits = [info.key.split("/", 1)[1] for info in self.objects.list("commits/")
                    if info.key.split("/", 1)[1] not in live.commits
                    and info.key.split("/", 1)[1] not in pending_commits
