@@ -1,4 +1,5 @@
-"""Two vfsd nodes on one bucket of a real SeaweedFS: gc on one never loses the other's data.
+"""Two vfsd nodes on one bucket (a real SeaweedFS, and moto's server): gc on one never
+loses the other's data.
 
 Each node is a real vfsd process with its own cache (index, open commits, node
 record), mount and control socket; commands run as ``vfsctl`` processes talking to
@@ -31,14 +32,16 @@ from fuse_checks import wait_for
 MiB = 1 << 20
 
 
-@pytest.fixture
-def nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seaweed_endpoint: str,
+@pytest.fixture(params=["seaweedfs", "moto"])
+def nodes(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
           aws_env: None) -> Iterator[tuple[Mount, Mount, str]]:
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse on this machine")
+    endpoint = request.getfixturevalue(
+        "seaweed_endpoint" if request.param == "seaweedfs" else "moto_endpoint")
     bucket = f"pfs-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=seaweed_endpoint).create_bucket(Bucket=bucket)
-    monkeypatch.setenv("VFS_S3_ENDPOINT", seaweed_endpoint)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    monkeypatch.setenv("VFS_S3_ENDPOINT", endpoint)
     url = f"s3://{bucket}/team"
     with vfs.open_store(url, cache_dir=str(tmp_path / "setup"), create=True) as store:
         store.create_repo("data")
