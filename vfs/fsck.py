@@ -114,11 +114,24 @@ def _finish_interrupted_commits(store) -> None:
 
 
 def _check_reflogs(store, report: FsckReport) -> None:
+    by_repo: dict[str, dict[str, list[ReflogEntry]] | None] = {}
     for info in store.objects.list("refs/"):
         _, repo, branch = info.key.split("/", 2)
+        if repo not in by_repo:  # one reading of a repository's reflog for all its branches
+            try:
+                grouped: dict[str, list[ReflogEntry]] = {}
+                for entry in read_reflog(store.objects, repo):
+                    grouped.setdefault(entry.branch, []).append(entry)
+                by_repo[repo] = grouped
+            except VfsError as exc:
+                report.problems.append(f"the reflog of {repo}: {exc}")
+                by_repo[repo] = None
+        grouped_entries = by_repo[repo]
+        if grouped_entries is None:
+            continue
+        entries = grouped_entries.get(branch, [])
         try:
             head = read_ref(store.objects, repo, branch).commit
-            entries = read_reflog(store.objects, repo, branch)
         except VfsError as exc:
             report.problems.append(f"{repo}@{branch}: {exc}")
             continue

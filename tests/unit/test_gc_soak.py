@@ -194,7 +194,7 @@ def test_gc_soak_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_gc_soak_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                       record_property) -> None:
     stats = soak(tmp_path, monkeypatch, writers=3, seconds=300)
