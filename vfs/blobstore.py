@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from vfs.blobs import (
     BlobCodec,
     BlobKind,
+    BlobLocation,
     EncodedBlob,
     PackBuilder,
     PackParts,
@@ -88,28 +89,17 @@ class BlobStore:
                 "index is stale (run 'vfsctl index rebuild', then 'vfsctl fsck')"
             )
         try:
-            stored = self.objects.get_range(
-                pack_key(location.pack_id), location.offset, location.stored_len
-            )
-        except ObjectNotFound:
+            stored = self._fetch(digest, location)
+        except Corruption:
             # gc may have deleted or repacked it: follow the log, learn new packs,
             # and look again before calling it lost (docs/format.md §10.3).
             self.gc.sync()
             self.learn_new_packs()
             moved = self.index.blob_location(digest)
             if moved is None or moved == location:
-                raise Corruption(
-                    f"pack {location.pack_id.hex()} holding blob {digest.hex()} is missing "
-                    "from the store (run 'vfsctl fsck')"
-                ) from None
+                raise
             location = moved
-            try:
-                stored = self.objects.get_range(
-                    pack_key(location.pack_id), location.offset, location.stored_len)
-            except ObjectNotFound:
-                raise Corruption(
-                    f"pack {location.pack_id.hex()} holding blob {digest.hex()} is missing "
-                    "from the store (run 'vfsctl fsck')") from None
+            stored = self._fetch(digest, location)
         try:
             data = self.codec.decode(digest, location, stored)
         except Corruption:
@@ -119,6 +109,20 @@ class BlobStore:
         if cache:
             self._remember(digest, data)
         return data
+
+    def _fetch(self, digest: bytes, location: BlobLocation) -> bytes:
+        """The stored bytes of a blob at ``location``.
+
+        Raises:
+            Corruption: its pack is missing from the store.
+        """
+        try:
+            return self.objects.get_range(
+                pack_key(location.pack_id), location.offset, location.stored_len)
+        except ObjectNotFound:
+            raise Corruption(
+                f"pack {location.pack_id.hex()} holding blob {digest.hex()} is missing "
+                "from the store (run 'vfsctl fsck')") from None
 
     def learn_new_packs(self) -> int:
         """Index packs that other nodes (or an interrupted rebuild) stored; return how many.
@@ -186,6 +190,12 @@ class BlobStore:
     def writer(self, *, max_inflight: int = 2) -> BlobWriter:
         return BlobWriter(self, max_inflight=max_inflight)
 
+    def gc_view(self) -> GcView:
+        """This node's fresh view of gc, for a write about to rely on it (the node's
+        record is made active first: docs/format.md §10.2)."""
+        self.before_check()
+        return self.gc.sync()
+
     def check_packs(self, used: dict[bytes, set[bytes]]) -> tuple[GcView, dict[bytes, set[bytes]]]:
         """The *check* of docs/format.md §10.4 for packs a write used.
 
@@ -199,8 +209,7 @@ class BlobStore:
             StoreChanged: a used pack was deleted by gc already; the write must be
                 done again (the index no longer offers that pack).
         """
-        self.before_check()
-        view = self.gc.sync()
+        view = self.gc_view()
         present = self.index.known_packs(used)
         gone = [p for p in used if p not in present]
         if gone:
@@ -241,7 +250,6 @@ class BlobWriter:
         # the check before the result is published (docs/format.md §10.4).
         self._used: dict[bytes, set[bytes]] = {}
         self._used_lock = threading.Lock()
-        self.view: GcView | None = None  # the view the last check used
 
     def __enter__(self) -> BlobWriter:
         return self
@@ -330,7 +338,7 @@ class BlobWriter:
         every pack this session used passed the check (docs/format.md §10.4)."""
         self._store_all()
         for _ in range(3):
-            self.view, condemned = self.blobs.check_packs(self.used())
+            _, condemned = self.blobs.check_packs(self.used())
             if not condemned:
                 return
             # Still present (a condemnation is carried out only once this node has

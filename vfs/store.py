@@ -316,8 +316,7 @@ class Store:
         Raises:
             CommitNotFound: gc deleted it already (a stale cache named it).
         """
-        self.blobs.before_check()
-        view = self.blobs.gc.sync()
+        view = self.blobs.gc_view()
         if not self.objects.exists(commit_key(commit_id)):
             self.forget_commit(commit_id)
             raise CommitNotFound(f"commit {commit_id[:12]} was deleted by gc")
