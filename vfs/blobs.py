@@ -201,6 +201,26 @@ def decode_index(data: bytes, what: str = "pack index") -> list[IndexEntry]:
     return entries
 
 
+def read_stored_index(objects, pack_id: bytes) -> tuple[int, list[IndexEntry]]:
+    """The size of pack ``pack_id`` and the entries of its ``index/`` copy, checked
+    against each other (:func:`check_pack_size`): what a node needs to index it.
+
+    Args:
+        objects: the object store.
+        pack_id: the pack.
+
+    Raises:
+        ObjectNotFound: the index copy or the pack is missing.
+        Corruption: the index copy does not decode, or the pack is too short for it.
+    """
+    key = index_key(pack_id)
+    index = objects.get(key)
+    entries = decode_index(index, key)
+    size = objects.stat(pack_key(pack_id)).size
+    check_pack_size(entries, len(index), size, f"pack {pack_id.hex()}")
+    return size, entries
+
+
 def check_pack_size(entries: list[IndexEntry], index_len: int, size: int,
                     what: str = "pack") -> None:
     """Check that a pack of ``size`` bytes can hold what its index lists.

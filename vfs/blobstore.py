@@ -26,10 +26,9 @@ from vfs.blobs import (
     PackBuilder,
     PackParts,
     SealedPack,
-    check_pack_size,
-    decode_index,
     index_key,
     pack_key,
+    read_stored_index,
 )
 from vfs.config import StoreConfig
 from vfs.errors import Corruption, ObjectNotFound, StoreChanged, StoreError
@@ -137,10 +136,7 @@ class BlobStore:
             if pack_id in known or pack_id in self._unusable_packs:
                 continue
             try:
-                index = self.objects.get(info.key)
-                entries = decode_index(index, info.key)
-                size = self.objects.stat(pack_key(pack_id)).size
-                check_pack_size(entries, len(index), size, f"pack {pack_id.hex()}")
+                size, entries = read_stored_index(self.objects, pack_id)
             except ObjectNotFound:
                 continue  # deleted meanwhile, or its pack never arrived
             except Corruption as exc:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from vfs.blobs import check_pack_size, decode_index, index_from_pack, pack_key
+from vfs.blobs import check_pack_size, decode_index, index_from_pack, pack_key, read_stored_index
 from vfs.errors import Corruption, ObjectNotFound, VfsError
 from vfs.reachability import mark, root_commits
 from vfs.refs import Commit, ReflogEntry, read_ref, read_reflog
@@ -217,10 +217,7 @@ def rebuild_index(store, progress: Callable[[int], None] | None = None) -> Rebui
         for info in store.objects.list("index/"):
             pack_id = bytes.fromhex(info.key.split("/", 1)[1])
             try:
-                index = store.objects.get(info.key)
-                entries = decode_index(index, info.key)
-                size = store.objects.stat(pack_key(pack_id)).size
-                check_pack_size(entries, len(index), size, f"pack {pack_id.hex()}")
+                size, entries = read_stored_index(store.objects, pack_id)
             except (Corruption, ObjectNotFound) as exc:
                 report.skipped.append(f"{info.key}: {exc}")
                 continue

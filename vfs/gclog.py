@@ -12,7 +12,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 
-from vfs.blobs import decode_index, index_key
+from vfs.blobs import read_stored_index
 from vfs.errors import Corruption, ObjectNotFound, PreconditionFailed
 from vfs.objstore.base import ObjectStore
 from vfs.refs import canonical_json
@@ -222,10 +222,11 @@ class GcFollower:
         for hex_id in deletion.kept_in:
             pack_id = bytes.fromhex(hex_id)
             try:
-                entries = decode_index(self.objects.get(index_key(pack_id)), index_key(pack_id))
-                size = self.objects.stat(f"packs/{hex_id[:2]}/{hex_id}").size
+                size, entries = read_stored_index(self.objects, pack_id)
             except ObjectNotFound:
                 continue  # itself collected later; the log says so further on
+            except Corruption:
+                continue  # cut short: never indexed (learn_new_packs reports it)
             learned.append((pack_id, size, entries))
         with self.index.write() as txn:
             self.index.remove_packs_txn(txn, {bytes.fromhex(h) for h in deletion.packs})
