@@ -40,9 +40,9 @@ from vfs.gclog import (
     write_condemnation,
     write_deletion,
 )
-from vfs.nodes import ACTIVE, IDLE, NodeRecord, read_pins, read_records, store_now
+from vfs.nodes import ACTIVE, NodeRecord, read_pins, read_records, store_now
 from vfs.reachability import Reachable, mark, root_commits
-from vfs.refs import canonical_json
+from vfs.refs import canonical_json, commit_key
 from vfs.tree import Entry
 
 _REPACK_BELOW = 0.5  # live fraction of a pack's bytes under which it is repacked
@@ -172,10 +172,7 @@ class _Collector:
                     self._index_listing.add(hex_id)
 
     def _acknowledge(self) -> None:
-        # This node holds its lock alone: no write of its own is in flight.
-        view = self.store.blobs.gc.sync()
-        state = ACTIVE if self.store._long_running_process_on_node() else IDLE
-        self.store.presence.publish(state, gc_seen=view.seen)
+        self.store.acknowledge_locked()  # gc holds this node's lock alone
 
     def _take_lease(self) -> None:
         body = canonical_json({"node": self.store.node.id, "name": self.store.node.name})
@@ -216,7 +213,7 @@ class _Collector:
                 if pins is None:
                     continue
                 for base in pins.bases:
-                    if self.objects.exists(f"commits/{base}"):
+                    if self.objects.exists(commit_key(base)):
                         bases.add(base)
                     else:  # a base gone long ago: nothing left to keep
                         self.report.notes.append(
@@ -234,9 +231,9 @@ class _Collector:
                 # An earlier gc with a shorter retention may have collected commits the
                 # reflog still names: gone, not unreadable.
                 stored = {info.key.split("/", 1)[1] for info in self.objects.list("commits/")}
-                for gone in from_reflog - stored:
-                    roots.discard(gone)
-                    store.forget_commit(gone)
+                gone = from_reflog - stored
+                roots -= gone
+                store.forget_commits(gone)
             roots |= bases
             for repo, branch in store.index.open_commits():
                 base = store.index.staging_base(repo, branch)
@@ -355,6 +352,7 @@ class _Collector:
         records = read_records(self.objects)
         waiting: list[NodeRecord] = []
         stale = []
+        newest = max(c.seq for c in condemnations)
         for record in records:
             if record.node == self.store.node.id or record.state != ACTIVE:
                 continue
@@ -363,7 +361,6 @@ class _Collector:
             age = now - record.mtime
             if age >= self.settings.node_expiry:
                 continue
-            newest = max(c.seq for c in condemnations)
             if age > record.ttl and record.gc_seen < newest:
                 # It may be between a check that did not see these condemnations and its
                 # publish; one that acknowledged them already checked against them.
@@ -438,9 +435,9 @@ class _Collector:
             self._index_listing.discard(hex_id)
             self.report.packs_deleted += 1
         for commit_id in commits:
-            self.objects.delete(f"commits/{commit_id}")
-            store.forget_commit(commit_id)
+            self.objects.delete(commit_key(commit_id))
             self.report.commits_deleted += 1
+        store.forget_commits(commits)
         store.index.set_gc_log_cursor(max(store.index.gc_log_cursor(), condemnation.seq))
         self.objects.delete(condemned_key(condemnation.seq))
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -60,7 +59,6 @@ from vfs.staging import OpenCommit, decode_change, encode_change
 from vfs.tree import DIR, Entry
 
 DEFAULT_BRANCH = "main"
-_log = logging.getLogger(__name__)
 
 
 def default_store_url() -> str:
@@ -125,7 +123,7 @@ class Store:
     def lock(self, *, exclusive: bool = False) -> Iterator[None]:
         """Node-local lock: writers share it; gc, and a node acknowledging gc's
         condemnations, hold it alone (docs/format.md §10.2)."""
-        fd = os.open(os.path.join(self.cache_dir, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_file("gc.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             if not exclusive:
@@ -151,8 +149,7 @@ class Store:
         self.presence.ttl = ttl
         # Held shared for the life of the process: a command-line process on the same
         # node sees it and does not mark the node idle under the daemon's feet.
-        self._active_fd = os.open(os.path.join(self.cache_dir, "active.lock"),
-                                  os.O_RDWR | os.O_CREAT, 0o644)
+        self._active_fd = self._lock_file("active.lock")
         fcntl.flock(self._active_fd, fcntl.LOCK_SH)
         self.heartbeat()
 
@@ -164,7 +161,7 @@ class Store:
     def _long_running_process_on_node(self) -> bool:
         if self.stays_active:
             return True
-        fd = os.open(os.path.join(self.cache_dir, "active.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_file("active.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return False
@@ -188,7 +185,7 @@ class Store:
         Returns:
             True if the record was published with a new acknowledgement.
         """
-        fd = os.open(os.path.join(self.cache_dir, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_file("gc.lock")
         try:
             deadline = time.monotonic() + wait
             while True:
@@ -199,12 +196,24 @@ class Store:
                     if time.monotonic() >= deadline:
                         return False  # a write is in flight: it settles when it ends
                     time.sleep(0.05)
-            view = self.blobs.gc.sync()
-            state = ACTIVE if self._long_running_process_on_node() else IDLE
-            self.presence.publish(state, gc_seen=view.seen)
+            self.acknowledge_locked()
             return True
         finally:
             os.close(fd)
+
+    def acknowledge_locked(self) -> None:
+        """Publish this node's record with its newest view of gc and fresh pins.
+
+        Only while holding :meth:`lock` alone (or its file, as :meth:`settle` does):
+        no write of this node may be between its check and its publish.
+        """
+        view = self.blobs.gc.sync()
+        state = ACTIVE if self._long_running_process_on_node() else IDLE
+        self.presence.publish(state, gc_seen=view.seen)
+
+    def _lock_file(self, name: str) -> int:
+        """An open descriptor of one of this node's lock files (the caller closes it)."""
+        return os.open(os.path.join(self.cache_dir, name), os.O_RDWR | os.O_CREAT, 0o644)
 
     # -- repositories ------------------------------------------------------------------
 
@@ -318,7 +327,7 @@ class Store:
         """
         view = self.blobs.gc_view()
         if not self.objects.exists(commit_key(commit_id)):
-            self.forget_commit(commit_id)
+            self.forget_commits([commit_id])
             raise CommitNotFound(f"commit {commit_id[:12]} was deleted by gc")
         seq = view.condemned_commits.get(commit_id)
         if seq is not None and self.index.node_state().gc_seen >= seq:
@@ -375,11 +384,15 @@ class Store:
         self._commits[commit_id] = commit
         return commit
 
-    def forget_commit(self, commit_id: str) -> None:
-        """Drop a commit gc deleted from this node's caches."""
-        self._commits.pop(commit_id, None)
+    def forget_commits(self, commit_ids: Iterable[str]) -> None:
+        """Drop commits gc deleted from this node's caches (one index transaction)."""
+        commit_ids = list(commit_ids)
+        if not commit_ids:
+            return
+        for commit_id in commit_ids:
+            self._commits.pop(commit_id, None)
         with self.index.write() as txn:
-            self.index.forget_commits_txn(txn, [commit_id])
+            self.index.forget_commits_txn(txn, commit_ids)
 
     def resolve(self, spec: RefSpec) -> Commit | None:
         """The commit a ref names; None for a branch that has no commits yet.
