@@ -58,7 +58,7 @@ def commit(store, repo: str, branch: str, message: str = "", *, author: str | No
             head = store.read_commit(state.commit) if state.commit else None
 
             with store.blobs.writer() as writer:  # steps 1-2: its flush is the check
-                new_tree = seal(store, writer, open_commit, tree)
+                new_tree = seal(writer, open_commit, tree)
             checked = time.monotonic()
 
             if head is not None and new_tree == head.tree and not (
@@ -94,7 +94,7 @@ def _check_staged(store, state: RefState, open_commit: OpenCommit) -> None:
 # -- 1. seal ----------------------------------------------------------------------------
 
 
-def seal(store, writer: BlobWriter, open_commit: OpenCommit, tree: str | None) -> str:
+def seal(writer: BlobWriter, open_commit: OpenCommit, tree: str | None) -> str:
     """The root tree of the new commit; its blobs go through ``writer``.
 
     A given ``tree`` (rollback, pipeline outputs) is noted as used, so step 2 checks

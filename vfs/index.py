@@ -231,11 +231,7 @@ class Index:
 
     def has_blobs(self, digests: Iterable[bytes]) -> set[bytes]:
         """Return the subset of ``digests`` that the index knows, less damaged blobs."""
-        db = self.db["blobs"]
-        with self.env.begin() as txn:
-            if not txn.stat(self.db["damaged"])["entries"]:  # the usual case: one lookup each
-                return {d for d in digests if txn.get(d, db=db) is not None}
-            return {d for d in digests if _usable(txn, d, db, self.db["damaged"])}
+        return set(self.blob_packs(digests))
 
     def mark_damaged(self, digest: bytes, pack_id: bytes) -> bool:
         """Record that the blob's copy in ``pack_id`` failed verification.
@@ -308,14 +304,14 @@ class Index:
     def blob_packs(self, digests: Iterable[bytes]) -> dict[bytes, bytes]:
         """blob hash -> pack id, for the given blobs the index knows (less damaged ones,
         like :meth:`has_blobs`: deduplication must store those again)."""
-        db = self.db["blobs"]
+        db, damaged = self.db["blobs"], self.db["damaged"]
         out = {}
         with self.env.begin() as txn:
-            check = txn.stat(self.db["damaged"])["entries"] > 0
+            # The usual case, nothing damaged: one lookup per blob.
+            check = txn.stat(damaged)["entries"] > 0
             for d in digests:
                 value = txn.get(d, db=db)
-                if value is not None and not (check and txn.get(d, db=self.db["damaged"])
-                                              == value[:32]):
+                if value is not None and not (check and txn.get(d, db=damaged) == value[:32]):
                     out[d] = bytes(value[:32])
         return out
 
@@ -539,12 +535,6 @@ class Index:
 
     def files_cache_put_txn(self, txn: lmdb.Transaction, path: str, value: bytes) -> None:
         txn.put(_fit(path.encode()), value, db=self.db["files"])
-
-
-def _usable(txn: lmdb.Transaction, digest: bytes, blobs: object, damaged: object) -> bool:
-    """The blob is indexed and its location is not in the pack where it was found bad."""
-    location = txn.get(digest, db=blobs)
-    return location is not None and txn.get(digest, db=damaged) != location[:32]
 
 
 def _read_elsewhere(txn: lmdb.Transaction, digest: bytes, pack_id: bytes,
