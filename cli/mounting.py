@@ -53,9 +53,13 @@ def vfsd_command() -> list[str]:
 @click.option("--socket", "socket_path", metavar="PATH",
               help="Control socket (default /run/vfs/vfsd.sock for root, else in the "
                    "cache directory).")
+@click.option("--allow-process-runtime", is_flag=True,
+              help="Let pipelines use the unsandboxed 'process' runtime although vfsd "
+                   "runs as root (development machines only).")
 @pass_options
 def mount(options: Options, mountpoint: str, foreground: bool,
-          chunk_cache_size: str | None, socket_path: str | None) -> None:
+          chunk_cache_size: str | None, socket_path: str | None,
+          allow_process_runtime: bool) -> None:
     """Start vfsd mounting the store at MOUNTPOINT (default /pfs)."""
     mountpoint = os.path.abspath(mountpoint)
     store = options.store()
@@ -77,6 +81,8 @@ def mount(options: Options, mountpoint: str, foreground: bool,
         command += ["--chunk-cache-size", chunk_cache_size]
     if socket_path:
         command += ["--socket", os.path.abspath(socket_path)]
+    if allow_process_runtime:
+        command.append("--allow-process-runtime")
     if options.debug:
         command.append("--debug")
     if foreground:

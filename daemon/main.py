@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long this node's record in the store stays fresh; vfsd "
                              "refreshes it every third of that, and gc refuses to delete "
                              "while a node's record is older (default 60 s)")
+    parser.add_argument("--allow-process-runtime", action="store_true",
+                        help="let pipelines use the unsandboxed 'process' runtime although "
+                             "vfsd runs as root (development machines only: its commands "
+                             "see the whole node, the store's credentials included)")
     parser.add_argument("--no-pipelines", action="store_true",
                         help="do not run pipeline jobs on this node")
     parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
@@ -214,6 +218,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
             if not options.no_pipelines:
                 watcher = Watcher(store, os.path.join(store.cache_dir, "jobs"),
                                   poll_interval=options.poll_interval,
+                                  allow_process_runtime=options.allow_process_runtime,
                                   on_commit=operations.branch_changed)
                 handler.watcher = watcher
                 await nursery.start(watcher.run)

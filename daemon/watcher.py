@@ -76,12 +76,13 @@ class Watcher:
     """Runs the pipelines of one store on this node."""
 
     def __init__(self, store, scratch_dir: str, *, poll_interval: float = 2.0,
-                 debounce: float = 0.2,
+                 debounce: float = 0.2, allow_process_runtime: bool = False,
                  on_commit: Callable[[str, str], None] | None = None) -> None:
         self.store = store
         self.scratch_dir = scratch_dir
         self.poll_interval = poll_interval
         self.debounce = debounce
+        self.allow_process_runtime = allow_process_runtime
         self.on_commit = on_commit or (lambda repo, branch: None)
         self.node = current_user()
         self._states: dict[str, _State] = {}
@@ -220,7 +221,8 @@ class Watcher:
     def runtime(self, name: str):
         if name not in self._runtimes:
             self._runtimes[name] = get_runtime(
-                name, cache_dir=os.path.join(self.store.cache_dir, "images"))
+                name, cache_dir=os.path.join(self.store.cache_dir, "images"),
+                allow_process_as_root=self.allow_process_runtime)
         return self._runtimes[name]
 
     def _plan(self, version: PipelineVersion) -> JobPlan | None:
@@ -284,7 +286,7 @@ class Watcher:
                  spec.input_repo, job.input_commit[:12], len(plan.tasks), job.datums_skipped,
                  job.datums_removed)
         runtime = self.runtime(spec.runtime)
-        unsupported = runtime.unsupported_limits(spec.memory, spec.cpu)
+        unsupported = runtime.unsupported_limits(spec.memory, spec.cpu, spec.pids)
         if unsupported:
             log.warning("pipeline %s: runtime %s cannot enforce %s", spec.pipeline,
                         spec.runtime, ", ".join(unsupported))
@@ -407,7 +409,7 @@ class Watcher:
                 job_id=job.id, input_repo=spec.input_repo, input_commit=job.input_commit,
                 cmd=list(spec.cmd), env=dict(spec.env), image=spec.image, datums=ios,
                 workdir=workdir, network=spec.network, memory=spec.memory, cpus=spec.cpu,
-                timeout=spec.datum_timeout)))
+                timeout=spec.datum_timeout, user=spec.user, pids=spec.pids)))
         except (VfsError, OSError) as exc:
             statuses = [None] * len(tasks)
             errors = {task.root: str(exc) for task in tasks}

@@ -17,7 +17,14 @@ bwrap     none (host programs)            isolated   RLIMIT_AS           not enf
 process   none (host, no isolation)       not        RLIMIT_AS           not enforced
 ========  ==============================  =========  ==================  ===========
 
+Every runtime but ``process`` runs the command as an unprivileged user (``user``,
+default 65534:65534) with no capabilities, no new privileges, a bounded number of
+processes (``pids``, default 512), an environment built from scratch, and nothing of
+the host's files but the programs (bwrap) or the image (runc, podman, docker).
+
 ``process`` has no ``/pfs``: commands use ``${VFS_PFS}`` (see :class:`ProcessRuntime`).
+It isolates nothing, so a daemon running as root refuses it unless started with
+``--allow-process-runtime``.
 A start with several datums (``datum_batch``) runs them one after the other in one
 container through a small ``/bin/sh`` script, where ``/pfs/<input repo>`` and
 ``/pfs/out`` are symlinks to the current datum's directories (``find`` needs ``-L``,
@@ -42,11 +49,14 @@ RUNTIMES: dict[str, type[Runtime]] = {
 }
 
 
-def get_runtime(name: str, *, cache_dir: str | None = None) -> Runtime:
+def get_runtime(name: str, *, cache_dir: str | None = None,
+                allow_process_as_root: bool = False) -> Runtime:
     """The runtime called ``name``.
 
     Args:
         cache_dir: where runc unpacks OCI image layouts (default ``$VFS_CACHE/images``).
+        allow_process_as_root: let the unsandboxed ``process`` runtime run commands
+            when this process is root (vfsd ``--allow-process-runtime``).
 
     Raises:
         InvalidSpec: no runtime has that name.
@@ -58,6 +68,8 @@ def get_runtime(name: str, *, cache_dir: str | None = None) -> Runtime:
                           f"{', '.join(RUNTIMES)}") from None
     if runtime_class is RuncRuntime:
         return RuncRuntime(cache_dir=cache_dir)
+    if runtime_class is ProcessRuntime:
+        return ProcessRuntime(allow_as_root=allow_process_as_root)
     return runtime_class()
 
 

@@ -25,6 +25,7 @@ from typing import IO
 import trio
 
 from vfs.errors import InvalidSpec
+from vfs.pipeline.spec import DEFAULT_PIDS, DEFAULT_USER
 
 #: Exit status of a datum killed with SIGKILL (by us on a timeout, or by the kernel).
 KILLED = 128 + signal.SIGKILL
@@ -62,10 +63,18 @@ class ContainerRun:
     memory: int | None = None  # bytes
     cpus: float | None = None
     timeout: float | None = None  # seconds for the whole start (None = no limit)
+    user: tuple[int, int] = DEFAULT_USER  # uid, gid of the command (see run_as)
+    pids: int | None = DEFAULT_PIDS  # processes and threads at once (None = no limit)
 
     @property
     def batch(self) -> bool:
         return len(self.datums) > 1
+
+    @property
+    def run_as(self) -> tuple[int, int] | None:
+        """The uid and gid the command runs as; None where the daemon cannot switch
+        (it is not root), so the command runs as the daemon's own, unprivileged, user."""
+        return self.user if os.geteuid() == 0 else None
 
 
 class Runtime:
@@ -100,9 +109,10 @@ class Runtime:
         """
         raise NotImplementedError
 
-    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
-        """The names (``"memory"``, ``"cpus"``) of the requested limits this runtime
-        cannot enforce here, so the scheduler can warn; empty when all are enforced."""
+    def unsupported_limits(self, memory: int | None, cpus: float | None,
+                           pids: int | None = None) -> list[str]:
+        """The names (``"memory"``, ``"cpus"``, ``"pids"``) of the requested limits this
+        runtime cannot enforce here, so the scheduler can warn; empty when all are."""
         raise NotImplementedError
 
     async def run(self, run: ContainerRun) -> list[int]:
@@ -134,7 +144,8 @@ class HostRuntime(Runtime):
     def image_digest(self, image: str | None) -> str:
         return "host"
 
-    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
+    def unsupported_limits(self, memory: int | None, cpus: float | None,
+                           pids: int | None = None) -> list[str]:
         return ["cpus"] if cpus is not None else []
 
 
@@ -165,6 +176,31 @@ def datum_env(run: ContainerRun, *, base: dict[str, str] | None = None,
     if datum is not None:
         env["VFS_DATUM_ID"] = datum.datum_id
     return env
+
+
+def give_to_user(run: ContainerRun, *writable: str | None) -> None:
+    """Hand a start's directories to the user the command runs as (when the daemon can
+    switch users): the inputs (read-only inside, but the user must be able to read
+    files stored with mode 0600), the output directories, the batch logs, and
+    ``writable`` (e.g. a batch's status directory). Blocking: call from a thread."""
+    run_as = run.run_as
+    if run_as is None:
+        return
+    uid, gid = run_as
+    paths: list[str] = [path for path in writable if path is not None]
+    for datum in run.datums:
+        paths.append(datum.out_dir)
+        if run.batch:
+            touch(datum.log_path)
+            paths.append(datum.log_path)
+        for directory, subdirs, files in os.walk(datum.input_dir):
+            paths.append(directory)
+            paths += [os.path.join(directory, name) for name in files]
+            # Symlinks to directories are listed with the directories, never walked.
+            paths += [os.path.join(directory, name) for name in subdirs
+                      if os.path.islink(os.path.join(directory, name))]
+    for path in paths:
+        os.lchown(path, uid, gid)
 
 
 def env_list(env: dict[str, str]) -> list[str]:
@@ -208,6 +244,21 @@ def memory_rlimit_argv(memory: int | None) -> list[str]:
     return ["prlimit", f"--as={memory}", "--"]
 
 
+#: What of the daemon's environment a runtime's own program (bwrap, runc, podman,
+#: docker) gets: how to find programs and reach a container engine, nothing else. The
+#: daemon's environment holds the store's credentials (AWS_*), and a sandbox's pid 1
+#: is a copy of the runtime's program, environment included.
+_RUNTIME_ENV = ("PATH", "HOME", "LANG", "TMPDIR", "XDG_RUNTIME_DIR", "DOCKER_HOST",
+                "DOCKER_CONFIG", "CONTAINER_HOST", "CONTAINERS_CONF")
+
+
+def runtime_env() -> dict[str, str]:
+    """The environment of a runtime's own program (see :data:`_RUNTIME_ENV`)."""
+    env = {key: os.environ[key] for key in _RUNTIME_ENV if key in os.environ}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env
+
+
 async def run_process_with_timeout(
     argv: list[str], *, timeout: float | None,
     deliver_cancel: Callable[[trio.Process], Awaitable[None]], log: IO[bytes],
@@ -220,7 +271,8 @@ async def run_process_with_timeout(
     """
     with trio.move_on_after(math.inf if timeout is None else timeout):
         process = await trio.run_process(argv, check=False, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log, deliver_cancel=deliver_cancel)
+                                         stdout=log, stderr=log, env=runtime_env(),
+                                         deliver_cancel=deliver_cancel)
         return exit_status(process.returncode)
     return None
 

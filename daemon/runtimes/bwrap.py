@@ -1,10 +1,26 @@
-"""The ``bwrap`` runtime: a light sandbox (bubblewrap) around the host's own programs.
+"""The ``bwrap`` runtime: a sandbox (bubblewrap) around the host's own programs.
 
-The command sees the host's ``/usr``, ``/bin``, ``/lib*``, ``/sbin`` and ``/etc``
-read-only, a fresh ``/proc``, a minimal ``/dev``, an empty ``/tmp``, and the datum
-under ``/pfs``; nothing else of the host's files. It runs in new pid, ipc, uts,
-mount and network namespaces (the network one holds only a loopback interface unless
-``network`` is true), with no capabilities, in a new session, and dies with us.
+What the command sees: the host's ``/usr``, ``/bin``, ``/lib*`` and ``/sbin``
+read-only; an ``/etc`` made for the sandbox (:mod:`daemon.runtimes.hostetc`: its own
+``passwd``, ``group``, ``hosts``, and only public host files such as the CA
+certificates, never ``/etc/shadow`` or ``/etc/vfs``); a fresh ``/proc``, a minimal
+``/dev``, an empty ``/tmp``, and the datum under ``/pfs``. Nothing else of the host:
+no store, cache, spool, control socket, ``/root``, ``/home``, ``/run`` or ``/sys``.
+The environment is built from scratch (the spec's ``env`` and ``VFS_*``).
+
+How it runs: in new pid, ipc, uts, mount and network namespaces (the network one
+holds only a loopback interface unless ``network`` is true), in a new session, dying
+with us. When the daemon is root (a worker node), bwrap sets everything up as root
+and ``setpriv`` then switches to the datum's user (``user``, default 65534) with no
+capabilities, an empty bounding set and no new privileges, so the command owns no
+file of the host. When the daemon is not root, bwrap makes a user namespace and the
+command runs as the daemon's user.
+
+Processes: a pids cgroup per start (:mod:`daemon.runtimes.cgroups`) caps processes
+and threads at ``pids``; where the host has none to give (no pids controller, not
+delegated), the fallback is ``RLIMIT_NPROC`` for the datum's user, which counts all
+processes of that uid on the node (every datum of every pipeline running as it); as
+a non-root daemon there is no limit and the scheduler warns.
 """
 
 from __future__ import annotations
@@ -12,6 +28,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+
+import trio
 
 from daemon.runtimes.base import (
     KILLED,
@@ -23,48 +41,110 @@ from daemon.runtimes.base import (
     batch_statuses,
     check_run,
     datum_env,
+    give_to_user,
     kill_process,
     memory_rlimit_argv,
     note,
     run_process_with_timeout,
     timeout_message,
 )
+from daemon.runtimes.cgroups import PidsCgroup, PidsCgroups
+from daemon.runtimes.hostetc import EtcEntry, host_entries, sandbox_files, write_sandbox_etc
 from vfs.errors import InvalidSpec
 
 #: Host directories shown read-only inside (those present; symlinks are recreated).
-HOST_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+HOST_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: Capabilities ``setpriv`` needs to switch to the datum's user (then drops them all).
+_SWITCH_CAPABILITIES = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
 
 
-def build_args(run: ContainerRun, *, status_dir: str | None = None,
-               host_paths: tuple[str, ...] = HOST_PATHS, bwrap: str = "bwrap") -> list[str]:
-    """The bwrap command line of ``run`` (``status_dir``: where a batch writes statuses)."""
-    args = [bwrap, "--die-with-parent", "--new-session", "--unshare-all"]
-    if run.network:
-        args.append("--share-net")
-    # As root bwrap keeps every capability unless told otherwise.
-    args += ["--cap-drop", "ALL", "--hostname", "vfs"]
+def _etc_args(entries: list[EtcEntry]) -> list[str]:
+    args = ["--tmpfs", "/etc"]
+    made = set()
+    for entry in entries:
+        target = f"/etc/{entry.name}"
+        parent = os.path.dirname(target)
+        if parent != "/etc" and parent not in made:
+            # bwrap makes missing parents of a bind as root-only (0700) directories.
+            args += ["--perms", "0755", "--dir", parent]
+            made.add(parent)
+        if entry.symlink is not None:
+            args += ["--symlink", entry.symlink, target]
+        else:
+            assert entry.source is not None
+            args += ["--ro-bind", entry.source, target]
+    return [*args, "--remount-ro", "/etc"]
+
+
+def switch_user_argv(user: tuple[int, int], setpriv: str, *, nproc: int | None = None
+                     ) -> list[str]:
+    """The command prefix that becomes ``user`` for good: no groups, no capabilities
+    (inheritable, ambient and bounding sets empty), no new privileges; with ``nproc``,
+    the RLIMIT_NPROC fallback for a pids limit."""
+    uid, gid = user
+    prefix = ["prlimit", f"--nproc={nproc}", "--"] if nproc is not None else []
+    return [*prefix, setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+
+
+def build_args(run: ContainerRun, *, etc: list[EtcEntry], status_dir: str | None = None,
+               host_paths: tuple[str, ...] = HOST_PATHS, bwrap: str = "bwrap",
+               setpriv: str = "setpriv", nproc: int | None = None) -> list[str]:
+    """The bwrap command line of ``run``.
+
+    Args:
+        etc: what the sandbox's ``/etc`` holds.
+        status_dir: where a batch writes statuses.
+        setpriv: the host's setpriv, used when ``run.run_as`` is set (the daemon is root).
+        nproc: an RLIMIT_NPROC for the command (the fallback for a pids limit).
+    """
+    args = [bwrap, "--die-with-parent", "--new-session"]
+    run_as = run.run_as
+    if run_as is None:
+        args.append("--unshare-all")  # includes a user namespace: we are not root
+        if run.network:
+            args.append("--share-net")
+        args += ["--cap-drop", "ALL"]
+    else:
+        # No user namespace: in one made by root only uid 0 exists, and setpriv could
+        # not become the datum's user. The namespaces that isolate, then setpriv.
+        args += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
+        if not run.network:
+            args.append("--unshare-net")
+        args += ["--cap-drop", "ALL"]
+        for capability in _SWITCH_CAPABILITIES:
+            args += ["--cap-add", capability]
+    args += ["--hostname", "vfs"]
     for path in host_paths:
         if os.path.islink(path):
             args += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    args += _etc_args(etc)
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
     if run.batch:
         assert status_dir is not None
-        args += ["--tmpfs", PFS]
+        # The wrapper, as the datum's user, points /pfs/<repo> and /pfs/out at each
+        # datum's directories in turn: it needs to write in /pfs.
+        args += ["--perms", "1777", "--tmpfs", PFS]
+        for parent in (".in", ".out", ".log"):
+            args += ["--perms", "0755", "--dir", f"{PFS}/{parent}"]
         for mount in batch_mounts(run, status_dir):
             args += ["--bind" if mount.writable else "--ro-bind", mount.source, mount.target]
         env = datum_env(run)
         command = batch_argv(run)
     else:
         datum = run.datums[0]
-        args += ["--ro-bind", datum.input_dir, f"{PFS}/{run.input_repo}",
+        args += ["--perms", "0755", "--dir", PFS,
+                 "--ro-bind", datum.input_dir, f"{PFS}/{run.input_repo}",
                  "--bind", datum.out_dir, f"{PFS}/out"]
         env = datum_env(run, datum=datum)
         command = list(run.cmd)
     args += ["--chdir", "/", "--clearenv"]
     for key, value in env.items():
         args += ["--setenv", key, value]
+    if run_as is not None:
+        command = [*switch_user_argv(run_as, setpriv, nproc=nproc), *command]
     return [*args, "--", *command]
 
 
@@ -73,13 +153,21 @@ class BwrapRuntime(HostRuntime):
 
     ``memory`` is enforced as an address-space limit (RLIMIT_AS, see
     :func:`~daemon.runtimes.base.memory_rlimit_argv`); ``cpus`` is not enforced.
-    The command runs as the daemon's user without capabilities.
     """
 
     name = "bwrap"
 
-    def __init__(self, host_paths: tuple[str, ...] = HOST_PATHS) -> None:
+    def __init__(self, host_paths: tuple[str, ...] = HOST_PATHS, *,
+                 cgroups: PidsCgroups | None = None) -> None:
         self.host_paths = host_paths
+        self._cgroups = cgroups
+
+    @property
+    def cgroups(self) -> PidsCgroups:
+        if self._cgroups is None:
+            self._cgroups = PidsCgroups.find()
+            self._cgroups.sweep()
+        return self._cgroups
 
     def _binary(self) -> str:
         path = shutil.which("bwrap")
@@ -89,21 +177,63 @@ class BwrapRuntime(HostRuntime):
                               "runtime")
         return path
 
+    def _setpriv(self) -> str:
+        path = shutil.which("setpriv")
+        if path is None or not path.startswith(("/usr/", "/bin/", "/sbin/")):
+            raise InvalidSpec("runtime bwrap needs setpriv (util-linux) in /usr/bin to run "
+                              "datums as an unprivileged user: install util-linux")
+        return path
+
     def check(self, image: str | None, *, batch: bool = False) -> None:
         super().check(image, batch=batch)
         self._binary()
+        if os.geteuid() == 0:
+            self._setpriv()
         if batch and not os.access("/bin/sh", os.X_OK):
             raise InvalidSpec("datum_batch > 1 needs /bin/sh, which this node lacks")
+
+    def unsupported_limits(self, memory: int | None, cpus: float | None,
+                           pids: int | None = None) -> list[str]:
+        unsupported = super().unsupported_limits(memory, cpus)
+        # As root the fallback (RLIMIT_NPROC of the datum's user) still bounds a datum.
+        if pids is not None and not self.cgroups.available and os.geteuid() != 0:
+            unsupported.append("pids")
+        return unsupported
 
     async def run(self, run: ContainerRun) -> list[int]:
         check_run(run)
         bwrap = self._binary()
+        setpriv = self._setpriv() if run.run_as is not None else "setpriv"
+        start = uuid.uuid4().hex[:8]
         status_dir = None
         if run.batch:
-            status_dir = os.path.join(run.workdir, f"status-{uuid.uuid4().hex[:8]}")
+            status_dir = os.path.join(run.workdir, f"status-{start}")
             os.makedirs(status_dir)
+        etc = host_entries() + write_sandbox_etc(
+            os.path.join(run.workdir, f"etc-{start}"),
+            sandbox_files(run.run_as, network=run.network))
+        await trio.to_thread.run_sync(give_to_user, run, status_dir)
+        cgroup: PidsCgroup | None = None
+        nproc = None
+        if run.pids is not None:
+            if self.cgroups.available:
+                cgroup = self.cgroups.create(start, run.pids)
+            elif run.run_as is not None:
+                nproc = run.pids
         argv = memory_rlimit_argv(run.memory) + build_args(
-            run, status_dir=status_dir, host_paths=self.host_paths, bwrap=bwrap)
+            run, etc=etc, status_dir=status_dir, host_paths=self.host_paths, bwrap=bwrap,
+            setpriv=setpriv, nproc=nproc)
+        if cgroup is not None:
+            argv = cgroup.wrap(argv)
+        try:
+            return await self._run(run, argv, status_dir)
+        finally:
+            if cgroup is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(cgroup.close)
+
+    async def _run(self, run: ContainerRun, argv: list[str], status_dir: str | None
+                   ) -> list[int]:
         # Killing bwrap is enough: --die-with-parent takes its pid 1 with it, and the
         # kernel kills the rest of a pid namespace when its pid 1 dies.
         if not run.batch:

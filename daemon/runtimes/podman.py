@@ -4,7 +4,9 @@ Both take the same command line (:func:`build_args`): ``run --rm`` with the datu
 input bound read-only at ``/pfs/<input repo>`` and its output at ``/pfs/out``, no
 network unless asked, the limits as ``--memory``/``--cpus``, and the command as the
 entrypoint (``transform.cmd`` replaces the image's entrypoint and command). The
-container runs as the image's user. A timeout or a cancellation removes the
+container runs as the datum's user (``--user``, default 65534:65534; never the
+image's), without capabilities (``--cap-drop ALL``) or new privileges, on a read-only
+root with a tmpfs ``/tmp``, with ``--pids-limit``. A timeout or a cancellation removes the
 container with ``rm --force``, which stops it first.
 """
 
@@ -28,6 +30,7 @@ from daemon.runtimes.base import (
     batch_statuses,
     check_run,
     datum_env,
+    give_to_user,
     note,
     run_process_with_timeout,
     timeout_message,
@@ -45,15 +48,23 @@ def build_args(run: ContainerRun, *, name: str, engine: str = "podman",
                status_dir: str | None = None) -> list[str]:
     """The ``<engine> run ...`` command line of ``run``, the container being ``name``."""
     args = [engine, "run", "--rm", "--name", name, "--hostname", "vfs", "--workdir", "/"]
+    uid, gid = run.run_as or (os.getuid(), os.getgid())
+    args += ["--user", f"{uid}:{gid}", "--cap-drop", "ALL",
+             "--security-opt", "no-new-privileges", "--read-only",
+             "--tmpfs", "/tmp:rw,nosuid,nodev,mode=1777"]
     if not run.network:
         args.append("--network=none")
+    if run.pids is not None:
+        args += ["--pids-limit", str(run.pids)]
     if run.memory is not None:
         args += ["--memory", str(run.memory)]
     if run.cpus is not None:
         args += ["--cpus", f"{run.cpus:g}"]
     if run.batch:
         assert status_dir is not None
-        args += ["--tmpfs", f"{PFS}:mode=755"]
+        # The wrapper, as the datum's user, points /pfs/<repo> and /pfs/out at each
+        # datum's directories in turn: it needs to write in /pfs.
+        args += ["--tmpfs", f"{PFS}:mode=1777"]
         for mount in batch_mounts(run, status_dir):
             args += ["--volume", _volume(mount.source, mount.target, mount.writable)]
         env = datum_env(run)
@@ -105,7 +116,8 @@ class PodmanRuntime(Runtime):
                               f"({result.stderr.strip() or 'no id'}): pull or build it first")
         return digest
 
-    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
+    def unsupported_limits(self, memory: int | None, cpus: float | None,
+                           pids: int | None = None) -> list[str]:
         return []
 
     async def run(self, run: ContainerRun) -> list[int]:
@@ -120,6 +132,7 @@ class PodmanRuntime(Runtime):
             status_dir = os.path.join(run.workdir, f"{name}.status")
             os.makedirs(status_dir)
         argv = build_args(run, name=name, engine=engine, status_dir=status_dir)
+        await trio.to_thread.run_sync(give_to_user, run, status_dir)
 
         async def remove() -> None:
             await trio.run_process([engine, "rm", "--force", name], check=False,

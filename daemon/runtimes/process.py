@@ -1,7 +1,10 @@
 """The ``process`` runtime: the command runs directly on the host, without isolation.
 
 For development only, never a default: the command sees the whole host, runs as the
-daemon's user and can reach the network whatever the spec says.
+daemon's user and can reach the network whatever the spec says. On a worker node,
+where vfsd runs as root and holds the store's credentials, that would give every
+pipeline the whole host and the whole bucket: a root daemon refuses it unless it was
+started with ``--allow-process-runtime``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from daemon.runtimes.base import (
     note,
     timeout_message,
 )
+from vfs.errors import InvalidSpec
 
 
 class ProcessRuntime(HostRuntime):
@@ -40,7 +44,8 @@ class ProcessRuntime(HostRuntime):
 
     The environment is the spec's plus ``PATH`` and ``HOME`` of the daemon; the working
     directory is the run's scratch directory. ``memory`` is enforced as an address-space
-    limit (RLIMIT_AS); ``cpus`` is not enforced; ``network`` is ignored. A batch runs
+    limit (RLIMIT_AS); ``cpus``, ``pids`` and ``user`` are not enforced; ``network``
+    is ignored. A batch runs
     the datums one after the other, ``timeout`` covering all of them. Each datum runs
     in its own process group, killed at the end, so background processes it leaves
     behind do not outlive it (one that calls ``setsid`` escapes: no isolation here).
@@ -49,8 +54,21 @@ class ProcessRuntime(HostRuntime):
     name = "process"
     isolates_network = False
 
+    def __init__(self, *, allow_as_root: bool = False) -> None:
+        self.allow_as_root = allow_as_root
+
+    def check(self, image: str | None, *, batch: bool = False) -> None:
+        super().check(image, batch=batch)
+        if os.geteuid() == 0 and not self.allow_as_root:
+            raise InvalidSpec(
+                "runtime process runs commands unsandboxed, and this vfsd runs as root: "
+                "they would see every file of the node, the store's credentials included. "
+                "Use runtime bwrap or runc, or (development machines only) start vfsd "
+                "with --allow-process-runtime")
+
     async def run(self, run: ContainerRun) -> list[int]:
         check_run(run)
+        self.check(run.image)
         deadline = math.inf if run.timeout is None else trio.current_time() + run.timeout
         statuses: list[int] = []
         reached = True

@@ -12,8 +12,13 @@ change the image (and its digest, and so every datum's hash) behind their back.
 Inside: the image read-only, ``/proc``, a tmpfs ``/dev`` with runc's default devices,
 ``/dev/shm``, a read-only ``/sys``, a tmpfs ``/tmp``, and the datum under ``/pfs``;
 new pid, ipc, uts and mount namespaces and a network namespace holding only a
-loopback interface unless ``network`` is true; uid 0 with runc's default minimal
-capabilities and no new privileges; memory and cpu limits as cgroup limits.
+loopback interface unless ``network`` is true; the datum's user (``user``, default
+65534:65534, never root) with no capabilities at all and no new privileges; the
+``/proc`` and ``/sys`` parts the OCI defaults hide masked or read-only; the
+environment built from scratch (the image's ``Env``, the spec's ``env``, ``VFS_*``);
+memory, cpu and pids limits as cgroup limits (without a pids controller, the pids
+limit falls back to RLIMIT_NPROC of the datum's user). No user namespace: the
+datum's uid is the same inside and on the host, which owns no file of either.
 
 ``runc run`` stays in the foreground, its stdout and stderr (and so the command's) go
 to the datum's log. Killing ``runc run`` would orphan the container, so a timeout or a
@@ -46,6 +51,7 @@ from daemon.runtimes.base import (
     check_run,
     datum_env,
     env_list,
+    give_to_user,
     note,
     run_process_with_timeout,
     timeout_message,
@@ -55,8 +61,7 @@ from vfs.errors import InvalidSpec
 
 DEFAULT_STATE_ROOT = "/run/vfs-runc"
 _CPU_PERIOD = 100_000  # microseconds
-# runc's default spec (``runc spec``): the minimal capabilities and hidden /proc parts.
-_CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+# runc's default spec (``runc spec``): the hidden and read-only /proc parts.
 _MASKED_PATHS = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                  "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
                  "/proc/sched_debug", "/sys/firmware", "/proc/scsi"]
@@ -91,7 +96,7 @@ def _bind(source: str, destination: str, writable: bool) -> dict:
 
 def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict[str, str],
                  status_dir: str | None = None, memory_swap: bool = False,
-                 supported: frozenset[str] = frozenset({"memory", "cpus"})) -> dict:
+                 supported: frozenset[str] = frozenset({"memory", "cpus", "pids"})) -> dict:
     """The OCI runtime ``config.json`` of ``run`` (the root is the bundle's ``root``).
 
     Args:
@@ -104,8 +109,10 @@ def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict
     mounts = [*image_mounts, *_system_mounts()]
     if run.batch:
         assert status_dir is not None
+        # The wrapper, as the datum's user, points /pfs/<repo> and /pfs/out at each
+        # datum's directories in turn: it needs to write in /pfs.
         mounts.append({"destination": PFS, "type": "tmpfs", "source": "tmpfs",
-                       "options": ["nosuid", "nodev", "mode=755"]})
+                       "options": ["nosuid", "nodev", "mode=1777"]})
         mounts += [_bind(mount.source, mount.target, mount.writable)
                    for mount in batch_mounts(run, status_dir)]
         args = batch_argv(run)
@@ -124,21 +131,28 @@ def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict
     if run.cpus is not None and "cpus" in supported:
         resources["cpu"] = {"quota": max(1000, int(run.cpus * _CPU_PERIOD)),
                             "period": _CPU_PERIOD}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    rlimits = [{"type": "RLIMIT_NOFILE", "soft": soft, "hard": hard}]
+    if run.pids is not None:
+        if "pids" in supported:
+            resources["pids"] = {"limit": run.pids}
+        else:
+            rlimits.append({"type": "RLIMIT_NPROC", "soft": run.pids, "hard": run.pids})
+    uid, gid = run.run_as or (os.getuid(), os.getgid())
     namespaces = [{"type": kind} for kind in ("pid", "ipc", "uts", "mount")]
     if not run.network:
         namespaces.append({"type": "network"})
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": 0, "gid": 0},
+            "user": {"uid": uid, "gid": gid, "additionalGids": []},
             "args": args,
             "env": env_list(env),
             "cwd": "/",
-            "capabilities": {kind: list(_CAPABILITIES)
-                             for kind in ("bounding", "effective", "permitted", "ambient")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": soft, "hard": hard}],
+            "capabilities": {kind: [] for kind in
+                             ("bounding", "effective", "inheritable", "permitted", "ambient")},
+            "rlimits": rlimits,
             "noNewPrivileges": True,
         },
         "root": {"path": "root", "readonly": True},
@@ -189,7 +203,8 @@ def cgroup_support() -> tuple[frozenset[str], bool]:
     if os.path.exists(unified):
         with open(unified) as f:
             controllers = set(f.read().split())
-        supported = {"memory"} & controllers | ({"cpus"} if "cpu" in controllers else set())
+        supported = ({"memory", "pids"} & controllers
+                     | ({"cpus"} if "cpu" in controllers else set()))
         own = ""
         try:
             with open("/proc/self/cgroup") as f:
@@ -204,6 +219,8 @@ def cgroup_support() -> tuple[frozenset[str], bool]:
         supported.add("memory")
     if os.path.isdir("/sys/fs/cgroup/cpu"):
         supported.add("cpus")
+    if os.path.isdir("/sys/fs/cgroup/pids"):
+        supported.add("pids")
     swap = os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes")
     return frozenset(supported), swap
 
@@ -266,8 +283,10 @@ class RuncRuntime(Runtime):
             self._cgroups = cgroup_support()
         return self._cgroups
 
-    def unsupported_limits(self, memory: int | None, cpus: float | None) -> list[str]:
+    def unsupported_limits(self, memory: int | None, cpus: float | None,
+                           pids: int | None = None) -> list[str]:
         supported, _ = self._cgroup_support()
+        # Without a pids controller, RLIMIT_NPROC of the datum's user still bounds it.
         return [name for name, value in (("memory", memory), ("cpus", cpus))
                 if value is not None and name not in supported]
 
@@ -296,6 +315,7 @@ class RuncRuntime(Runtime):
         if run.batch:
             status_dir = os.path.join(bundle, "status")
             os.mkdir(status_dir)
+        await trio.to_thread.run_sync(give_to_user, run, status_dir)
         supported, swap = self._cgroup_support()
         config = build_config(run, image_mounts=image_mounts, image_env=image_env,
                               status_dir=status_dir, memory_swap=swap, supported=supported)

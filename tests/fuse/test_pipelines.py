@@ -16,8 +16,11 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import _require_fuse, check_after, mounted
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from conftest import Mount
 
 UPPER = ('for f in "$VFS_PFS"/images/*; do n=$(basename "$f"); '
@@ -55,6 +58,16 @@ def read_output(mount: Mount, repo: str = "upper") -> dict[str, str]:
     root = mount.path / f"{repo}@main"
     return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*"))
             if p.is_file()}
+
+
+@pytest.fixture
+def mount(request: pytest.FixtureRequest, tmp_path) -> Iterator[Mount]:
+    """The suite's mount, its vfsd allowing the process runtime (the tests run as root)."""
+    _require_fuse()
+    with mounted(tmp_path, "--allow-process-runtime") as m:
+        yield m
+    check_after(m, log=not request.node.get_closest_marker("expect_warnings"),
+                fsck=not request.node.get_closest_marker("corrupts_store"))
 
 
 @pytest.fixture

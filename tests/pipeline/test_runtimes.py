@@ -76,7 +76,7 @@ class Case:
 def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Case]:
     """Each runtime with its image; after the test, no runc container may be left."""
     if request.param == "process":
-        yield Case("process", ProcessRuntime(), None, False)
+        yield Case("process", ProcessRuntime(allow_as_root=True), None, False)
         return
     if request.param == "bwrap":
         yield Case("bwrap", BwrapRuntime(), None, True)
@@ -465,7 +465,7 @@ def test_check_accepts_good_images(busybox_rootfs: Path, oci_layout: Path) -> No
         get_runtime("runc").check(str(oci_layout))
     if shutil.which("bwrap"):
         get_runtime("bwrap").check(None, batch=True)
-    get_runtime("process").check(None, batch=True)
+    get_runtime("process", allow_process_as_root=True).check(None, batch=True)
 
 
 @needs_runc
@@ -516,7 +516,7 @@ def test_missing_engine_is_a_clear_error(engine: str, monkeypatch: pytest.Monkey
 
 @pytest.mark.trio
 async def test_missing_command_fails_the_datum(tmp_path: Path) -> None:
-    case = Case("process", ProcessRuntime(), None, False)
+    case = Case("process", ProcessRuntime(allow_as_root=True), None, False)
     run = make_run(tmp_path, case, "")
     run.cmd = ["/nonexistent/program"]
     assert await case.runtime.run(run) == [127]
@@ -525,7 +525,7 @@ async def test_missing_command_fails_the_datum(tmp_path: Path) -> None:
 
 @pytest.mark.trio
 async def test_input_repo_named_out_is_refused(tmp_path: Path) -> None:
-    case = Case("process", ProcessRuntime(), None, False)
+    case = Case("process", ProcessRuntime(allow_as_root=True), None, False)
     run = make_run(tmp_path, case, "true")
     run.input_repo = "out"
     with pytest.raises(InvalidSpec, match="/pfs/out is the output directory"):

@@ -26,12 +26,37 @@ IMAGE_RUNTIMES = ("runc", "podman", "docker")
 
 _TOP_KEYS = {"pipeline", "description", "input", "transform", "runtime", "parallelism",
              "datum_tries", "datum_batch", "datum_timeout", "output_branch", "resources",
-             "network"}
+             "network", "user"}
 _INPUT_KEYS = {"repo", "branch", "glob"}
 _TRANSFORM_KEYS = {"image", "cmd", "env"}
-_RESOURCE_KEYS = {"memory", "cpu"}
+_RESOURCE_KEYS = {"memory", "cpu", "pids"}
+#: The uid and gid a datum runs as unless its spec says otherwise: the kernel's overflow
+#: id ("nobody"/"nogroup"), which owns no file of a host or an image.
+DEFAULT_USER = (65534, 65534)
+#: How many processes and threads a datum may have at once unless its spec says otherwise.
+DEFAULT_PIDS = 512
+_MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to the kernel
+_MAX_PIDS = 1 << 22  # the kernel's largest pid_max
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.1 without its base-60 numbers: ``user: 1000:59`` stays the text it looks
+    like instead of becoming the integer 60059."""
+
+
+def _no_sexagesimal(constructor):
+    def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode):
+        text = loader.construct_scalar(node)
+        return text if isinstance(text, str) and ":" in text else constructor(loader, node)
+    return construct
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int",
+                            _no_sexagesimal(yaml.SafeLoader.construct_yaml_int))
+_SpecLoader.add_constructor("tag:yaml.org,2002:float",
+                            _no_sexagesimal(yaml.SafeLoader.construct_yaml_float))
 
 
 @dataclass(frozen=True)
@@ -54,7 +79,9 @@ class Spec:
     output_branch: str = "main"
     memory: int | None = None  # bytes
     cpu: float | None = None
+    pids: int = DEFAULT_PIDS
     network: bool = False
+    user: tuple[int, int] = DEFAULT_USER
 
     def to_dict(self) -> dict:
         """The spec in the document form users write (stored, shown by inspect)."""
@@ -70,8 +97,9 @@ class Spec:
             "datum_batch": self.datum_batch,
             "datum_timeout": self.datum_timeout,
             "output_branch": self.output_branch,
-            "resources": {"memory": self.memory, "cpu": self.cpu},
+            "resources": {"memory": self.memory, "cpu": self.cpu, "pids": self.pids},
             "network": self.network,
+            "user": f"{self.user[0]}:{self.user[1]}",
         }
         return out
 
@@ -97,7 +125,7 @@ def load_spec_text(text: str, *, source: str = "spec", base_dir: str | None = No
         InvalidSpec: the document is not valid YAML/JSON or not a valid spec.
     """
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -207,6 +235,11 @@ def parse_spec(document: object, *, source: str = "spec", base_dir: str | None =
         if isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or cpu <= 0:
             raise fail("'resources.cpu' must be a positive number of CPUs, e.g. 1 or 0.5")
         cpu = float(cpu)
+    pids = resources.get("pids", DEFAULT_PIDS)
+    if isinstance(pids, bool) or not isinstance(pids, int) or not 1 <= pids <= _MAX_PIDS:
+        raise fail(f"'resources.pids' must be a whole number of processes from 1 to "
+                   f"{_MAX_PIDS} (default {DEFAULT_PIDS})")
+    user = parse_user(top.get("user", DEFAULT_USER), fail)
     network = top.get("network", False)
     if not isinstance(network, bool):
         raise fail("'network' must be true or false")
@@ -239,7 +272,9 @@ def parse_spec(document: object, *, source: str = "spec", base_dir: str | None =
         output_branch=output_branch,
         memory=memory,
         cpu=cpu,
+        pids=pids,
         network=network,
+        user=user,
     )
 
 
@@ -263,6 +298,36 @@ def parse_size(value: object, fail=InvalidSpec) -> int:
     if size < 1 << 20:
         raise fail(f"'resources.memory': {value!r} is below 1 MiB")
     return size
+
+
+def parse_user(value: object, fail=InvalidSpec) -> tuple[int, int]:
+    """``65534``, ``"1000:1000"`` or ``[uid, gid]`` -> (uid, gid); a lone uid is also the gid.
+
+    Never root: uid 0 and gid 0 are refused (the point of the key is an unprivileged
+    user); names are refused too, as the image's /etc/passwd and the host's may differ.
+    """
+    message = ("'user' must be an unprivileged numeric uid, or uid:gid, such as 65534 or "
+               "\"1000:1000\" (not root, not a name)")
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        parts = list(value)
+    elif isinstance(value, str):
+        parts = value.split(":")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    else:
+        raise fail(message)
+    ids = []
+    for part in parts:
+        if isinstance(part, str) and part.strip().isdigit():
+            part = int(part.strip())
+        if isinstance(part, bool) or not isinstance(part, int) or not 1 <= part <= _MAX_ID:
+            raise fail(message)
+        ids.append(part)
+    if len(ids) == 1:
+        ids.append(ids[0])
+    if len(ids) != 2:
+        raise fail(message)
+    return ids[0], ids[1]
 
 
 def _scalar(value: object) -> str:
@@ -296,5 +361,6 @@ def spec_json(spec: Spec) -> str:
     return json.dumps(spec.to_dict(), indent=2, sort_keys=False)
 
 
-__all__ = ["IMAGE_RUNTIMES", "RUNTIMES", "Spec", "load_spec_file", "load_spec_text",
-           "parse_size", "parse_spec", "spec_from_stored"]
+__all__ = ["DEFAULT_PIDS", "DEFAULT_USER", "IMAGE_RUNTIMES", "RUNTIMES", "Spec",
+           "load_spec_file", "load_spec_text", "parse_size", "parse_spec", "parse_user",
+           "spec_from_stored"]
