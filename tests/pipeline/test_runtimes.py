@@ -36,6 +36,9 @@ from daemon.runtimes import (
     get_runtime,
     oci,
 )
+from daemon.runtimes.bwrap import build_args as bwrap_args
+from daemon.runtimes.cgroups import PidsCgroups
+from daemon.runtimes.hostetc import HOST_ENTRIES, host_entries, sandbox_files, write_sandbox_etc
 from daemon.runtimes.podman import DockerRuntime, PodmanRuntime, build_args
 from daemon.runtimes.rootfs import rootfs_digest
 from daemon.runtimes.runc import build_config
@@ -287,6 +290,132 @@ async def test_sees_only_its_own_processes(case: Case, tmp_path: Path) -> None:
     run = make_run(tmp_path, case, "ls /proc | grep -c '^[0-9]'")
     assert await case.runtime.run(run) == [0]
     assert int(log_of(run)) <= 4  # bwrap's init, sh, ls and grep at most
+
+
+@pytest.mark.trio
+async def test_runs_as_the_unprivileged_user_without_capabilities(case: Case,
+                                                                  tmp_path: Path) -> None:
+    if not case.isolated:
+        pytest.skip("the process runtime runs as the daemon's user")
+    if os.geteuid() != 0:
+        pytest.skip("only a root daemon switches users")
+    script = ('id -u; id -g; grep -E "^(CapEff|CapBnd|NoNewPrivs)" /proc/self/status; '
+              'cat /etc/shadow && echo READ-SHADOW; echo x > /pfs/out/mine')
+    run = make_run(tmp_path, case, script, user=(4321, 4322))
+    assert await case.runtime.run(run) == [0]
+    lines = log_of(run).split("\n")
+    assert lines[:2] == ["4321", "4322"]
+    assert "CapEff:\t0000000000000000" in lines and "CapBnd:\t0000000000000000" in lines
+    assert "NoNewPrivs:\t1" in lines and "READ-SHADOW" not in lines
+    owner = os.stat(Path(run.datums[0].out_dir) / "mine")
+    assert (owner.st_uid, owner.st_gid) == (4321, 4322)
+
+
+@pytest.mark.trio
+async def test_inputs_are_readable_whatever_their_mode(case: Case, tmp_path: Path) -> None:
+    run = make_run(tmp_path, case, 'cat "$VFS_PFS/images/a.txt" > "$VFS_PFS/out/copy"')
+    os.chmod(Path(run.datums[0].input_dir) / "a.txt", 0o600)
+    assert await case.runtime.run(run) == [0]
+    assert output_of(run, 0, "copy") == b"hello\n"
+
+
+@needs_bwrap
+def test_bwrap_shows_no_host_etc(tmp_path: Path) -> None:
+    case = Case("bwrap", BwrapRuntime(), None, True)
+    run = make_run(tmp_path, case, "true")
+    etc = host_entries() + write_sandbox_etc(str(tmp_path / "etc"),
+                                             sandbox_files((65534, 65534), network=False))
+    args = bwrap_args(run, etc=etc)
+    pairs = list(zip(args, args[1:], args[2:], strict=False))
+    binds = [(source, target) for flag, source, target in pairs
+             if flag in ("--ro-bind", "--bind")]
+    assert ("/etc", "/etc") not in binds
+    host_etc = {source for source, target in binds if source.startswith("/etc")}
+    assert host_etc <= {f"/etc/{name}" for name in HOST_ENTRIES} | {
+        f"/etc/{name}" for name in os.listdir("/etc") if name.startswith("python3.")}
+    assert "/etc/shadow" not in host_etc and not any("vfs" in path for path in host_etc)
+    passwd = (tmp_path / "etc" / "passwd").read_text()
+    assert "nobody:x:65534:65534:" in passwd and "resolv.conf" not in os.listdir(tmp_path / "etc")
+
+
+@pytest.mark.trio
+@needs_bwrap
+async def test_bwrap_etc_has_what_programs_need(tmp_path: Path) -> None:
+    case = Case("bwrap", BwrapRuntime(), None, True)
+    script = ('id -un; getent hosts localhost; ls /etc/ssl/certs | head -1; '
+              'awk "BEGIN { print 1 + 1 }"; test -r /etc/ld.so.cache && echo LDCACHE; '
+              'ls /etc')
+    run = make_run(tmp_path, case, script)
+    assert await case.runtime.run(run) == [0]
+    log = log_of(run)
+    lines = log.split("\n")
+    if os.geteuid() == 0:
+        assert lines[0] == "nobody"
+    assert "localhost" in lines[1] and lines[2] and lines[3] == "2" and "LDCACHE" in lines
+    assert "shadow" not in lines and "vfs" not in lines
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("cgroups", [True, False], ids=["cgroup", "rlimit"])
+async def test_pids_limit_stops_a_fork_bomb(case: Case, tmp_path: Path,
+                                            cgroups: bool) -> None:
+    if not case.isolated:
+        pytest.skip("the process runtime does not limit processes")
+    if os.geteuid() != 0:
+        pytest.skip("the limits are set up by a root daemon")
+    if not cgroups:
+        if not isinstance(case.runtime, BwrapRuntime):
+            pytest.skip("the RLIMIT_NPROC fallback is bwrap's (runc's is in its config)")
+        case = Case("bwrap", BwrapRuntime(cgroups=PidsCgroups(None, "", "test")), None, True)
+    elif isinstance(case.runtime, BwrapRuntime) and not case.runtime.cgroups.available:
+        pytest.skip(f"no pids cgroup here: {case.runtime.cgroups.reason}")
+    marker = f"7{uuid.uuid4().int % 10**8}.5"
+    bomb = (f'i=0; while [ $i -lt 100 ]; do sleep {marker} & i=$((i + 1)); done; '
+            'n=0; for p in /proc/[0-9]*; do n=$((n + 1)); done; echo procs=$n')
+    bounded = make_run(tmp_path / "bounded", case, bomb, pids=32, timeout=60)
+    assert await case.runtime.run(bounded) != [0]
+    assert "fork" in log_of(bounded)
+    roomy = make_run(tmp_path / "roomy", case, bomb, pids=256, timeout=60)
+    assert await case.runtime.run(roomy) == [0]
+    assert int(log_of(roomy).split("procs=")[1]) > 100
+    assert processes_matching(marker) == []
+    if isinstance(case.runtime, BwrapRuntime) and case.runtime.cgroups.available:
+        parent = case.runtime.cgroups.parent
+        assert parent is not None
+        assert not [name for name in os.listdir(parent) if name.startswith(
+            f"{case.runtime.cgroups.prefix}{os.getpid()}-")]
+
+
+def test_cgroups_of_dead_daemons_are_swept() -> None:
+    cgroups = PidsCgroups.find()
+    if not cgroups.available:
+        pytest.skip(f"no pids cgroup here: {cgroups.reason}")
+    assert cgroups.parent is not None
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = os.path.join(cgroups.parent, f"{cgroups.prefix}{dead.pid}-left")
+    ours = cgroups.create("kept", 10)
+    os.mkdir(stale)
+    try:
+        assert cgroups.sweep() >= 1
+        assert not os.path.exists(stale) and os.path.isdir(ours.path)
+    finally:
+        ours.close()
+    assert not os.path.exists(ours.path)
+
+
+def test_process_runtime_refuses_a_root_daemon_unless_allowed(tmp_path: Path) -> None:
+    refusing = get_runtime("process")
+    allowed = get_runtime("process", allow_process_as_root=True)
+    allowed.check(None)
+    if os.geteuid() != 0:
+        refusing.check(None)  # a non-root daemon may always use it
+        return
+    with pytest.raises(InvalidSpec, match="--allow-process-runtime"):
+        refusing.check(None)
+    run = make_run(tmp_path, Case("process", refusing, None, False), "touch /tmp/x")
+    with pytest.raises(InvalidSpec, match="unsandboxed"):
+        trio.run(refusing.run, run)
 
 
 # --- limits ---------------------------------------------------------------------------
