@@ -19,6 +19,7 @@ import click
 
 from daemon.protocol import commit_to_dict
 from vfs import Commit, Entry, ReflogEntry
+from vfs.tree import permission_bits
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 _KIND_NAMES = {"f": "file", "d": "dir", "l": "symlink"}
@@ -119,7 +120,7 @@ def entry_json(path: str, entry: Entry) -> dict:
         "name": entry.name,
         "type": kind_name(entry.kind),
         "size": entry.size,
-        "mode": entry.mode,
+        "mode": permission_bits(entry.mode),
         "mtime": ns_time(entry.mtime_ns, iso=True),
         "mtime_ns": entry.mtime_ns,
         "target": entry.ref if entry.kind == "l" else None,

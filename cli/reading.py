@@ -14,6 +14,7 @@ from cli import output
 from cli.options import Options, json_option, need_path, pass_options, repo_only
 from cli.output import emit_json, fields, human_size, note, repo_path, short, table
 from vfs.errors import CommitNotFound, PathNotFound
+from vfs.tree import permission_bits
 
 
 @click.command()
@@ -74,7 +75,7 @@ def ls(options: Options, target: str, long: bool, recursive: bool, as_json: bool
         if not long:
             click.echo(name)
             continue
-        rows.append([item.kind if item.kind != "f" else "-", f"{item.mode & 0o7777:04o}",
+        rows.append([item.kind if item.kind != "f" else "-", f"{permission_bits(item.mode):04o}",
                      human_size(item.size),
                      output.ns_time(item.mtime_ns) if item.mtime_ns else "-", name])
     if rows:

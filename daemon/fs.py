@@ -40,7 +40,7 @@ from vfs.errors import (
 from vfs.names import MAX_COMPONENT_BYTES, MAX_PATH_BYTES, join, normalize_path, parse_ref
 from vfs.snapshot import TreeCache
 from vfs.store import Store
-from vfs.tree import DIR, EMPTY_TREE, FILE, SYMLINK, Entry, Tree, decode_tree
+from vfs.tree import DIR, EMPTY_TREE, FILE, SYMLINK, Entry, Tree, decode_tree, permission_bits
 
 log = logging.getLogger("daemon.fs")
 T = TypeVar("T")
@@ -828,11 +828,11 @@ def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int
     attrs.st_ino = inode
     if kind == DIR:
         # New directories (staged, never committed) have mode 0: show 0755.
-        attrs.st_mode = _S_IFDIR | (mode & 0o7777 or 0o755)
+        attrs.st_mode = _S_IFDIR | (permission_bits(mode) or 0o755)
         attrs.st_nlink = 2
         size = 4096
     else:
-        attrs.st_mode = (_S_IFREG if kind == FILE else _S_IFLNK) | (mode & 0o7777)
+        attrs.st_mode = (_S_IFREG if kind == FILE else _S_IFLNK) | permission_bits(mode)
         attrs.st_nlink = 1
     attrs.st_size = size
     attrs.st_blocks = (size + 511) // 512

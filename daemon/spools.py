@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from vfs.errors import InvalidName, NotADirectory, NotFound, VfsError
 from vfs.ingest import encode_file
 from vfs.names import normalize_path, parent_and_name
-from vfs.tree import DIR, FILE, Entry
+from vfs.tree import DIR, FILE, Entry, permission_bits
 
 log = logging.getLogger("daemon.spools")
 
@@ -308,7 +308,7 @@ def _recover_branch(store, repo: str, branch: str, files: list[_Recovered]) -> i
     placed: list[_Recovered] = []
     for item in files:
         sidecar = item.sidecar
-        entry = Entry(parent_and_name(sidecar.path)[1], FILE, sidecar.mode & 0o7777,
+        entry = Entry(parent_and_name(sidecar.path)[1], FILE, permission_bits(sidecar.mode),
                       item.size, sidecar.mtime_ns, item.ref)
         existing = open_commit.lookup(sidecar.path)
         try:

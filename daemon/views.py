@@ -43,7 +43,7 @@ from vfs.refs import Commit, RefState, read_ref
 from vfs.snapshot import Snapshot, TreeCache
 from vfs.staging import OpenCommit, new_dir
 from vfs.store import Store
-from vfs.tree import DIR, FILE, SYMLINK, Entry, Tree
+from vfs.tree import DIR, FILE, SYMLINK, Entry, Tree, permission_bits
 
 if TYPE_CHECKING:
     from daemon.flusher import Flusher
@@ -304,7 +304,7 @@ class BranchView(View):
         self._parent_dir(path)
         if self.lookup(path) is not None:
             raise AlreadyExists(f"/{path} exists")
-        entry = new_dir(parent_and_name(path)[1], mode & 0o7777, time.time_ns())
+        entry = new_dir(parent_and_name(path)[1], permission_bits(mode), time.time_ns())
         self._stage({path: entry})
         return entry
 
@@ -394,11 +394,16 @@ class BranchView(View):
 
     def set_attributes(self, path: str, *, mode: int | None = None,
                        mtime_ns: int | None = None) -> Entry:
-        """chmod / utimens of anything in the branch."""
+        """chmod / utimens of anything in the branch.
+
+        Only the permission bits of ``mode`` are kept: chmod 4755 succeeds and leaves
+        0755, as on a filesystem that does not keep setuid, setgid and sticky bits
+        (see ``vfs.tree.PERMISSION_BITS``).
+        """
         spool = self.spools.get(path)
         if spool is not None:
             if mode is not None:
-                spool.mode = mode & 0o7777
+                spool.mode = permission_bits(mode)
             if mtime_ns is not None:
                 spool.mtime_ns = mtime_ns
             spool.dirty = True  # the next flush stores the new attributes
@@ -410,7 +415,7 @@ class BranchView(View):
         if entry is None:
             raise PathNotFound(f"no such file or directory: /{path}")
         new = Entry(entry.name, entry.kind,
-                    entry.mode if mode is None else mode & 0o7777, entry.size,
+                    entry.mode if mode is None else permission_bits(mode), entry.size,
                     entry.mtime_ns if mtime_ns is None else mtime_ns, entry.ref, entry.count)
         if new != entry and path:
             changes: dict[str, Entry | None] = {path: new}
@@ -438,7 +443,7 @@ class BranchView(View):
             if entry is None:
                 self._parent_dir(path)
             fd, spool_path = self.spool_files.take()
-            mode = entry.mode if entry is not None else (create_mode or 0o644) & 0o7777
+            mode = permission_bits(entry.mode if entry is not None else create_mode or 0o644)
             spool = SpoolFile(spool_path, fd, 0, mode, time.time_ns())
             try:
                 if entry is not None and not truncate and entry.size:

@@ -21,7 +21,7 @@ from vfs.blobstore import BlobStore
 from vfs.errors import AlreadyExists, Corruption, IsADirectory, PathNotFound
 from vfs.names import RefSpec
 from vfs.snapshot import Snapshot, file_chunks
-from vfs.tree import DIR, FILE, SYMLINK, Entry, parse_file_ref
+from vfs.tree import DIR, FILE, SYMLINK, Entry, parse_file_ref, permission_bits
 
 _AHEAD = 8
 
@@ -124,7 +124,7 @@ def get(store, spec: RefSpec, dest: str, *,
     # Directory times last: writing files inside changes them.
     for target, item in reversed(plan):
         if item.kind == DIR:
-            os.chmod(target, item.mode & 0o7777 or 0o755)
+            os.chmod(target, permission_bits(item.mode) or 0o755)
             if item.mtime_ns:
                 os.utime(target, ns=(item.mtime_ns, item.mtime_ns))
     return result
@@ -147,7 +147,8 @@ def _write_file(blobs: BlobStore, entry: Entry, target: str, pool: ThreadPoolExe
                 f.write(data)
                 if progress is not None:
                     progress(len(data))
-        os.chmod(tmp, entry.mode & 0o7777)
+        # Never a setuid bit an older version stored (vfs.tree.PERMISSION_BITS).
+        os.chmod(tmp, permission_bits(entry.mode))
         os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns))
         # link() refuses to replace a file that appeared meanwhile; rename() would not.
         os.link(tmp, target)

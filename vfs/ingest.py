@@ -45,6 +45,7 @@ from vfs.tree import (
     inline_ref,
     manifest_ref,
     parse_file_ref,
+    permission_bits,
 )
 
 _SMALL_FILE = 8 * 1024 * 1024  # read whole by a worker below this size
@@ -312,7 +313,7 @@ class Ingest:
         if existing is None or existing.kind != DIR:
             self._apply({**self.open_commit.missing_parents(source.dest),
                          source.dest: new_dir(parent_and_name(source.dest)[1],
-                                              stat.S_IMODE(source.st.st_mode),
+                                              permission_bits(source.st.st_mode),
                                               source.st.st_mtime_ns)})
 
     def _record_file(self, source: _Source, ref: str, *, size: int | None = None) -> None:
@@ -324,7 +325,7 @@ class Ingest:
             self._cache_updates[source.path] = json.dumps(
                 [source.st.st_size, source.st.st_mtime_ns, source.st.st_ctime_ns,
                  source.st.st_ino, ref]).encode()
-        entry = Entry(parent_and_name(source.dest)[1], FILE, stat.S_IMODE(source.st.st_mode),
+        entry = Entry(parent_and_name(source.dest)[1], FILE, permission_bits(source.st.st_mode),
                       size, source.st.st_mtime_ns, ref)
         self._record(source, entry)
 
@@ -702,7 +703,8 @@ def put_stream(store, repo: str, branch: str, dest: str, stream: BinaryIO,
         ingest = Ingest(store, open_commit)
         source = _Source("-", dest, os.stat_result((mode | stat.S_IFREG, 0, 0, 1, 0, 0, size,
                                                     0, 0, 0)))
-        entry = Entry(parent_and_name(dest)[1], FILE, mode, size, time.time_ns(), ref)
+        entry = Entry(parent_and_name(dest)[1], FILE, permission_bits(mode), size,
+                      time.time_ns(), ref)
         ingest._record(source, entry)
         ingest.result.read = 1
         ingest.result.bytes_read = size

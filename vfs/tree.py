@@ -41,9 +41,20 @@ FILE = "f"
 DIR = "d"
 SYMLINK = "l"
 
+# A tree entry's mode keeps only the permission bits: setuid, setgid and sticky are
+# dropped wherever a mode enters the store and masked wherever one leaves it (older
+# versions stored them). Otherwise a datum, or anyone who can write to a branch,
+# could plant a setuid program that ``get`` run as root writes out setuid-root.
+PERMISSION_BITS = 0o777
+
 _MANIFEST_MAGIC = b"VFSM"
 _MANIFEST_ITEM = struct.Struct("<32sI")
 _COUNT = struct.Struct("<I")
+
+
+def permission_bits(mode: int) -> int:
+    """The read, write and execute bits of ``mode``, the only ones a tree entry keeps."""
+    return mode & PERMISSION_BITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +110,7 @@ class Entry:
     def st_mode(self) -> int:
         """The full ``st_mode`` (type bits and permissions)."""
         kind_bits = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}[self.kind]
-        return kind_bits | (self.mode & 0o7777)
+        return kind_bits | permission_bits(self.mode)
 
     def same_content(self, other: Entry | None) -> bool:
         """True if both entries show the same bytes with the same type and mode."""

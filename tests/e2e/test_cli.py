@@ -11,11 +11,17 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import vfs
+from vfs.nodes import ACTIVE, record_key
+from vfs.staging import new_dir
+from vfs.tree import FILE, Entry, inline_ref
 
 _SCRIPT = Path(sys.executable).with_name("vfsctl")
 VFSCTL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.main"]
@@ -371,6 +377,50 @@ def test_put_of_a_directory_skips_special_files_with_a_note(vfsctl: Vfsctl,
     assert vfsctl.ok("cat", "r@main:/README.txt").stdout == b"hello vfs\n"
 
 
+def stored_modes(cli: Vfsctl, ref: str) -> dict[str, int]:
+    """Path -> mode as the commit's trees hold it (not as any reader shows it)."""
+    with vfs.open_store(cli.env["VFS_STORE"], cache_dir=cli.env["VFS_CACHE"]) as store:
+        _, snapshot = store.snapshot(vfs.parse_ref(ref))
+        return {path: entry.mode for path, entry in snapshot.walk()}
+
+
+def test_put_keeps_only_the_permission_bits(vfsctl: Vfsctl, tmp_path: Path) -> None:
+    # A setuid copy of a program put as anyone must not come back out setuid-root.
+    vfsctl.ok("repo", "create", "r")
+    src = tmp_path / "src"
+    (src / "shared").mkdir(parents=True)
+    (src / "shared" / "id").write_bytes(b"\x7fELF not really")
+    os.chmod(src / "shared" / "id", 0o4755)
+    os.chmod(src / "shared", 0o3775)
+    vfsctl.ok("put", "r@main", str(src), "-r")
+    vfsctl.ok("commit", "r@main")
+    assert {path: oct(mode) for path, mode in stored_modes(vfsctl, "r@main").items()} \
+        == {"shared": oct(0o775), "shared/id": oct(0o755)}
+
+
+def test_get_drops_setuid_bits_an_older_version_stored(vfsctl: Vfsctl,
+                                                       tmp_path: Path) -> None:
+    # Stores written before the bits were dropped on the way in may hold them.
+    vfsctl.ok("repo", "create", "r")
+    with vfs.open_store(vfsctl.env["VFS_STORE"], cache_dir=vfsctl.env["VFS_CACHE"]) as store:
+        data = b"#!/bin/sh\nid\n"
+        store.stage(store.head("r", "main"), {
+            "tmp": new_dir("tmp", 0o1777),
+            "tmp/id": Entry("id", FILE, 0o6755, len(data), 1, inline_ref(data)),
+        })
+        store.commit("r", "main", "written by an older version")
+    assert stored_modes(vfsctl, "r@main") == {"tmp": 0o1777, "tmp/id": 0o6755}
+    out = tmp_path / "out"
+    vfsctl.ok("get", "r@main", str(out))
+    assert oct(stat.S_IMODE(os.stat(out / "tmp" / "id").st_mode)) == oct(0o755)
+    assert oct(stat.S_IMODE(os.stat(out / "tmp").st_mode)) == oct(0o777)
+    vfsctl.ok("get", "r@main:/tmp/id", str(tmp_path / "one"))
+    assert oct(stat.S_IMODE(os.stat(tmp_path / "one").st_mode)) == oct(0o755)
+    # Listings show the mode get writes.
+    assert vfsctl.ok("ls", "-l", "r@main:/tmp").out.split()[:2] == ["-", "0755"]
+    assert [item["mode"] for item in vfsctl.json("ls", "r@main:/tmp")] == [0o755]
+
+
 def test_usage_errors_exit_2(vfsctl: Vfsctl) -> None:
     assert "No such command" in vfsctl.fails("frobnicate", code=2)
     vfsctl.fails("repo", "create", code=2)  # missing NAME
@@ -419,9 +469,6 @@ def test_cat_into_a_closed_pipe_exits_quietly(vfsctl: Vfsctl, tmp_path: Path) ->
 def test_gc_waits_for_an_active_node_and_refuses_while_it_is_stale(
         vfsctl: Vfsctl, tmp_path: Path) -> None:
     import time
-
-    import vfs
-    from vfs.nodes import ACTIVE, record_key
 
     vfsctl.ok("repo", "create", "data")
     (tmp_path / "y.bin").write_bytes(os.urandom(200_000))

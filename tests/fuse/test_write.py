@@ -231,6 +231,32 @@ def test_chmod_and_utime_of_an_open_file_are_kept(mount: Mount, branch: Path) ->
     assert (oct(stat.S_IMODE(st.st_mode)), st.st_mtime_ns) == (oct(0o600), mtime)
 
 
+def test_setuid_setgid_and_sticky_bits_are_dropped(mount: Mount, branch: Path,
+                                                    tmp_path: Path) -> None:
+    """As on a filesystem that does not keep them: the calls succeed, the bits are gone.
+
+    Otherwise a setuid program planted through the mount would come back out of
+    ``vfsctl get`` run as root setuid-root.
+    """
+    (branch / "id").write_bytes(b"\x7fELF not really")
+    os.chmod(branch / "id", 0o4755)
+    umask = os.umask(0)  # the kernel applies it to mkdir and create
+    try:
+        os.mkdir(branch / "tmp", 0o1777)
+        os.close(os.open(branch / "tmp" / "made", os.O_CREAT | os.O_WRONLY, 0o2755))
+    finally:
+        os.umask(umask)
+    expected = {"id": 0o755, "tmp": 0o777, "tmp/made": 0o755}
+
+    def modes(root: Path) -> dict[str, str]:
+        return {rel: oct(stat.S_IMODE(os.stat(root / rel).st_mode)) for rel in expected}
+
+    assert modes(branch) == {rel: oct(mode) for rel, mode in expected.items()}
+    commit = mount.commit("data@main")
+    assert modes(mount.path / f"data@{commit}") == modes(branch)
+    assert modes(get(mount, "data@main", tmp_path / "restored")) == modes(branch)
+
+
 def test_an_unlinked_open_file_still_works_through_its_handle(mount: Mount,
                                                                branch: Path) -> None:
     """The temporary-file idiom: open, unlink, then keep using the descriptor."""

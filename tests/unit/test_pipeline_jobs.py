@@ -7,6 +7,7 @@ here the rules: which datums run, which are reused, what the output commit holds
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 
 import pytest
@@ -19,6 +20,7 @@ from vfs.pipeline.jobs import collect_outputs, commit_outputs, materialize, plan
 from vfs.pipeline.records import DatumRecord
 from vfs.pipeline.spec import parse_spec
 from vfs.snapshot import Snapshot, read_file
+from vfs.tree import FILE, Entry, inline_ref
 
 Transform = Callable[[str, dict[str, bytes]], dict[str, bytes]]
 
@@ -205,3 +207,26 @@ def test_gc_keeps_the_blobs_of_datum_records_no_commit_names(store, tmp_path) ->
     assert plan.tasks == [] and list(plan.reused) == ["a.txt"]
     commit_outputs(store, plan, {})
     assert output_files(store) == {"result": b"y" * 5000}
+
+
+# -- modes: only the permission bits go in or out ---------------------------------------------
+
+
+def test_collect_outputs_drops_setuid_setgid_and_sticky_bits(store, tmp_path) -> None:
+    # A datum must not plant a setuid program that `vfsctl get` as root writes out.
+    out_dir = tmp_path / "out"
+    (out_dir / "bin").mkdir(parents=True)
+    (out_dir / "bin" / "id").write_bytes(b"\x7fELF not really")
+    os.chmod(out_dir / "bin" / "id", 0o4755)
+    os.chmod(out_dir / "bin", 0o3775)
+    outputs = collect_outputs(store, str(out_dir))
+    assert {path: oct(entry.mode) for path, entry in outputs.items()} \
+        == {"bin/id": oct(0o755)}
+
+
+def test_materialize_drops_setuid_bits_an_older_version_stored(store, tmp_path) -> None:
+    data = b"#!/bin/sh\nid\n"
+    entry = Entry("id", FILE, 0o6755, len(data), 1, inline_ref(data))
+    assert materialize(store, (("bin/id", entry),), str(tmp_path / "in")) == len(data)
+    assert (tmp_path / "in" / "bin" / "id").read_bytes() == data
+    assert oct(stat.S_IMODE(os.stat(tmp_path / "in" / "bin" / "id").st_mode)) == oct(0o755)

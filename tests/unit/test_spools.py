@@ -102,7 +102,8 @@ def test_recovery_stages_closed_files_and_keeps_what_it_cannot(
     directory.mkdir()
     big = random.Random(1).randbytes(9 << 20)  # streamed in chunks, not read whole
     _spool(directory, "spool-a", b"small", SIDECAR)
-    _spool(directory, "spool-big", big, Sidecar("data", "main", "big.bin", 0o644, 5))
+    # An older daemon kept setuid bits in the sidecar: only the permission bits are staged.
+    _spool(directory, "spool-big", big, Sidecar("data", "main", "big.bin", 0o4755, 5))
     _spool(directory, "spool-open", b"never closed", None)
     _spool(directory, "spool-spare", b"", None)
     _spool(directory, "spool-gone", b"branch gone", Sidecar("data", "gone", "x", 0o644, 5))
@@ -121,6 +122,7 @@ def test_recovery_stages_closed_files_and_keeps_what_it_cannot(
     assert entry is not None
     assert (entry.size, entry.mode, entry.mtime_ns) == (5, 0o640, SIDECAR.mtime_ns)
     assert open_commit.lookup("dir") is not None  # the missing parent was made
+    assert oct(open_commit.lookup("big.bin").mode) == oct(0o755)  # type: ignore[union-attr]
     commit = store.commit("data", "main", "recovered")
     assert vfs.read_file(store, vfs.parse_ref(f"data@{commit.id}:/big.bin")) == big
     assert vfs.read_file(store, vfs.parse_ref(f"data@{commit.id}:/dir/a.txt")) == b"small"

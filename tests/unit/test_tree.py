@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import stat
 import unittest.mock
 
 import pytest
@@ -107,6 +108,15 @@ def test_tree_encoding_is_compact_utf8_json() -> None:
     assert [row[0] for row in raw["e"]] == ["link", "zeta", "Äpfel"]
     assert raw["e"][2] == ["Äpfel", "d", 0o755, 10, 0, "ab" * 32, 2]
     assert raw["e"][1] == ["zeta", "f", 0o644, 3, 5, inline_ref(b"abc")]
+
+
+def test_a_stored_setuid_bit_is_kept_in_the_tree_but_never_shown() -> None:
+    # Older versions stored setuid, setgid and sticky bits: the format still reads
+    # and writes them as they are, and readers mask them.
+    entry = Entry("id", FILE, 0o6755, 3, 5, inline_ref(b"abc"))
+    assert decode_tree(encode_tree([entry]))["id"].mode == 0o6755
+    assert oct(entry.st_mode) == oct(stat.S_IFREG | 0o755)
+    assert oct(Entry("tmp", DIR, 0o1777, 0, 0, "ab" * 32, 0).st_mode) == oct(stat.S_IFDIR | 0o777)
 
 
 def test_empty_tree() -> None:

@@ -32,7 +32,7 @@ from vfs.pipeline.registry import PipelineVersion
 from vfs.refs import Commit, canonical_json, current_user, now_iso
 from vfs.snapshot import Snapshot, iter_file
 from vfs.staging import OpenCommit
-from vfs.tree import DIR, SYMLINK, Entry
+from vfs.tree import DIR, SYMLINK, Entry, permission_bits
 
 
 def transform_hash(version: PipelineVersion, image_digest: str) -> str:
@@ -147,7 +147,7 @@ def materialize(store, files: tuple[tuple[str, Entry], ...], input_dir: str) -> 
             for data in iter_file(store.blobs, entry):
                 f.write(data)
                 total += len(data)
-        os.chmod(target, (entry.mode & 0o7777) | stat.S_IRUSR)
+        os.chmod(target, permission_bits(entry.mode) | stat.S_IRUSR)
     return total
 
 
