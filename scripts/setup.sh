@@ -11,7 +11,7 @@ apt_packages=(
   fuse3 libfuse3-dev                       # the mount: fusermount3, and libfuse3 for pyfuse3
   runc bubblewrap busybox-static           # pipeline runtimes, and a static busybox for test images
   restic borgbackup fio                    # what the benchmarks compare against and measure with
-  sqlite3 git
+  sqlite3 git wget                         # wget: the sandbox probe reaches a host listener with it
 )
 
 installed() {

@@ -674,6 +674,12 @@ def test_podman_command_line(tmp_path: Path) -> None:
     assert "--network=none" in args
     assert args[args.index("--memory") + 1] == str(1 << 30)
     assert args[args.index("--cpus") + 1] == "0.5"
+    # Never root, nothing to gain, nothing to write but /pfs/out and /tmp.
+    if os.geteuid() == 0:
+        assert args[args.index("--user") + 1] == "65534:65534"
+    assert args[args.index("--cap-drop") + 1] == "ALL"
+    assert args[args.index("--security-opt") + 1] == "no-new-privileges"
+    assert "--read-only" in args and args[args.index("--pids-limit") + 1] == "512"
     volumes = [args[i + 1] for i, arg in enumerate(args) if arg == "--volume"]
     assert volumes == [f"{datum.input_dir}:/pfs/images:ro", f"{datum.out_dir}:/pfs/out"]
     envs = {args[i + 1] for i, arg in enumerate(args) if arg == "--env"}

@@ -43,8 +43,21 @@ def test_yaml_spec_gets_defaults_and_normalized_values() -> None:
     assert spec.output_branch == "main"
 
 
+def test_datums_run_unprivileged_and_bounded_unless_the_spec_says_otherwise() -> None:
+    spec = load_spec_text(YAML)
+    assert spec.user == (65534, 65534) and spec.pids == 512
+    spec = load_spec_text(YAML.replace("resources: {memory: 512M}",
+                                       "resources: {memory: 512M, pids: 64}")
+                          + "user: 1000:59\n")
+    # YAML 1.1 would read 1000:59 as the base-60 number 60059: the spec keeps it as text.
+    assert spec.user == (1000, 59) and spec.pids == 64
+    assert parse_spec(spec_doc(user=4242)).user == (4242, 4242)
+    assert parse_spec(spec_doc(user=[10, 20])).user == (10, 20)
+
+
 def test_json_spec_and_round_trip_through_the_stored_form() -> None:
-    spec = load_spec_text(json.dumps(spec_doc(parallelism=4)))
+    spec = load_spec_text(json.dumps(spec_doc(parallelism=4, user="7:8",
+                                              resources={"pids": 99})))
     again = parse_spec(json.loads(json.dumps(spec.to_dict())))
     assert again == spec
 
@@ -71,6 +84,14 @@ def test_relative_runc_image_is_taken_from_the_spec_directory(tmp_path) -> None:
     (spec_doc(parallelism=0), "'parallelism' must be"),
     (spec_doc(pipeline="bad name"), "invalid pipeline name"),
     (spec_doc(resources={"memory": "lots"}), "not a size"),
+    (spec_doc(user=0), "unprivileged numeric uid"),
+    (spec_doc(user="1000:0"), "unprivileged numeric uid"),
+    (spec_doc(user="root"), "not a name"),
+    (spec_doc(user=True), "unprivileged numeric uid"),
+    (spec_doc(user="1:2:3"), "unprivileged numeric uid"),
+    (spec_doc(user=1 << 32), "unprivileged numeric uid"),
+    (spec_doc(resources={"pids": 0}), "'resources.pids' must be"),
+    (spec_doc(resources={"pids": "many"}), "'resources.pids' must be"),
     ({"input": {"repo": "x"}}, "'pipeline'"),
     ([1, 2], "must be a mapping"),
 ])
