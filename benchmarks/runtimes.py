@@ -68,7 +68,7 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="vfs-bench-runtimes-") as scratch:
         cases: list[tuple[str, Runtime, str | None, int]] = [
-            ("process", ProcessRuntime(), None, 1)]
+            ("process", ProcessRuntime(allow_as_root=True), None, 1)]
         if shutil.which("bwrap"):
             cases += [("bwrap", BwrapRuntime(), None, 1),
                       (f"bwrap, datum_batch={args.batch}", BwrapRuntime(), None, args.batch)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 
 import trio
@@ -49,31 +50,13 @@ from daemon.runtimes.base import (
     timeout_message,
 )
 from daemon.runtimes.cgroups import PidsCgroup, PidsCgroups
-from daemon.runtimes.hostetc import EtcEntry, host_entries, sandbox_files, write_sandbox_etc
+from daemon.runtimes.hostetc import SandboxEtc
 from vfs.errors import InvalidSpec
 
 #: Host directories shown read-only inside (those present; symlinks are recreated).
 HOST_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 #: Capabilities ``setpriv`` needs to switch to the datum's user (then drops them all).
 _SWITCH_CAPABILITIES = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
-
-
-def _etc_args(entries: list[EtcEntry]) -> list[str]:
-    args = ["--tmpfs", "/etc"]
-    made = set()
-    for entry in entries:
-        target = f"/etc/{entry.name}"
-        parent = os.path.dirname(target)
-        if parent != "/etc" and parent not in made:
-            # bwrap makes missing parents of a bind as root-only (0700) directories.
-            args += ["--perms", "0755", "--dir", parent]
-            made.add(parent)
-        if entry.symlink is not None:
-            args += ["--symlink", entry.symlink, target]
-        else:
-            assert entry.source is not None
-            args += ["--ro-bind", entry.source, target]
-    return [*args, "--remount-ro", "/etc"]
 
 
 def switch_user_argv(user: tuple[int, int], setpriv: str, *, nproc: int | None = None
@@ -87,13 +70,14 @@ def switch_user_argv(user: tuple[int, int], setpriv: str, *, nproc: int | None =
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
 
-def build_args(run: ContainerRun, *, etc: list[EtcEntry], status_dir: str | None = None,
+def build_args(run: ContainerRun, *, etc: str, status_dir: str | None = None,
                host_paths: tuple[str, ...] = HOST_PATHS, bwrap: str = "bwrap",
                setpriv: str = "setpriv", nproc: int | None = None) -> list[str]:
     """The bwrap command line of ``run``.
 
     Args:
-        etc: what the sandbox's ``/etc`` holds.
+        etc: the host directory shown read-only at ``/etc`` (see
+            :class:`~daemon.runtimes.hostetc.SandboxEtc`).
         status_dir: where a batch writes statuses.
         setpriv: the host's setpriv, used when ``run.run_as`` is set (the daemon is root).
         nproc: an RLIMIT_NPROC for the command (the fallback for a pids limit).
@@ -120,7 +104,7 @@ def build_args(run: ContainerRun, *, etc: list[EtcEntry], status_dir: str | None
             args += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
-    args += _etc_args(etc)
+    args += ["--ro-bind", etc, "/etc"]
     args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
     if run.batch:
         assert status_dir is not None
@@ -158,9 +142,24 @@ class BwrapRuntime(HostRuntime):
     name = "bwrap"
 
     def __init__(self, host_paths: tuple[str, ...] = HOST_PATHS, *,
-                 cgroups: PidsCgroups | None = None) -> None:
+                 cgroups: PidsCgroups | None = None, state_dir: str | None = None) -> None:
+        """
+        Args:
+            cgroups: where to make pids cgroups (default: found on first use).
+            state_dir: where the sandbox's ``/etc`` directories are kept (emptied
+                now; default a temporary directory).
+        """
         self.host_paths = host_paths
         self._cgroups = cgroups
+        self._state_dir = state_dir
+        self._etc: SandboxEtc | None = None
+
+    @property
+    def etc(self) -> SandboxEtc:
+        if self._etc is None:
+            directory = self._state_dir or tempfile.mkdtemp(prefix="vfs-bwrap-")
+            self._etc = SandboxEtc(os.path.join(directory, "etc"))
+        return self._etc
 
     @property
     def cgroups(self) -> PidsCgroups:
@@ -209,10 +208,7 @@ class BwrapRuntime(HostRuntime):
         if run.batch:
             status_dir = os.path.join(run.workdir, f"status-{start}")
             os.makedirs(status_dir)
-        etc = host_entries() + write_sandbox_etc(
-            os.path.join(run.workdir, f"etc-{start}"),
-            sandbox_files(run.run_as, network=run.network))
-        await trio.to_thread.run_sync(give_to_user, run, status_dir)
+        etc = await trio.to_thread.run_sync(self._prepare, run, status_dir)
         cgroup: PidsCgroup | None = None
         nproc = None
         if run.pids is not None:
@@ -231,6 +227,10 @@ class BwrapRuntime(HostRuntime):
             if cgroup is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(cgroup.close)
+
+    def _prepare(self, run: ContainerRun, status_dir: str | None) -> str:
+        give_to_user(run, status_dir)
+        return self.etc.path(run.run_as, network=run.network)
 
     async def _run(self, run: ContainerRun, argv: list[str], status_dir: str | None
                    ) -> list[int]:

@@ -66,6 +66,7 @@ class PidsCgroup:
         """Kill what is left in the cgroup and remove it. Blocking (up to a few seconds):
         call it from a worker thread."""
         deadline = time.monotonic() + _EMPTY_PATIENCE
+        pause = 0.0005  # the sandbox has just ended: its last processes are being reaped
         while True:
             for pid in self.pids():
                 try:
@@ -81,7 +82,8 @@ class PidsCgroup:
                 if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                     log.warning("cannot remove cgroup %s: %s", self.path, exc.strerror)
                     return
-            time.sleep(0.02)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 class PidsCgroups:

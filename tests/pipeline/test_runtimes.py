@@ -38,7 +38,7 @@ from daemon.runtimes import (
 )
 from daemon.runtimes.bwrap import build_args as bwrap_args
 from daemon.runtimes.cgroups import PidsCgroups
-from daemon.runtimes.hostetc import HOST_ENTRIES, host_entries, sandbox_files, write_sandbox_etc
+from daemon.runtimes.hostetc import HOST_ENTRIES, SandboxEtc
 from daemon.runtimes.podman import DockerRuntime, PodmanRuntime, build_args
 from daemon.runtimes.rootfs import rootfs_digest
 from daemon.runtimes.runc import build_config
@@ -323,19 +323,46 @@ async def test_inputs_are_readable_whatever_their_mode(case: Case, tmp_path: Pat
 def test_bwrap_shows_no_host_etc(tmp_path: Path) -> None:
     case = Case("bwrap", BwrapRuntime(), None, True)
     run = make_run(tmp_path, case, "true")
-    etc = host_entries() + write_sandbox_etc(str(tmp_path / "etc"),
-                                             sandbox_files((65534, 65534), network=False))
+    etc = SandboxEtc(str(tmp_path / "state")).path((65534, 65534), network=False)
     args = bwrap_args(run, etc=etc)
-    pairs = list(zip(args, args[1:], args[2:], strict=False))
-    binds = [(source, target) for flag, source, target in pairs
-             if flag in ("--ro-bind", "--bind")]
-    assert ("/etc", "/etc") not in binds
-    host_etc = {source for source, target in binds if source.startswith("/etc")}
-    assert host_etc <= {f"/etc/{name}" for name in HOST_ENTRIES} | {
-        f"/etc/{name}" for name in os.listdir("/etc") if name.startswith("python3.")}
-    assert "/etc/shadow" not in host_etc and not any("vfs" in path for path in host_etc)
-    passwd = (tmp_path / "etc" / "passwd").read_text()
-    assert "nobody:x:65534:65534:" in passwd and "resolv.conf" not in os.listdir(tmp_path / "etc")
+    binds = [(source, target) for flag, source, target
+             in zip(args, args[1:], args[2:], strict=False) if flag in ("--ro-bind", "--bind")]
+    assert (etc, "/etc") in binds
+    assert not [source for source, _ in binds if source.startswith("/etc")]
+    allowed = {name.split("/")[0] for name in HOST_ENTRIES} | {
+        "passwd", "group", "hosts", "nsswitch.conf", "mtab"}
+    names = set(os.listdir(etc))
+    assert names - allowed <= {name for name in names if name.startswith("python3.")}
+    assert not names & {"shadow", "gshadow", "vfs", "pip.conf", "gitconfig", "npmrc", "ssh"}
+    assert "private" not in os.listdir(os.path.join(etc, "ssl"))
+    assert "nobody:x:65534:65534:" in Path(etc, "passwd").read_text()
+    assert not os.path.exists(os.path.join(etc, "resolv.conf"))
+
+
+def test_sandbox_etc_follows_the_host(tmp_path: Path) -> None:
+    host = tmp_path / "host-etc"
+    (host / "ssl" / "certs").mkdir(parents=True)
+    (host / "ssl" / "private").mkdir()
+    (host / "ssl" / "private" / "key.pem").write_text("secret")
+    (host / "ssl" / "certs" / "ca.pem").write_text("v1")
+    (host / "ld.so.cache").write_text("cache")
+    (host / "shadow").write_text("root:$6$...")
+    (host / "resolv.conf").write_text("nameserver 10.0.0.1\n")
+    (host / "localtime").symlink_to("/usr/share/zoneinfo/UTC")
+    etc = SandboxEtc(str(tmp_path / "state"), etc=str(host))
+    etc.recheck = 0
+    first = Path(etc.path((1000, 1000), network=False))
+    assert sorted(os.listdir(first)) == ["group", "hosts", "ld.so.cache", "localtime", "mtab",
+                                         "nsswitch.conf", "passwd", "ssl"]
+    assert os.listdir(first / "ssl") == ["certs"] and os.readlink(first / "localtime") == \
+        "/usr/share/zoneinfo/UTC"
+    assert etc.path((1000, 1000), network=False) == str(first)  # made once
+    networked = Path(etc.path((1000, 1000), network=True))
+    assert (networked / "resolv.conf").read_text() == "nameserver 10.0.0.1\n"
+    (host / "ssl" / "certs" / "ca.pem").write_text("v2, longer")
+    second = Path(etc.path((1000, 1000), network=False))
+    assert second != first and (second / "ssl" / "certs" / "ca.pem").read_text() == "v2, longer"
+    assert (first / "ssl" / "certs" / "ca.pem").read_text() == "v1"  # a sandbox may show it
 
 
 @pytest.mark.trio
