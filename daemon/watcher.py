@@ -222,7 +222,6 @@ class Watcher:
         if name not in self._runtimes:
             self._runtimes[name] = get_runtime(
                 name, cache_dir=os.path.join(self.store.cache_dir, "images"),
-                state_dir=os.path.join(self.store.cache_dir, "sandbox"),
                 allow_process_as_root=self.allow_process_runtime)
         return self._runtimes[name]
 

@@ -49,14 +49,12 @@ RUNTIMES: dict[str, type[Runtime]] = {
 }
 
 
-def get_runtime(name: str, *, cache_dir: str | None = None, state_dir: str | None = None,
+def get_runtime(name: str, *, cache_dir: str | None = None,
                 allow_process_as_root: bool = False) -> Runtime:
     """The runtime called ``name``.
 
     Args:
         cache_dir: where runc unpacks OCI image layouts (default ``$VFS_CACHE/images``).
-        state_dir: where bwrap keeps the sandboxes' ``/etc`` (emptied; default a
-            temporary directory).
         allow_process_as_root: let the unsandboxed ``process`` runtime run commands
             when this process is root (vfsd ``--allow-process-runtime``).
 
@@ -70,8 +68,6 @@ def get_runtime(name: str, *, cache_dir: str | None = None, state_dir: str | Non
                           f"{', '.join(RUNTIMES)}") from None
     if runtime_class is RuncRuntime:
         return RuncRuntime(cache_dir=cache_dir)
-    if runtime_class is BwrapRuntime:
-        return BwrapRuntime(state_dir=state_dir)
     if runtime_class is ProcessRuntime:
         return ProcessRuntime(allow_as_root=allow_process_as_root)
     return runtime_class()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 
 import trio
@@ -142,23 +141,20 @@ class BwrapRuntime(HostRuntime):
     name = "bwrap"
 
     def __init__(self, host_paths: tuple[str, ...] = HOST_PATHS, *,
-                 cgroups: PidsCgroups | None = None, state_dir: str | None = None) -> None:
+                 cgroups: PidsCgroups | None = None, etc: SandboxEtc | None = None) -> None:
         """
         Args:
             cgroups: where to make pids cgroups (default: found on first use).
-            state_dir: where the sandbox's ``/etc`` directories are kept (emptied
-                now; default a temporary directory).
+            etc: the sandboxes' ``/etc`` directories (default: made on first use).
         """
         self.host_paths = host_paths
         self._cgroups = cgroups
-        self._state_dir = state_dir
-        self._etc: SandboxEtc | None = None
+        self._etc = etc
 
     @property
     def etc(self) -> SandboxEtc:
         if self._etc is None:
-            directory = self._state_dir or tempfile.mkdtemp(prefix="vfs-bwrap-")
-            self._etc = SandboxEtc(os.path.join(directory, "etc"))
+            self._etc = SandboxEtc()
         return self._etc
 
     @property

@@ -323,7 +323,7 @@ async def test_inputs_are_readable_whatever_their_mode(case: Case, tmp_path: Pat
 def test_bwrap_shows_no_host_etc(tmp_path: Path) -> None:
     case = Case("bwrap", BwrapRuntime(), None, True)
     run = make_run(tmp_path, case, "true")
-    etc = SandboxEtc(str(tmp_path / "state")).path((65534, 65534), network=False)
+    etc = SandboxEtc(str(tmp_path)).path((65534, 65534), network=False)
     args = bwrap_args(run, etc=etc)
     binds = [(source, target) for flag, source, target
              in zip(args, args[1:], args[2:], strict=False) if flag in ("--ro-bind", "--bind")]
@@ -339,6 +339,19 @@ def test_bwrap_shows_no_host_etc(tmp_path: Path) -> None:
     assert not os.path.exists(os.path.join(etc, "resolv.conf"))
 
 
+def test_sandbox_etc_copies_of_dead_daemons_are_swept(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "shm"
+    tmp_path.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"vfs-etc-{dead.pid}-x1" / "ssl").mkdir(parents=True)
+    (tmp_path / f"vfs-etc-{os.getppid()}-x2").mkdir()  # a live process's
+    (tmp_path / "unrelated").mkdir()
+    etc = SandboxEtc(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"vfs-etc-{os.getppid()}-x2", "unrelated", os.path.basename(etc.directory)])
+
+
 def test_sandbox_etc_follows_the_host(tmp_path: Path) -> None:
     host = tmp_path / "host-etc"
     (host / "ssl" / "certs").mkdir(parents=True)
@@ -349,7 +362,7 @@ def test_sandbox_etc_follows_the_host(tmp_path: Path) -> None:
     (host / "shadow").write_text("root:$6$...")
     (host / "resolv.conf").write_text("nameserver 10.0.0.1\n")
     (host / "localtime").symlink_to("/usr/share/zoneinfo/UTC")
-    etc = SandboxEtc(str(tmp_path / "state"), etc=str(host))
+    etc = SandboxEtc(str(tmp_path), etc=str(host))
     etc.recheck = 0
     first = Path(etc.path((1000, 1000), network=False))
     assert sorted(os.listdir(first)) == ["group", "hosts", "ld.so.cache", "localtime", "mtab",
