@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let pipelines use the unsandboxed 'process' runtime although "
                              "vfsd runs as root (development machines only: its commands "
                              "see the whole node, the store's credentials included)")
+    parser.add_argument("--userns-base", type=int, default=1_000_000_000, metavar="ID",
+                        help="runc datums get a user namespace whose root is this host "
+                             "uid/gid, their user (65534 inside) this + 65534 (default "
+                             "1000000000; 0: no user namespace)")
     parser.add_argument("--no-pipelines", action="store_true",
                         help="do not run pipeline jobs on this node")
     parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
@@ -115,6 +119,8 @@ def load_options(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--encode-ahead: 0 (off) or at least 1M")
     if not options.node_ttl >= 3:  # also refuses NaN
         parser.error("--node-ttl: at least 3 seconds")
+    if options.userns_base and not 1 <= options.userns_base <= (1 << 32) - 1 - (1 << 16):
+        parser.error("--userns-base: a host id from 1 to 4294901759, or 0 for none")
     return options
 
 
@@ -219,6 +225,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
                 watcher = Watcher(store, os.path.join(store.cache_dir, "jobs"),
                                   poll_interval=options.poll_interval,
                                   allow_process_runtime=options.allow_process_runtime,
+                                  userns_base=options.userns_base or None,
                                   on_commit=operations.branch_changed)
                 handler.watcher = watcher
                 await nursery.start(watcher.run)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import trio
 
 from daemon.runtimes import ContainerRun, DatumIO, get_runtime
-from daemon.runtimes.runc import DEFAULT_STATE_ROOT
+from daemon.runtimes.runc import DEFAULT_STATE_ROOT, DEFAULT_USERNS_BASE
 from vfs.errors import VfsError
 from vfs.pipeline import records, registry
 from vfs.pipeline.jobs import (
@@ -77,12 +77,14 @@ class Watcher:
 
     def __init__(self, store, scratch_dir: str, *, poll_interval: float = 2.0,
                  debounce: float = 0.2, allow_process_runtime: bool = False,
+                 userns_base: int | None = DEFAULT_USERNS_BASE,
                  on_commit: Callable[[str, str], None] | None = None) -> None:
         self.store = store
         self.scratch_dir = scratch_dir
         self.poll_interval = poll_interval
         self.debounce = debounce
         self.allow_process_runtime = allow_process_runtime
+        self.userns_base = userns_base
         self.on_commit = on_commit or (lambda repo, branch: None)
         self.node = current_user()
         self._states: dict[str, _State] = {}
@@ -222,7 +224,8 @@ class Watcher:
         if name not in self._runtimes:
             self._runtimes[name] = get_runtime(
                 name, cache_dir=os.path.join(self.store.cache_dir, "images"),
-                allow_process_as_root=self.allow_process_runtime)
+                allow_process_as_root=self.allow_process_runtime,
+                userns_base=self.userns_base)
         return self._runtimes[name]
 
     def _plan(self, version: PipelineVersion) -> JobPlan | None:

@@ -37,7 +37,7 @@ from daemon.runtimes.base import KILLED, ContainerRun, DatumIO, Runtime
 from daemon.runtimes.bwrap import BwrapRuntime
 from daemon.runtimes.podman import DockerRuntime, PodmanRuntime
 from daemon.runtimes.process import ProcessRuntime
-from daemon.runtimes.runc import RuncRuntime
+from daemon.runtimes.runc import DEFAULT_USERNS_BASE, RuncRuntime
 from vfs.errors import InvalidSpec
 
 RUNTIMES: dict[str, type[Runtime]] = {
@@ -50,13 +50,15 @@ RUNTIMES: dict[str, type[Runtime]] = {
 
 
 def get_runtime(name: str, *, cache_dir: str | None = None,
-                allow_process_as_root: bool = False) -> Runtime:
+                allow_process_as_root: bool = False,
+                userns_base: int | None = DEFAULT_USERNS_BASE) -> Runtime:
     """The runtime called ``name``.
 
     Args:
         cache_dir: where runc unpacks OCI image layouts (default ``$VFS_CACHE/images``).
         allow_process_as_root: let the unsandboxed ``process`` runtime run commands
             when this process is root (vfsd ``--allow-process-runtime``).
+        userns_base: the host id of the root of runc's user namespaces (None: none).
 
     Raises:
         InvalidSpec: no runtime has that name.
@@ -67,7 +69,7 @@ def get_runtime(name: str, *, cache_dir: str | None = None,
         raise InvalidSpec(f"unknown runtime {name!r}: use one of "
                           f"{', '.join(RUNTIMES)}") from None
     if runtime_class is RuncRuntime:
-        return RuncRuntime(cache_dir=cache_dir)
+        return RuncRuntime(cache_dir=cache_dir, userns_base=userns_base)
     if runtime_class is ProcessRuntime:
         return ProcessRuntime(allow_as_root=allow_process_as_root)
     return runtime_class()

@@ -178,15 +178,21 @@ def datum_env(run: ContainerRun, *, base: dict[str, str] | None = None,
     return env
 
 
-def give_to_user(run: ContainerRun, *writable: str | None) -> None:
+def give_to_user(run: ContainerRun, *writable: str | None,
+                 owner: tuple[int, int] | None = None) -> None:
     """Hand a start's directories to the user the command runs as (when the daemon can
     switch users): the inputs (read-only inside, but the user must be able to read
     files stored with mode 0600), the output directories, the batch logs, and
-    ``writable`` (e.g. a batch's status directory). Blocking: call from a thread."""
+    ``writable`` (e.g. a batch's status directory). Blocking: call from a thread.
+
+    Args:
+        owner: the host's uid and gid for that user, when they differ from the ids in
+            the container (a user namespace); default ``run.run_as``.
+    """
     run_as = run.run_as
     if run_as is None:
         return
-    uid, gid = run_as
+    uid, gid = owner or run_as
     paths: list[str] = [path for path in writable if path is not None]
     for datum in run.datums:
         paths.append(datum.out_dir)

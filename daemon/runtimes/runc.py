@@ -17,8 +17,17 @@ loopback interface unless ``network`` is true; the datum's user (``user``, defau
 ``/proc`` and ``/sys`` parts the OCI defaults hide masked or read-only; the
 environment built from scratch (the image's ``Env``, the spec's ``env``, ``VFS_*``);
 memory, cpu and pids limits as cgroup limits (without a pids controller, the pids
-limit falls back to RLIMIT_NPROC of the datum's user). No user namespace: the
-datum's uid is the same inside and on the host, which owns no file of either.
+limit falls back to RLIMIT_NPROC of the datum's user).
+
+A user namespace where the kernel allows: container ids 0-65535 are host ids
+``userns_base`` + 0-65535 (default base 1,000,000,000, a range no host account or
+subordinate id range uses), so even the container's root is nobody on the host, and
+the datum (65534 inside) is ``userns_base + 65534`` there. The bundle, inputs and
+outputs are handed to those host ids. It takes every directory above the bundle to be
+searchable by others (runc's init, as the container's root, must reach it: true of
+``/var/lib/vfs``, not of a 0700 cache directory), uids and gids below 65536, and
+``user.max_user_namespaces`` > 0; otherwise the start runs without one (the datum's
+uid is then the same inside and on the host, which owns no file of either).
 
 ``runc run`` stays in the foreground, its stdout and stderr (and so the command's) go
 to the datum's log. Killing ``runc run`` would orphan the container, so a timeout or a
@@ -29,11 +38,14 @@ cancellation kills the container with ``runc kill`` and removes it with ``runc d
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import re
 import resource
 import shutil
+import stat
 import subprocess
 import uuid
 
@@ -59,6 +71,8 @@ from daemon.runtimes.base import (
 from daemon.runtimes.rootfs import check_batch_programs, check_rootfs, rootfs_digest
 from vfs.errors import InvalidSpec
 
+log = logging.getLogger("daemon.runtimes.runc")
+
 DEFAULT_STATE_ROOT = "/run/vfs-runc"
 _CPU_PERIOD = 100_000  # microseconds
 # runc's default spec (``runc spec``): the hidden and read-only /proc parts.
@@ -69,6 +83,9 @@ _READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sys
 # Top-level names of the image that the container gets from elsewhere.
 _NOT_FROM_IMAGE = {"proc", "dev", "sys", "tmp", "pfs"}
 _KILL_PATIENCE = 5.0  # seconds of `runc kill` attempts before killing `runc run` itself
+#: The host id of the container's root in a user namespace (see the module docstring).
+DEFAULT_USERNS_BASE = 1_000_000_000
+_USERNS_SIZE = 65536
 
 
 def _system_mounts() -> list[dict]:
@@ -96,7 +113,8 @@ def _bind(source: str, destination: str, writable: bool) -> dict:
 
 def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict[str, str],
                  status_dir: str | None = None, memory_swap: bool = False,
-                 supported: frozenset[str] = frozenset({"memory", "cpus", "pids"})) -> dict:
+                 supported: frozenset[str] = frozenset({"memory", "cpus", "pids"}),
+                 userns_base: int | None = None) -> dict:
     """The OCI runtime ``config.json`` of ``run`` (the root is the bundle's ``root``).
 
     Args:
@@ -105,8 +123,18 @@ def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict
         status_dir: where a batch's wrapper writes each datum's status.
         memory_swap: also cap memory+swap at the memory limit (no swapping instead).
         supported: the limits this host's cgroups can enforce; others are left out.
+        userns_base: the host id of the container's root in a user namespace (None:
+            no user namespace).
     """
-    mounts = [*image_mounts, *_system_mounts()]
+    system = _system_mounts()
+    if userns_base is not None and run.network:
+        # sysfs can be mounted only by the owner of the network namespace: on the
+        # host's network, show the host's /sys read-only instead.
+        system = [mount if mount["destination"] != "/sys" else
+                  {"destination": "/sys", "type": "bind", "source": "/sys",
+                   "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+                  for mount in system]
+    mounts = [*image_mounts, *system]
     if run.batch:
         assert status_dir is not None
         # The wrapper, as the datum's user, points /pfs/<repo> and /pfs/out at each
@@ -142,6 +170,11 @@ def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict
     namespaces = [{"type": kind} for kind in ("pid", "ipc", "uts", "mount")]
     if not run.network:
         namespaces.append({"type": "network"})
+    linux: dict = {}
+    if userns_base is not None:
+        namespaces.append({"type": "user"})
+        mapping = [{"containerID": 0, "hostID": userns_base, "size": _USERNS_SIZE}]
+        linux = {"uidMappings": mapping, "gidMappings": [dict(item) for item in mapping]}
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -159,6 +192,7 @@ def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict
         "hostname": "vfs",
         "mounts": mounts,
         "linux": {
+            **linux,
             "resources": resources,
             "namespaces": namespaces,
             "maskedPaths": list(_MASKED_PATHS),
@@ -167,9 +201,17 @@ def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict
     }
 
 
-def make_skeleton(rootfs: str, root: str, *, network: bool = False) -> list[dict]:
-    """Create the bundle's ``root`` for image ``rootfs`` and return the binds filling it."""
+def make_skeleton(rootfs: str, root: str, *, network: bool = False,
+                  owner: int | None = None) -> list[dict]:
+    """Create the bundle's ``root`` for image ``rootfs`` and return the binds filling it.
+
+    Args:
+        owner: the host id of the container's root in a user namespace, which must be
+            able to create mount points in ``root``.
+    """
     os.makedirs(root)
+    if owner is not None:
+        os.chown(root, owner, owner)
     mounts = []
     with os.scandir(rootfs) as entries:
         for entry in sorted(entries, key=lambda entry: entry.name):
@@ -185,6 +227,8 @@ def make_skeleton(rootfs: str, root: str, *, network: bool = False) -> list[dict
                 open(target, "wb").close()
             else:
                 continue
+            if owner is not None:
+                os.chown(target, owner, owner)
             mounts.append(_bind(entry.path, f"/{entry.name}", False))
     if network:
         # A container on the host's network resolves names as the host does, when the
@@ -236,10 +280,13 @@ class RuncRuntime(Runtime):
     name = "runc"
 
     def __init__(self, *, cache_dir: str | None = None,
-                 state_root: str = DEFAULT_STATE_ROOT) -> None:
+                 state_root: str = DEFAULT_STATE_ROOT,
+                 userns_base: int | None = DEFAULT_USERNS_BASE) -> None:
         self._cache_dir = cache_dir
         self.state_root = state_root
+        self.userns_base = userns_base  # None: never a user namespace
         self._cgroups: tuple[frozenset[str], bool] | None = None
+        self._userns_refused: set[str] = set()
 
     @property
     def cache_dir(self) -> str:
@@ -310,15 +357,22 @@ class RuncRuntime(Runtime):
 
         container_id = _container_id(run)
         bundle = os.path.join(run.workdir, container_id)
-        image_mounts = make_skeleton(rootfs, os.path.join(bundle, "root"), network=run.network)
+        base = self.userns(run, bundle, rootfs)
+        image_mounts = make_skeleton(rootfs, os.path.join(bundle, "root"), network=run.network,
+                                     owner=base)
         status_dir = None
         if run.batch:
             status_dir = os.path.join(bundle, "status")
             os.mkdir(status_dir)
-        await trio.to_thread.run_sync(give_to_user, run, status_dir)
+        owner = None
+        if base is not None and run.run_as is not None:
+            owner = (base + run.run_as[0], base + run.run_as[1])
+        await trio.to_thread.run_sync(functools.partial(give_to_user, run, status_dir,
+                                                        owner=owner))
         supported, swap = self._cgroup_support()
         config = build_config(run, image_mounts=image_mounts, image_env=image_env,
-                              status_dir=status_dir, memory_swap=swap, supported=supported)
+                              status_dir=status_dir, memory_swap=swap, supported=supported,
+                              userns_base=base)
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump(config, f)
 
@@ -351,12 +405,57 @@ class RuncRuntime(Runtime):
             return [KILLED]
         return [status]
 
+    def userns(self, run: ContainerRun, bundle: str, rootfs: str) -> int | None:
+        """The host id of the container's root if ``run`` gets a user namespace, else
+        None (see the module docstring for when)."""
+        if self.userns_base is None or run.run_as is None or max(run.run_as) >= _USERNS_SIZE:
+            return None
+        # runc's init, as the container's root, mounts these: it must reach them.
+        sources = {os.path.dirname(bundle), rootfs}
+        for datum in run.datums:
+            sources |= {os.path.dirname(datum.input_dir), os.path.dirname(datum.out_dir),
+                        os.path.dirname(datum.log_path)}
+        reason = _userns_obstacle(sources)
+        if reason is None:
+            return self.userns_base
+        if reason not in self._userns_refused:
+            self._userns_refused.add(reason)
+            log.info("runc: datums run without a user namespace: %s", reason)
+        return None
+
     async def _delete(self, runc_cmd: list[str], container_id: str) -> None:
         """Remove the container if `runc run` did not (it does when it ends normally)."""
         if not os.path.exists(os.path.join(self.state_root, container_id)):
             return
         await trio.run_process([*runc_cmd, "delete", "--force", container_id], check=False,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _userns_obstacle(directories: set[str]) -> str | None:
+    """Why a container whose bundle, image and datums are in ``directories`` cannot
+    have a user namespace; None if it can."""
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            if int(f.read()) <= 0:
+                return "user.max_user_namespaces is 0"
+    except (OSError, ValueError):
+        return "the kernel has no user namespaces"
+    seen: set[str] = set()
+    for directory in directories:
+        path = os.path.abspath(directory)
+        while path not in seen:
+            seen.add(path)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as exc:
+                return f"cannot stat {path}: {exc.strerror}"
+            if not mode & stat.S_IXOTH:
+                return (f"{path} is not searchable by others (mode {stat.S_IMODE(mode):o}): "
+                        "the container's root could not reach the image or the datums")
+            if path == "/":
+                break
+            path = os.path.dirname(path)
+    return None
 
 
 def _container_id(run: ContainerRun) -> str:

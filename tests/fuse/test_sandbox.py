@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 from conftest import _require_fuse, _socket_path, check_after, mounted
+
+from daemon.runtimes.rootfs import make_busybox_rootfs
+from daemon.runtimes.runc import DEFAULT_USERNS_BASE
 
 if TYPE_CHECKING:
     from conftest import Mount
@@ -37,6 +41,7 @@ PROBE = r'''
 P=${VFS_PFS:-/pfs}; out=$P/out
 report() { echo "$*" >> "$out/report"; }
 report "uid $(id -u) $(id -g)"
+report "uidmap $(cat /proc/self/uid_map)"
 for f in /etc/shadow /etc/vfs/vfs.env "$PROBE_ETC" "$PROBE_ROOT" "$PROBE_STORE/secret" \
          "$PROBE_CACHE/secret"; do
   if cat "$f" >/dev/null 2>&1; then report "readable $f"; fi
@@ -122,23 +127,33 @@ def listener() -> Iterator[int]:
 
 
 @pytest.fixture
-def node(request: pytest.FixtureRequest, tmp_path: Path, secret: str,
+def node_dir() -> Iterator[Path]:
+    """Where the node keeps its store and cache: a directory others can search, as
+    /var/lib/vfs (runc then gives datums a user namespace)."""
+    path = Path(tempfile.mkdtemp(prefix="vfs-node-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def node(request: pytest.FixtureRequest, node_dir: Path, secret: str,
          monkeypatch: pytest.MonkeyPatch) -> Iterator[Mount]:
     """A vfsd as on a worker node: root, credentials in its environment."""
     _require_fuse()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "vfsprobe-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    with mounted(tmp_path, "--allow-process-runtime") as m:
+    with mounted(node_dir, "--allow-process-runtime") as m:
         for directory in (m.store_dir, m.cache_dir):
             (Path(directory) / "secret").write_text(secret)
         yield m
     check_after(m, log=not request.node.get_closest_marker("expect_warnings"))
 
 
-def _runtime_image(runtime: str, request: pytest.FixtureRequest) -> str | None:
+def _runtime_image(runtime: str, node_dir: Path) -> str | None:
     if shutil.which("runc" if runtime == "runc" else "bwrap") is None and runtime != "process":
         pytest.skip(f"{runtime} is not installed (scripts/setup.sh installs it)")
-    return str(request.getfixturevalue("busybox_rootfs")) if runtime == "runc" else None
+    return make_busybox_rootfs(str(node_dir / "rootfs")) if runtime == "runc" else None
 
 
 def _probe(mount: Mount, tmp_path: Path, runtime: str, image: str | None, env: dict,
@@ -160,8 +175,8 @@ def _report(mount: Mount, name: str) -> list[str]:
 @pytest.mark.parametrize("runtime", ["bwrap", "runc"])
 def test_a_datum_sees_nothing_of_the_host(runtime: str, node: Mount, tmp_path: Path,
                                           planted: dict, listener: int, secret: str,
-                                          request: pytest.FixtureRequest) -> None:
-    image = _runtime_image(runtime, request)
+                                          node_dir: Path) -> None:
+    image = _runtime_image(runtime, node_dir)
     socket_path = _socket_path(node.cache_dir.parent / f"vfsd-{node.path.name}.sock")
     assert os.path.exists(socket_path)
     env = {**planted, "PROBE_STORE": str(node.store_dir), "PROBE_CACHE": str(node.cache_dir),
@@ -178,6 +193,10 @@ def test_a_datum_sees_nothing_of_the_host(runtime: str, node: Mount, tmp_path: P
         report = _report(node, name)
         uid = next(line for line in report if line.startswith("uid "))
         assert uid == "uid 65534 65534", report
+        uidmap = next(line for line in report if line.startswith("uidmap ")).split()[1:]
+        # runc: a user namespace in which even the container's root is nobody here.
+        assert uidmap == (["0", str(DEFAULT_USERNS_BASE), "65536"] if runtime == "runc"
+                          else ["0", "0", "4294967295"]), report
         processes = int(next(line for line in report if line.startswith("processes "))[10:])
         assert processes < 10, report  # its own, not the host's hundreds
         top = set(next(line for line in report if line.startswith("top ")).split()[1:])
@@ -185,7 +204,7 @@ def test_a_datum_sees_nothing_of_the_host(runtime: str, node: Mount, tmp_path: P
             assert top <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "pfs",
                            "proc", "sbin", "tmp", "usr"}, report
         findings = [line for line in report
-                    if not line.startswith(("uid ", "processes ", "top ", "network"))]
+                    if not line.startswith(("uid", "processes ", "top ", "network"))]
         assert findings == [], report
         assert ("network" in report) == network, report
         datum_env = (node.path / f"{name}@main" / "env").read_text()

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,8 +41,8 @@ from daemon.runtimes.bwrap import build_args as bwrap_args
 from daemon.runtimes.cgroups import PidsCgroups
 from daemon.runtimes.hostetc import HOST_ENTRIES, SandboxEtc
 from daemon.runtimes.podman import DockerRuntime, PodmanRuntime, build_args
-from daemon.runtimes.rootfs import rootfs_digest
-from daemon.runtimes.runc import build_config
+from daemon.runtimes.rootfs import make_busybox_rootfs, rootfs_digest
+from daemon.runtimes.runc import DEFAULT_USERNS_BASE, build_config
 from vfs.errors import InvalidSpec
 
 REPO = "images"
@@ -456,6 +457,48 @@ def test_process_runtime_refuses_a_root_daemon_unless_allowed(tmp_path: Path) ->
     run = make_run(tmp_path, Case("process", refusing, None, False), "touch /tmp/x")
     with pytest.raises(InvalidSpec, match="unsandboxed"):
         trio.run(refusing.run, run)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory others can search, and all above it (as /var/lib/vfs)."""
+    path = Path(tempfile.mkdtemp(prefix="vfs-userns-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.trio
+@needs_runc
+@pytest.mark.parametrize("network", [False, True], ids=["own-network", "host-network"])
+async def test_runc_user_namespace_where_the_kernel_allows(open_dir: Path,
+                                                           network: bool) -> None:
+    if Path("/proc/sys/user/max_user_namespaces").read_text().strip() == "0":
+        pytest.skip("user namespaces are off on this kernel")
+    base = DEFAULT_USERNS_BASE
+    rootfs = make_busybox_rootfs(str(open_dir / "rootfs"))
+    runtime = RuncRuntime(cache_dir=str(open_dir / "images"),
+                          state_root=str(open_dir / "state"))
+    case = Case("runc", runtime, rootfs, True)
+    script = ('cat /proc/self/uid_map; id -u; cat /pfs/images/a.txt; echo x > /pfs/out/made; '
+              'ls -n /pfs/images/a.txt')
+    run = make_run(open_dir / "open", case, script, network=network)
+    os.chmod(Path(run.datums[0].input_dir) / "a.txt", 0o600)
+    assert await runtime.run(run) == [0], log_of(run)
+    lines = log_of(run).split("\n")
+    assert lines[0].split() == ["0", str(base), "65536"]  # even its root is nobody here
+    assert lines[1:3] == ["65534", "hello"]
+    made = os.stat(Path(run.datums[0].out_dir) / "made")
+    assert (made.st_uid, made.st_gid) == (base + 65534, base + 65534)
+    assert case.leftover_containers() == []
+
+    # A datum directory others cannot reach: no user namespace, the datum runs anyway.
+    closed = open_dir / "closed"
+    closed.mkdir(mode=0o700)
+    run = make_run(closed, case, "cat /proc/self/uid_map; id -u", network=network)
+    assert await runtime.run(run) == [0]
+    lines = log_of(run).split("\n")
+    assert lines[0].split() == ["0", "0", "4294967295"] and lines[1] == "65534"
 
 
 # --- limits ---------------------------------------------------------------------------
