@@ -728,7 +728,9 @@ class VfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         view = handle.node.view
         assert isinstance(view, BranchView)
-        return view.write(handle.spool, off, buf)
+        written = view.write(handle.spool, off, buf)
+        await _with_lock(view, functools.partial(view.wrote, handle.spool, off, written))
+        return written
 
     @_errors
     async def flush(self, fh: int) -> None:

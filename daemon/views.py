@@ -123,8 +123,8 @@ class SpoolFile:
     # bytes from 0 up to it were written (in any order of writes that never skipped
     # ahead). ``head``: stored chunks of the first bytes, valid while ``epoch`` is
     # ``head_epoch``. A change below ``protected`` (the head, or what the flusher is
-    # encoding now) bumps ``epoch``. The FUSE thread changes these without the
-    # view's lock; the flusher sets ``protected`` before it reads the bytes.
+    # encoding now) bumps ``epoch``. All of these change under the view's lock; the
+    # flusher sets ``protected`` before it reads the bytes.
     seq_end: int = 0
     head: EncodedPrefix = _NO_HEAD
     head_epoch: int = 0
@@ -482,8 +482,20 @@ class BranchView(View):
             spool.head_epoch = spool.epoch
             spool.protected = spool.head.size
 
-    def write(self, spool: SpoolFile, offset: int, data: bytes) -> int:
-        written = os.pwrite(spool.fd, data, offset)
+    @staticmethod
+    def write(spool: SpoolFile, offset: int, data: bytes) -> int:
+        """Write bytes into the spool (no lock needed: the flusher only reads them);
+        then the caller records the write with :meth:`wrote`, holding the lock."""
+        return os.pwrite(spool.fd, data, offset)
+
+    def wrote(self, spool: SpoolFile, offset: int, written: int) -> None:
+        """Record a write made by :meth:`write` (caller holds the lock).
+
+        Under the lock because the flusher, holding it, checks ``generation`` and
+        marks the spool clean: a write recorded half (``dirty`` set, ``generation``
+        not bumped yet) would be marked clean with its bytes never stored, and the
+        last release would drop them (tests/unit/test_write_race.py).
+        """
         spool.size = max(spool.size, offset + written)
         spool.dirty = True
         spool.generation += 1
@@ -492,7 +504,6 @@ class BranchView(View):
         if spool.wants_head(self.flusher.encode_ahead):
             spool.head_busy = True
             self.flusher.submit_head(self, spool)
-        return written
 
     def truncate(self, path: str, size: int) -> None:
         spool = self.open_spool(path, truncate=size == 0)
