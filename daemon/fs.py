@@ -291,8 +291,13 @@ class VfsOperations(pyfuse3.Operations):
                    else BRANCH_TIMEOUT if node.view is not None else ROOT_TIMEOUT)
         attrs = self._new_attrs(timeout)
         # Roots and new directories carry no time of their own: show the mount's.
-        _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size,
-                    entry.mtime_ns or self.started_ns)
+        mtime_ns = entry.mtime_ns or self.started_ns
+        if isinstance(node.view, BranchView):
+            shown = node.view.times.shown(node.path, mtime_ns)
+            _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, shown.mtime_ns,
+                        atime_ns=shown.atime_ns, ctime_ns=shown.ctime_ns)
+        else:
+            _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, mtime_ns)
         return attrs
 
     def _new_attrs(self, timeout: float) -> pyfuse3.EntryAttributes:
@@ -483,6 +488,9 @@ class VfsOperations(pyfuse3.Operations):
                     view.truncate(node.path, attr.st_size)
                 mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
                 mtime = attr.st_mtime_ns if fields.update_mtime else None
+                if fields.update_atime or fields.update_mtime:
+                    view.times.set(node.path, mtime_set=fields.update_mtime,
+                                   atime_ns=attr.st_atime_ns if fields.update_atime else None)
                 if mode is not None or mtime is not None:
                     return view.set_attributes(node.path, mode=mode, mtime_ns=mtime)
                 entry = view.lookup(node.path)
@@ -715,9 +723,14 @@ class VfsOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int):
         handle = self._handles[fh]
         assert isinstance(handle, Handle)
+        view = handle.node.view
         if handle.spool is not None:
+            if isinstance(view, BranchView):
+                view.times.accessed(handle.node.path, handle.spool.mtime_ns)
             return os.pread(handle.spool.fd, size, off)
         assert handle.reader is not None
+        if isinstance(view, BranchView):
+            view.times.accessed(handle.node.path, handle.reader.entry.mtime_ns)
         return await handle.reader.read(self.cache, off, size, self.nursery)
 
     @_errors
@@ -825,8 +838,10 @@ class VfsOperations(pyfuse3.Operations):
 
 
 def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int, size: int,
-                mtime_ns: int) -> None:
-    """The fields that differ from one entry to the next (see ``_new_attrs``)."""
+                mtime_ns: int, *, atime_ns: int | None = None,
+                ctime_ns: int | None = None) -> None:
+    """The fields that differ from one entry to the next (see ``_new_attrs``); atime and
+    ctime are the mtime unless given (a branch view keeps them: daemon.times)."""
     attrs.st_ino = inode
     if kind == DIR:
         # New directories (staged, never committed) have mode 0: show 0755.
@@ -838,4 +853,6 @@ def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int
         attrs.st_nlink = 1
     attrs.st_size = size
     attrs.st_blocks = (size + 511) // 512
-    attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns
+    attrs.st_mtime_ns = mtime_ns
+    attrs.st_atime_ns = mtime_ns if atime_ns is None else atime_ns
+    attrs.st_ctime_ns = mtime_ns if ctime_ns is None else ctime_ns

@@ -29,6 +29,7 @@ from daemon.spools import (
     remove_sidecar_file,
     write_sidecar,
 )
+from daemon.times import Times
 from vfs.errors import (
     AlreadyExists,
     DirectoryNotEmpty,
@@ -230,6 +231,7 @@ class BranchView(View):
         self.spool_files: SpoolFiles = flusher.spool_files
         self.lock = threading.RLock()
         self.spools: dict[str, SpoolFile] = {}
+        self.times = Times()  # atime, ctime, directory mtimes (daemon.times)
         self.state: RefState
         self.open_commit: OpenCommit
         self._checked = 0.0
@@ -306,6 +308,7 @@ class BranchView(View):
             raise AlreadyExists(f"/{path} exists")
         entry = new_dir(parent_and_name(path)[1], permission_bits(mode), time.time_ns())
         self._stage({path: entry})
+        self.times.parent_changed(path, entry.mtime_ns)
         return entry
 
     def symlink(self, path: str, target: str) -> Entry:
@@ -315,6 +318,7 @@ class BranchView(View):
         entry = Entry(parent_and_name(path)[1], SYMLINK, 0o777, len(target.encode()),
                       time.time_ns(), target)
         self._stage({path: entry})
+        self.times.parent_changed(path, entry.mtime_ns)
         return entry
 
     def unlink(self, path: str) -> None:
@@ -328,6 +332,8 @@ class BranchView(View):
             self._forget(spool)
         if self.open_commit.lookup(path) is not None:
             self._stage({path: None})
+        self.times.removed(path)
+        self.times.parent_changed(path)
 
     def rmdir(self, path: str) -> None:
         entry = self.lookup(path)
@@ -340,6 +346,8 @@ class BranchView(View):
         if self.listdir(path):
             raise DirectoryNotEmpty(f"/{path} is not empty")
         self._stage({path: None})
+        self.times.removed(path)
+        self.times.parent_changed(path)
 
     def rename(self, src: str, dst: str, *, no_replace: bool = False) -> None:
         """Move ``src`` to ``dst`` (POSIX rename semantics, within this branch)."""
@@ -350,6 +358,14 @@ class BranchView(View):
             raise InvalidPath("the root of a branch cannot be renamed")
         if dst == src:
             return
+        self._rename(src, dst, entry, no_replace=no_replace)
+        now = time.time_ns()
+        self.times.moved(src, dst)
+        self.times.changed(dst, now)  # its ctime: a rename changes the inode
+        self.times.parent_changed(src, now)
+        self.times.parent_changed(dst, now)
+
+    def _rename(self, src: str, dst: str, entry: Entry, *, no_replace: bool) -> None:
         if dst.startswith(src + "/"):
             raise InvalidPath(f"cannot move /{src} into itself")
         self._parent_dir(dst)
@@ -400,6 +416,7 @@ class BranchView(View):
         0755, as on a filesystem that does not keep setuid, setgid and sticky bits
         (see ``vfs.tree.PERMISSION_BITS``).
         """
+        self.times.changed(path)
         spool = self.spools.get(path)
         if spool is not None:
             if mode is not None:
@@ -455,6 +472,8 @@ class BranchView(View):
                 raise
             spool.dirty = entry is None or (truncate and entry.size > 0)
             self._set_spool(path, spool)
+            if entry is None:
+                self.times.parent_changed(path, spool.mtime_ns)
             return spool
         spool.reopen()  # a closed file waiting for the flusher
         if truncate and spool.size:
