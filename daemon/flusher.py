@@ -12,7 +12,7 @@ branches, and:
 2. makes the packs durable with one checkpoint (one sync of the store) and indexes
    them;
 3. stages each branch's files in one index transaction (holding that branch's
-   :meth:`Flusher.sealing` lock, so a commit never clears what it did not seal);
+   :meth:`Flusher.branch_lock`, so a commit never clears what it did not seal);
 4. forgets the spools that did not change meanwhile (their ``generation`` is the
    one it read), deleting sidecar and spool.
 
@@ -61,7 +61,7 @@ _ADD_BATCH = 512  # small files whose blobs are added to the writer at once
 
 
 @dataclass(eq=False)
-class _Job:
+class _FileWork:
     """One spool in a round: what was read of it, and what it became."""
 
     view: BranchView
@@ -80,7 +80,7 @@ class _Job:
 
 
 @dataclass(eq=False)
-class _HeadJob:
+class _HeadWork:
     """Encoding more of a file that is being written: ``[base.size, end)``."""
 
     view: BranchView
@@ -228,7 +228,7 @@ class Flusher:
                       if s.dirty and (include_open or s.closed_since_staged)]
         self.wait_stored(view, spools, durable=durable)
 
-    def sealing(self, repo: str, branch: str) -> threading.Lock:
+    def branch_lock(self, repo: str, branch: str) -> threading.Lock:
         """The lock a commit, discard or rollback of a branch holds: no round stages
         into that branch meanwhile (a commit clears exactly what it sealed)."""
         with self._cond:
@@ -284,61 +284,61 @@ class Flusher:
 
     def _round(self, batch: dict[SpoolFile, BranchView], waited: set[SpoolFile],
                heads: dict[SpoolFile, BranchView]) -> None:
-        head_jobs = self._head_jobs(heads, batch)
+        head_work = self._head_work(heads, batch)
         try:
             jobs = self._jobs(batch, waited)
         except BaseException:
-            self._heads_done(head_jobs, failed=True)
+            self._heads_done(head_work, failed=True)
             raise
-        if not jobs and not head_jobs:
+        if not jobs and not head_work:
             return
         started = time.monotonic()
         with self.store.lock():
             try:
                 try:
                     try:
-                        writer = self._store_round(jobs, head_jobs)
+                        writer = self._store_round(jobs, head_work)
                     except StoreChanged as exc:
                         # gc deleted a pack this round deduplicated against; the check
                         # applied the deletion to the index, so a second try stores
                         # those blobs anew (and the heads, which may sit there, whole).
                         log.info("storing again: %s", exc)
-                        self._heads_done(head_jobs, failed=True)
-                        for head in head_jobs:
+                        self._heads_done(head_work, failed=True)
+                        for head in head_work:
                             os.close(head.fd)
-                        head_jobs = []
+                        head_work = []
                         for job in jobs:
                             job.prefix, job.ref, job.size = EncodedPrefix(), "", 0
                             os.lseek(job.fd, 0, os.SEEK_SET)
-                        writer = self._store_round(jobs, head_jobs)
+                        writer = self._store_round(jobs, head_work)
                     encoded = time.monotonic()
                     log.debug("round of %d files and %d heads: %d bytes stored, encoded in "
-                              "%.3f s, synced in %.3f s", len(jobs), len(head_jobs),
+                              "%.3f s, synced in %.3f s", len(jobs), len(head_work),
                               writer.bytes_written, encoded - started,
                               time.monotonic() - encoded)
                 finally:
                     for job in jobs:
                         os.close(job.fd)
-                    for head in head_jobs:
+                    for head in head_work:
                         os.close(head.fd)
             except (VfsError, OSError) as exc:
-                self._heads_done(head_jobs, failed=True)
+                self._heads_done(head_work, failed=True)
                 if jobs:
                     self._fail(jobs, exc)
                 else:
                     log.debug("encoding ahead of the close failed: %s", exc)
                 return
             except BaseException:
-                self._heads_done(head_jobs, failed=True)
+                self._heads_done(head_work, failed=True)
                 raise
-            self._heads_done(head_jobs, failed=False)
-            by_view: dict[BranchView, list[_Job]] = {}
+            self._heads_done(head_work, failed=False)
+            by_view: dict[BranchView, list[_FileWork]] = {}
             for job in jobs:
                 if job.ref:
                     by_view.setdefault(job.view, []).append(job)
             for view, view_jobs in by_view.items():
                 try:
-                    with self.sealing(view.repo, view.branch), view.lock:
+                    with self.branch_lock(view.repo, view.branch), view.lock:
                         view.stage_stored([StoredSpool(j.spool, j.generation, j.mode,
                                                        j.mtime_ns, j.ref, j.size)
                                            for j in view_jobs])
@@ -354,13 +354,13 @@ class Flusher:
                             job.view.path_of(job.spool) is not None:
                         self.submit(job.view, job.spool)
 
-    def _store_round(self, jobs: list[_Job], head_jobs: list[_HeadJob]) -> BlobWriter:
+    def _store_round(self, jobs: list[_FileWork], head_work: list[_HeadWork]) -> BlobWriter:
         with self.store.blobs.writer() as writer:
-            self._encode_heads(head_jobs, writer)
+            self._encode_heads(head_work, writer)
             self._encode(jobs, writer)
         return writer
 
-    def _jobs(self, batch: dict[SpoolFile, BranchView], waited: set[SpoolFile]) -> list[_Job]:
+    def _jobs(self, batch: dict[SpoolFile, BranchView], waited: set[SpoolFile]) -> list[_FileWork]:
         jobs = []
         for spool, view in batch.items():
             with view.lock:
@@ -373,16 +373,16 @@ class Flusher:
                     # and it reads the bytes even if the file is deleted meanwhile.
                     fd = os.open(spool.spool_path, os.O_RDONLY)
                 except OSError as exc:
-                    self._fail([_Job(view, spool, 0, 0, 0, False, -1)], exc)
+                    self._fail([_FileWork(view, spool, 0, 0, 0, False, -1)], exc)
                     continue
-                jobs.append(_Job(view, spool, spool.generation, spool.mode, spool.mtime_ns,
+                jobs.append(_FileWork(view, spool, spool.generation, spool.mode, spool.mtime_ns,
                                  spool in waited, fd, spool.valid_head()))
         return jobs
 
     # -- encoding ahead of the close ------------------------------------------------------
 
-    def _head_jobs(self, heads: dict[SpoolFile, BranchView],
-                   batch: dict[SpoolFile, BranchView]) -> list[_HeadJob]:
+    def _head_work(self, heads: dict[SpoolFile, BranchView],
+                   batch: dict[SpoolFile, BranchView]) -> list[_HeadWork]:
         """What to encode ahead: every queued head whose file is not stored whole in
         this round anyway. Marks the bytes it will read as protected."""
         out = []
@@ -403,11 +403,11 @@ class Flusher:
                 # From here a write below ``end`` makes what is encoded now useless
                 # (the FUSE thread checks ``protected`` after each write).
                 spool.protected = end
-                out.append(_HeadJob(view, spool, spool.epoch, base, end, fd))
+                out.append(_HeadWork(view, spool, spool.epoch, base, end, fd))
         return out
 
-    def _encode_heads(self, head_jobs: list[_HeadJob], writer: BlobWriter) -> None:
-        for head in head_jobs:
+    def _encode_heads(self, head_work: list[_HeadWork], writer: BlobWriter) -> None:
+        for head in head_work:
             if head.spool.epoch != head.epoch:
                 continue  # rewritten meanwhile: the next close encodes it whole
             try:
@@ -416,9 +416,9 @@ class Flusher:
             except OSError as exc:  # the close stores the file whole, and reports errors
                 log.debug("encoding %s ahead of its close failed: %s", head.spool.path, exc)
 
-    def _heads_done(self, head_jobs: list[_HeadJob], *, failed: bool) -> None:
+    def _heads_done(self, head_work: list[_HeadWork], *, failed: bool) -> None:
         """Record the heads made in a round (their packs are durable and indexed)."""
-        for head in head_jobs:
+        for head in head_work:
             view, spool = head.view, head.spool
             with view.lock:
                 spool.head_busy = False
@@ -434,11 +434,11 @@ class Flusher:
                     spool.head_busy = True  # written on meanwhile
                     self.submit_head(view, spool)
 
-    def _encode(self, jobs: list[_Job], writer: BlobWriter) -> None:
+    def _encode(self, jobs: list[_FileWork], writer: BlobWriter) -> None:
         """Encode every job's file; small ones by worker threads, in order."""
         store = self.store
-        ahead: deque[tuple[_Job, Future[tuple[str, list, int]]]] = deque()
-        small: list[tuple[_Job, tuple[str, list, int]]] = []
+        ahead: deque[tuple[_FileWork, Future[tuple[str, list, int]]]] = deque()
+        small: list[tuple[_FileWork, tuple[str, list, int]]] = []
 
         def add_small() -> None:
             writer.add_many([blob for _, (_, blobs, _) in small for blob in blobs])
@@ -476,7 +476,7 @@ class Flusher:
                 collect(_AHEAD)
         collect(0)
 
-    def _stored(self, view: BranchView, jobs: list[_Job]) -> None:
+    def _stored(self, view: BranchView, jobs: list[_FileWork]) -> None:
         with self._cond:
             for job in jobs:
                 self._failed.pop(job.spool, None)
@@ -485,7 +485,7 @@ class Flusher:
                 self._failing.discard(view.name)
                 log.info("files written to %s are stored again", view.name)
 
-    def _fail(self, jobs: list[_Job], exc: BaseException) -> None:
+    def _fail(self, jobs: list[_FileWork], exc: BaseException) -> None:
         error = _as_vfs_error(exc)
         with self._cond:
             for job in jobs:

@@ -98,7 +98,7 @@ class ControlHandler:
         # sealed: the commit clears exactly what it sealed.
         self.operations.flush_branch(repo, branch)
         try:
-            with self.operations.flusher.sealing(repo, branch):
+            with self.operations.flusher.branch_lock(repo, branch):
                 commit = self.store.commit(repo, branch, message, author=author)
         finally:
             self._changed(repo, branch)
@@ -107,7 +107,7 @@ class ControlHandler:
 
     def op_discard(self, repo: str, branch: str) -> dict:
         self.operations.wait_staged(repo, branch)  # closed files are discarded too
-        with self.operations.flusher.sealing(repo, branch):
+        with self.operations.flusher.branch_lock(repo, branch):
             count = self.store.discard(repo, branch)
         self._changed(repo, branch)
         return {"changes": count}
@@ -117,7 +117,7 @@ class ControlHandler:
         target = parse_ref(to if "@" in to else f"{repo}@{to}", allow_path=False)
         self.operations.wait_staged(repo, branch)  # closed files count as staged changes
         try:
-            with self.operations.flusher.sealing(repo, branch):
+            with self.operations.flusher.branch_lock(repo, branch):
                 commit = self.store.rollback(repo, branch, target, message, author=author)
         finally:
             self._changed(repo, branch)

@@ -281,11 +281,11 @@ class BranchView(View):
     def staging(self) -> Iterator[None]:
         """Hold the branch for a change that stages at once (mkdir, rename, chmod...).
 
-        Takes the branch's sealing lock (see :meth:`Flusher.sealing`), then the
+        Takes the branch's lock (see :meth:`Flusher.branch_lock`), then the
         view's lock: a ``vfsctl commit`` that is sealing the branch finishes first,
         so it never clears a change it did not seal. Call it from a worker thread.
         """
-        with self.flusher.sealing(self.repo, self.branch), self.lock:
+        with self.flusher.branch_lock(self.repo, self.branch), self.lock:
             yield
 
     def _stage(self, changes: dict[str, Entry | None]) -> None:
