@@ -85,6 +85,24 @@ def _errors(handler: Callable) -> Callable:
     return wrapper
 
 
+def _errors_unanswered(handler: Callable) -> Callable:
+    """The boundary of a handler the kernel expects no answer from (``forget``).
+
+    There is no errno to give back, and any exception, FUSEError too, would end
+    ``pyfuse3.main()``: log it, with its traceback, and keep serving. What it
+    leaves undone is lookup counts, which only keep an inode's record longer.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            await handler(*args, **kwargs)
+        except Exception:
+            log.exception("internal error in %s", handler.__name__)
+
+    return wrapper
+
+
 async def _with_lock(view: BranchView, work: Callable[[], T]) -> T:
     """Run short work on a branch view while holding its lock.
 
@@ -207,6 +225,7 @@ class VfsOperations(pyfuse3.Operations):
         if inode is not None:
             self._nodes[inode].path = "\0deleted"
 
+    @_errors_unanswered
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             node = self._nodes.get(inode)
