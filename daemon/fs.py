@@ -25,7 +25,7 @@ import trio
 
 from daemon.commit_inodes import CommitDir, CommitInodes
 from daemon.flusher import Flusher
-from daemon.reader import ChunkCache, FileReader
+from daemon.reader import ChunkCache, FileReader, ReportedCorruption
 from daemon.views import BranchView, CommitView, SpoolFile, View
 from vfs.errors import (
     BranchNotFound,
@@ -65,6 +65,8 @@ def _errors(handler: Callable) -> Callable:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except ReportedCorruption:  # the chunk cache reported it when it found it
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Corruption as exc:
             log.error("corruption report: %s", exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
