@@ -497,6 +497,13 @@ class VfsOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
         node = self._get(inode)
         view = self._writable(node)
+        # Entries keep no owner: every one shows the daemon's user and group. A
+        # chown to them changes nothing and succeeds (cp -a, rsync -a and tar as
+        # root ask for it); to anyone else it is EPERM, not a success that did
+        # nothing (they report that, rather than believe it).
+        if (fields.update_uid and attr.st_uid != self.uid) or \
+                (fields.update_gid and attr.st_gid != self.gid):
+            raise pyfuse3.FUSEError(errno.EPERM)
 
         def change() -> Entry:
             with view.staging():

@@ -75,3 +75,44 @@ def test_a_damaged_chunk_is_reported_once_and_not_fetched_again(mount: Mount,
     # A put of the same bytes stores a good copy of the chunk: reads work again.
     mount.vfsctl("put", "data@main:/again.bin", str(source))
     assert path.read_bytes() == source.read_bytes()
+
+
+# -- owners ----------------------------------------------------------------------------
+
+
+def test_chown_to_the_owner_shown_succeeds_and_to_another_is_eperm(mount: Mount,
+                                                                  branch: Path) -> None:
+    """Entries keep no owner: everything shows the daemon's user and group, a chown
+    to them changes nothing and succeeds (cp -a, rsync -a, tar as root do it), and
+    a chown to anyone else is EPERM rather than a success that changed nothing."""
+    (branch / "dir").mkdir()
+    (branch / "dir" / "f").write_bytes(b"f")
+    os.symlink("f", branch / "dir" / "link")
+    uid, gid = os.getuid(), os.getgid()  # the daemon runs as the test's user
+    paths = [branch / "dir", branch / "dir" / "f"]
+    for path in paths:
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (uid, gid)
+        os.chown(path, uid, gid)
+        os.chown(path, -1, gid)
+        os.chown(path, uid, -1)
+    os.lchown(branch / "dir" / "link", uid, gid)
+    other = uid + 1000
+    calls = [lambda p: os.chown(p, other, -1), lambda p: os.chown(p, -1, other),
+             lambda p: os.chown(p, other, other), lambda p: os.chown(p, uid, other)]
+    for path in paths:
+        for call in calls:
+            with pytest.raises(OSError) as raised:
+                call(path)
+            assert raised.value.errno == errno.EPERM
+        assert (os.stat(path).st_uid, os.stat(path).st_gid) == (uid, gid)
+    with pytest.raises(OSError) as raised:
+        os.lchown(branch / "dir" / "link", other, other)
+    assert raised.value.errno == errno.EPERM
+    with open(branch / "dir" / "f", "r+b") as f:
+        os.fchown(f.fileno(), uid, gid)
+        with pytest.raises(OSError) as raised:
+            os.fchown(f.fileno(), other, gid)
+        assert raised.value.errno == errno.EPERM
+        f.write(b"g")
+    assert (branch / "dir" / "f").read_bytes() == b"g"
