@@ -654,6 +654,18 @@ class VfsOperations(pyfuse3.Operations):
         return self._attrs(node, entry)
 
     @_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
+        # A tree holds files, directories and symlinks: FIFOs, sockets and devices
+        # are refused with EPERM, as filesystems that cannot hold them do (vfat).
+        # The kernel sends mknod(2) of a regular file here too: an empty file.
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        info, attrs = await self.create(parent_inode, name, mode, os.O_WRONLY | os.O_EXCL, ctx)
+        await self.flush(info.fh)
+        await self.release(info.fh)
+        return attrs
+
+    @_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx) -> None:
         old_parent = self._get(parent_inode_old)

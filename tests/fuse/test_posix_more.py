@@ -13,6 +13,8 @@ import errno
 import os
 import random
 import re
+import socket
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,3 +118,34 @@ def test_chown_to_the_owner_shown_succeeds_and_to_another_is_eperm(mount: Mount,
         assert raised.value.errno == errno.EPERM
         f.write(b"g")
     assert (branch / "dir" / "f").read_bytes() == b"g"
+
+
+# -- special files ---------------------------------------------------------------------
+
+
+def test_special_files_are_eperm_and_mknod_of_a_regular_file_makes_one(mount: Mount,
+                                                                       branch: Path) -> None:
+    """FIFOs, sockets and devices have no place in a commit: EPERM, as on filesystems
+    that cannot hold them (vfat). mknod of a regular file is an empty file."""
+    with pytest.raises(OSError) as raised:
+        os.mkfifo(branch / "fifo")
+    assert raised.value.errno == errno.EPERM
+    for kind in (stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK):
+        with pytest.raises(OSError) as raised:
+            os.mknod(branch / "special", kind | 0o600, os.makedev(1, 3))
+        assert raised.value.errno == errno.EPERM, kind
+    listener = socket.socket(socket.AF_UNIX)
+    with listener, pytest.raises(OSError) as raised:
+        listener.bind(str(branch / "socket"))
+    assert raised.value.errno == errno.EPERM
+    assert os.listdir(branch) == []
+
+    os.mknod(branch / "empty", stat.S_IFREG | 0o640)
+    st = os.stat(branch / "empty")
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640 and st.st_size == 0
+    with pytest.raises(OSError) as raised:
+        os.mknod(branch / "empty", stat.S_IFREG | 0o640)
+    assert raised.value.errno == errno.EEXIST
+    commit = mount.commit("data@main")
+    assert os.listdir(mount.path / f"data@{commit}") == ["empty"]
+    assert (mount.path / f"data@{commit}" / "empty").read_bytes() == b""
