@@ -658,6 +658,7 @@ class VfsOperations(pyfuse3.Operations):
         # A tree holds files, directories and symlinks: FIFOs, sockets and devices
         # are refused with EPERM, as filesystems that cannot hold them do (vfat).
         # The kernel sends mknod(2) of a regular file here too: an empty file.
+        self._writable(self._get(parent_inode))  # EROFS first in a commit
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)
         info, attrs = await self.create(parent_inode, name, mode, os.O_WRONLY | os.O_EXCL, ctx)

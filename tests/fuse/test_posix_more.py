@@ -149,3 +149,6 @@ def test_special_files_are_eperm_and_mknod_of_a_regular_file_makes_one(mount: Mo
     commit = mount.commit("data@main")
     assert os.listdir(mount.path / f"data@{commit}") == ["empty"]
     assert (mount.path / f"data@{commit}" / "empty").read_bytes() == b""
+    with pytest.raises(OSError) as raised:
+        os.mkfifo(mount.path / f"data@{commit}" / "fifo")
+    assert raised.value.errno == errno.EROFS
