@@ -54,6 +54,10 @@ _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodee
 _S_IFDIR, _S_IFREG, _S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 _EMPTY_TREE = decode_tree(EMPTY_TREE)
 _DECODED_TREE_BYTES = 32 * 1024 * 1024  # ~250,000 entries; the tree in use stays anyway
+# Entries of a commit's directory whose subdirectories' trees are read together
+# (a readdirplus reply holds a few dozen).
+_READDIR_AHEAD = 64
+_TREE_READERS = 4
 
 
 def _errors(handler: Callable) -> Callable:
@@ -307,13 +311,35 @@ class VfsOperations(pyfuse3.Operations):
                     return handle.reader.entry
         return None
 
-    def _attrs(self, node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
-        timeout = (COMMIT_TIMEOUT if isinstance(node.view, CommitView)
-                   else BRANCH_TIMEOUT if node.view is not None else ROOT_TIMEOUT)
+    async def _subdirectories_of(self, view: View | None, path: str, entry: Entry) -> int:
+        """How many directories ``entry`` (at ``path`` in ``view``) holds, for its link count.
+
+        Reads its tree unless cached; on a branch, in a worker thread if another
+        one holds the branch's lock.
+        """
+        if entry.kind != DIR:
+            return 0
+        if isinstance(view, BranchView):
+            return await _with_lock(view, functools.partial(view.subdirectories, path))
+        if isinstance(view, CommitView) and entry.ref:
+            return (await self._tree(view, entry.ref)).subdirectories
+        return 0
+
+    def _attrs(self, node: Node, entry: Entry,
+               subdirectories: int = 0) -> pyfuse3.EntryAttributes:
+        """The attributes of a node (``subdirectories``: see :meth:`_subdirectories_of`)."""
+        view = node.view
+        timeout = (COMMIT_TIMEOUT if isinstance(view, CommitView)
+                   else BRANCH_TIMEOUT if view is not None else ROOT_TIMEOUT)
         attrs = self._new_attrs(timeout)
         # Roots and new directories carry no time of their own: show the mount's.
         _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size,
-                    entry.mtime_ns or self.started_ns)
+                    entry.mtime_ns or self.started_ns, subdirectories)
+        if view is None:
+            # The mount root: its entries are branches listed from the store, and
+            # counting them on every stat would list the store. 1 is what a
+            # filesystem that does not count says (find and fts read it so).
+            attrs.st_nlink = 1
         return attrs
 
     def _new_attrs(self, timeout: float) -> pyfuse3.EntryAttributes:
@@ -326,11 +352,19 @@ class VfsOperations(pyfuse3.Operations):
         attrs.attr_timeout = timeout
         return attrs
 
-    def _commit_attrs(self, inode: int, row: list) -> pyfuse3.EntryAttributes:
+    async def _commit_attrs(self, view: CommitView, inode: int,
+                            row: list) -> pyfuse3.EntryAttributes:
         """The attributes of an entry of a commit, from its tree row."""
         attrs = self._new_attrs(COMMIT_TIMEOUT)
-        _fill_attrs(attrs, inode, row[1], row[2], row[3], row[4] or self.started_ns)
+        _fill_attrs(attrs, inode, row[1], row[2], row[3], row[4] or self.started_ns,
+                    await self._subdirectories(view, row))
         return attrs
+
+    async def _subdirectories(self, view: CommitView, row: list) -> int:
+        """How many directories the entry of a commit of tree row ``row`` holds."""
+        if row[1] != DIR:
+            return 0
+        return (await self._tree(view, row[5])).subdirectories
 
     # -- inside commits: numbered by directory (daemon.commit_inodes) ---------------------------
 
@@ -378,8 +412,11 @@ class VfsOperations(pyfuse3.Operations):
                 inode = located[0].inode if located is not None else pyfuse3.ROOT_INODE
             node = self._nodes.get(inode)
             if node is not None:
+                entry = self._entry(node)
+                attrs = self._attrs(node, entry,
+                                    await self._subdirectories_of(node.view, node.path, entry))
                 node.lookups += 1
-                return self._attrs(node, self._entry(node))
+                return attrs
             located = self.commit_inodes.locate(inode)
             if located is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -390,21 +427,48 @@ class VfsOperations(pyfuse3.Operations):
             if index is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
         row = (await self._tree(directory.view, directory.tree)).row(index)
+        attrs = await self._commit_attrs(directory.view, directory.base + index, row)
         directory.remember(index)
-        return self._commit_attrs(directory.base + index, row)
+        return attrs
 
-    def _readdir_commit(self, handle: DirHandle, start: int, token) -> None:
+    async def _read_trees(self, view: CommitView, tree: Tree, start: int) -> None:
+        """Read the trees of the directories among the next entries of a listing.
+
+        Their link counts need them. In a few threads at once: one after the
+        other, a listing of many directories would wait for each read in turn
+        (a request each on S3).
+        """
+        rows = map(tree.row, range(start, min(start + _READDIR_AHEAD, len(tree))))
+        missing = sorted({row[5] for row in rows
+                          if row[1] == DIR and row[5] and view.cached_tree(row[5]) is None})
+        if not missing:
+            return
+
+        def read(group: list[str]) -> None:
+            for tree_hex in group:
+                view.tree(tree_hex)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(min(_TREE_READERS, len(missing))):
+                nursery.start_soon(trio.to_thread.run_sync, read, missing[k::_TREE_READERS])
+
+    async def _readdir_commit(self, handle: DirHandle, start: int, token) -> None:
         directory, tree = handle.directory, handle.tree
         assert directory is not None and tree is not None
         # One attributes object for the whole reply (readdir_reply copies it), and
         # the loop kept tight: ls -l of 100,000 files runs it 100,000 times.
         attrs = self._new_attrs(COMMIT_TIMEOUT)
         base, row_at, reply, fill = directory.base, tree.row, pyfuse3.readdir_reply, _fill_attrs
-        default_mtime = self.started_ns
+        default_mtime, view = self.started_ns, directory.view
+        await self._read_trees(view, tree, start)
         index = start
         for index in range(start, len(tree)):
             row = row_at(index)
-            fill(attrs, base + index, row[1], row[2], row[3], row[4] or default_mtime)
+            # A directory's link count needs its own tree (read here, once, and cached).
+            subdirectories = (await self._tree(view, row[5])).subdirectories \
+                if row[1] == DIR else 0
+            fill(attrs, base + index, row[1], row[2], row[3], row[4] or default_mtime,
+                 subdirectories)
             # The offset of an entry is its position + 1: stable, the tree never changes.
             if not reply(token, row[0].encode(_FS_ENCODING, _FS_ERRORS), attrs, index + 1):
                 break
@@ -473,25 +537,30 @@ class VfsOperations(pyfuse3.Operations):
                 entry = self._view_entry(view, path)
                 if entry is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
+                subdirectories = await self._subdirectories_of(view, path, entry)
                 node = self._node(view, path)
                 node.lookups += 1
-                return self._attrs(node, entry)
+                return self._attrs(node, entry, subdirectories)
             node = self._nodes[inode]
         entry = self._entry(node)
+        attrs = self._attrs(node, entry,
+                            await self._subdirectories_of(node.view, node.path, entry))
         node.lookups += 1
-        return self._attrs(node, entry)
+        return attrs
 
     @_errors
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         node = self._nodes.get(inode)
         if node is not None:
-            return self._attrs(node, self._entry(node))
+            entry = self._entry(node)
+            return self._attrs(node, entry,
+                               await self._subdirectories_of(node.view, node.path, entry))
         located = self.commit_inodes.locate(inode)
         if located is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         directory, index = located
         tree = await self._tree(directory.view, directory.tree)
-        return self._commit_attrs(inode, tree.row(index))
+        return await self._commit_attrs(directory.view, inode, tree.row(index))
 
     @_errors
     async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
@@ -519,7 +588,7 @@ class VfsOperations(pyfuse3.Operations):
                 return entry
 
         entry = await trio.to_thread.run_sync(change)
-        return self._attrs(node, entry)
+        return self._attrs(node, entry, await self._subdirectories_of(view, node.path, entry))
 
     @_errors
     async def readlink(self, inode: int, ctx=None) -> bytes:
@@ -573,9 +642,10 @@ class VfsOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         assert isinstance(handle, DirHandle)
         if handle.directory is not None:
-            self._readdir_commit(handle, start_id, token)
+            await self._readdir_commit(handle, start_id, token)
             return
         assert handle.node is not None
+        counts = await self._count_subdirectories(handle, start_id)
         for index in range(start_id, len(handle.entries)):
             name, entry, view = handle.entries[index]
             if view is None:
@@ -583,15 +653,37 @@ class VfsOperations(pyfuse3.Operations):
                     view = await trio.to_thread.run_sync(self.view, name)
                 except (VfsError, pyfuse3.FUSEError):
                     continue
-                node = self._node(view, "")
-                entry = self._entry(node)
+                path, entry = "", self._view_entry(view, "")
             else:
-                node = self._node(view, join(handle.node.path, name))
+                path = join(handle.node.path, name)
             assert entry is not None
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node, entry),
-                                         index + 1):
+            subdirectories = counts.get(path)
+            if subdirectories is None:
+                subdirectories = await self._subdirectories_of(view, path, entry)
+            node = self._node(view, path)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name),
+                                         self._attrs(node, entry, subdirectories), index + 1):
                 return
             node.lookups += 1
+
+    async def _count_subdirectories(self, handle: DirHandle, start: int) -> dict[str, int]:
+        """The subdirectory counts of the directories among the next entries of a
+        branch listing, counted in one worker thread (they may read trees)."""
+        node = handle.node
+        if node is None or not isinstance(node.view, BranchView):
+            return {}
+        view = node.view
+        paths = [join(node.path, name) for name, entry, _ in
+                 handle.entries[start : start + _READDIR_AHEAD]
+                 if entry is not None and entry.kind == DIR]
+        if not paths:
+            return {}
+
+        def count() -> dict[str, int]:
+            with view.lock:
+                return {path: view.subdirectories(path) for path in paths}
+
+        return await trio.to_thread.run_sync(count)
 
     @_errors
     async def releasedir(self, fh: int) -> None:
@@ -864,13 +956,15 @@ class VfsOperations(pyfuse3.Operations):
 
 
 def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int, size: int,
-                mtime_ns: int) -> None:
+                mtime_ns: int, subdirectories: int = 0) -> None:
     """The fields that differ from one entry to the next (see ``_new_attrs``)."""
     attrs.st_ino = inode
     if kind == DIR:
         # New directories (staged, never committed) have mode 0: show 0755.
         attrs.st_mode = _S_IFDIR | (permission_bits(mode) or 0o755)
-        attrs.st_nlink = 2
+        # Its name, its "." and the ".." of each subdirectory (find and fts may
+        # rely on it to skip leaves).
+        attrs.st_nlink = 2 + subdirectories
         size = 4096
     else:
         attrs.st_mode = (_S_IFREG if kind == FILE else _S_IFLNK) | permission_bits(mode)

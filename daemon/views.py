@@ -265,6 +265,10 @@ class BranchView(View):
                          spool.mtime_ns, "")
         return self.open_commit.lookup(path)
 
+    def subdirectories(self, path: str) -> int:
+        """How many directories the directory at ``path`` holds (spools are files)."""
+        return self.open_commit.subdirectories(path)
+
     def listdir(self, path: str) -> dict[str, Entry]:
         entries = self.open_commit.listdir(path)
         for spool_path in self.spools:

@@ -152,3 +152,46 @@ def test_special_files_are_eperm_and_mknod_of_a_regular_file_makes_one(mount: Mo
     with pytest.raises(OSError) as raised:
         os.mkfifo(mount.path / f"data@{commit}" / "fifo")
     assert raised.value.errno == errno.EROFS
+
+
+# -- directory link counts -------------------------------------------------------------
+
+
+def _links(directory: Path) -> dict[str, int]:
+    """st_nlink of every directory under ``directory`` (and itself, as "."), listed
+    first: in a commit the attributes then come from the listing (readdirplus)."""
+    links = {".": os.stat(directory).st_nlink}
+    for parent, subdirs, _ in os.walk(directory):
+        for name in subdirs:
+            path = Path(parent) / name
+            if not path.is_symlink():
+                links[str(path.relative_to(directory))] = os.stat(path).st_nlink
+    return links
+
+
+def test_a_directory_links_itself_its_parent_and_each_subdirectory(mount: Mount,
+                                                                   branch: Path) -> None:
+    for directory in ("a", "a/b", "a/c", "a/c/d", "e"):
+        (branch / directory).mkdir()
+    (branch / "a" / "f").write_bytes(b"f")
+    os.symlink("b", branch / "a" / "link")  # to a directory: not one itself
+    expected = {".": 4, "a": 4, "a/b": 2, "a/c": 3, "a/c/d": 2, "e": 2}
+    assert _links(branch) == expected
+    commit = mount.commit("data@main")
+    assert _links(mount.path / f"data@{commit}") == expected
+
+    # Changes over a committed tree: a new directory, one removed, one replaced by
+    # a file, one moved elsewhere.
+    steps = [(lambda: (branch / "a" / "new").mkdir(), 5),
+             (lambda: (branch / "a" / "c" / "d").rmdir(), 5),
+             (lambda: (branch / "a" / "b").rmdir(), 4),
+             (lambda: (branch / "a" / "b").write_bytes(b"was a directory"), 4),
+             (lambda: os.rename(branch / "e", branch / "a" / "c" / "e"), 4)]
+    for step, links in steps:  # counted once, then kept up to date change by change
+        step()
+        assert os.stat(branch / "a").st_nlink == links
+    expected = {".": 3, "a": 4, "a/c": 3, "a/c/e": 2, "a/new": 2}
+    assert _links(branch) == expected
+    commit = mount.commit("data@main")
+    assert _links(mount.path / f"data@{commit}") == expected
+    assert _links(branch) == expected
