@@ -970,5 +970,8 @@ def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int
         attrs.st_mode = (_S_IFREG if kind == FILE else _S_IFLNK) | permission_bits(mode)
         attrs.st_nlink = 1
     attrs.st_size = size
+    # Every byte counts: the store keeps no holes (zeros are stored, deduplicated
+    # and compressed), a file reads back whole, and lseek's SEEK_HOLE finds only
+    # its end (the kernel answers that itself: there is no lseek handler).
     attrs.st_blocks = (size + 511) // 512
     attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns

@@ -195,3 +195,46 @@ def test_a_directory_links_itself_its_parent_and_each_subdirectory(mount: Mount,
     commit = mount.commit("data@main")
     assert _links(mount.path / f"data@{commit}") == expected
     assert _links(branch) == expected
+
+
+# -- holes -----------------------------------------------------------------------------
+
+
+def _check_no_holes(path: Path) -> None:
+    """st_blocks counts every byte (rounded up to 512), and the file is all data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        assert st.st_blocks == (size + 511) // 512, (path, size, st.st_blocks)
+        for offset in {0, size // 2, size - 1} - {-1, size}:
+            assert os.lseek(fd, offset, os.SEEK_DATA) == offset
+            assert os.lseek(fd, offset, os.SEEK_HOLE) == size
+        for whence in (os.SEEK_DATA, os.SEEK_HOLE):  # at the end: nothing to find
+            with pytest.raises(OSError) as raised:
+                os.lseek(fd, size, whence)
+            assert raised.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+
+
+def test_files_have_no_holes_and_count_every_byte_in_st_blocks(mount: Mount,
+                                                               branch: Path) -> None:
+    """The store keeps a file's bytes, zeros included (deduplicated and compressed,
+    never as holes): a file written sparse reads back whole, and stat and lseek say
+    so, in the branch while it is written, once stored, and in a commit."""
+    sizes = [0, 1, 511, 512, 513, 100_000, (3 << 20) + 1]
+    for size in sizes:
+        (branch / f"f{size}").write_bytes(random.Random(size).randbytes(size))
+    with open(branch / "sparse", "wb") as f:
+        f.seek(5 << 20)
+        f.write(b"end")
+        f.flush()
+        _check_no_holes(branch / "sparse")  # open, in its spool
+    _check_no_holes(branch / "sparse")
+    with open(branch / "sparse", "rb") as f:
+        assert f.read(5 << 20) == bytes(5 << 20)
+    commit = mount.commit("data@main")
+    for root in (branch, mount.path / f"data@{commit}"):
+        for name in [f"f{size}" for size in sizes] + ["sparse"]:
+            _check_no_holes(root / name)
