@@ -784,6 +784,29 @@ class VfsOperations(pyfuse3.Operations):
         # Hard links have no place in a tree of content-addressed entries.
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    # -- extended attributes: none, as on a filesystem without them ------------------------
+    # Trees keep no attributes. Listing gives none; reading, setting or removing
+    # one is ENOTSUP, which cp -a, rsync -X and tar expect from such a filesystem.
+    # ENOSYS tells the kernel to answer ENOTSUP itself from then on: it reads
+    # security.capability before every write(2), and a round trip for that (an
+    # ENODATA answer) made small writes twice as slow.
+
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_errors
+    async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_errors
+    async def listxattr(self, inode: int, ctx) -> list[bytes]:
+        return []
+
     # -- files ---------------------------------------------------------------------------
 
     def _new_handle(self, handle: Handle | DirHandle) -> int:

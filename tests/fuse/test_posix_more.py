@@ -15,6 +15,7 @@ import random
 import re
 import socket
 import stat
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -238,3 +239,47 @@ def test_files_have_no_holes_and_count_every_byte_in_st_blocks(mount: Mount,
     for root in (branch, mount.path / f"data@{commit}"):
         for name in [f"f{size}" for size in sizes] + ["sparse"]:
             _check_no_holes(root / name)
+
+
+# -- extended attributes ---------------------------------------------------------------
+
+
+def _xattr_errno(call, *args) -> int:
+    with pytest.raises(OSError) as raised:
+        call(*args)
+    return raised.value.errno
+
+
+def test_extended_attributes_are_not_supported(mount: Mount, branch: Path,
+                                               tmp_path: Path) -> None:
+    """As on a filesystem without them: listing gives none, and reading, setting or
+    removing one is ENOTSUP (not ENODATA for a read: the kernel asks for
+    security.capability before every write, and learns from ENOTSUP to stop)."""
+    (branch / "d").mkdir()
+    (branch / "d" / "f").write_bytes(b"f")
+    os.symlink("f", branch / "d" / "link")
+    commit = mount.commit("data@main")
+    paths = [branch / "d", branch / "d" / "f", mount.path / f"data@{commit}" / "d" / "f"]
+    for path in paths:
+        assert os.listxattr(path) == []
+        assert _xattr_errno(os.getxattr, path, "user.a") == errno.ENOTSUP
+        assert _xattr_errno(os.getxattr, path, "security.capability") == errno.ENOTSUP
+        assert _xattr_errno(os.setxattr, path, "user.a", b"1") == errno.ENOTSUP
+        assert _xattr_errno(os.removexattr, path, "user.a") == errno.ENOTSUP
+    link = branch / "d" / "link"
+    assert os.listxattr(link, follow_symlinks=False) == []
+    with open(branch / "d" / "f", "rb") as f:
+        assert os.listxattr(f.fileno()) == []
+        assert _xattr_errno(os.setxattr, f.fileno(), "user.a", b"1") == errno.ENOTSUP
+
+    # cp -a of a file that has one copies the file and leaves the attribute behind.
+    source = tmp_path / "source"
+    source.write_bytes(b"with an attribute")
+    try:
+        os.setxattr(source, "user.note", b"kept elsewhere")
+    except OSError:
+        pytest.skip("the test's own filesystem has no user extended attributes")
+    copied = subprocess.run(["cp", "-a", str(source), str(branch / "copied")],
+                            capture_output=True, text=True)
+    assert copied.returncode == 0, copied.stderr
+    assert (branch / "copied").read_bytes() == b"with an attribute"
