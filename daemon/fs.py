@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -54,6 +54,9 @@ _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodee
 _S_IFDIR, _S_IFREG, _S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 _EMPTY_TREE = decode_tree(EMPTY_TREE)
 _DECODED_TREE_BYTES = 32 * 1024 * 1024  # ~250,000 entries; the tree in use stays anyway
+# The path of a Node whose name is gone (unlinked or replaced) while the kernel
+# still holds it: no entry has a NUL in its name.
+_DELETED = "\0deleted"
 # Entries of a commit's directory whose subdirectories' trees are read together
 # (a readdirplus reply holds a few dozen).
 _READDIR_AHEAD = 64
@@ -229,7 +232,7 @@ class VfsOperations(pyfuse3.Operations):
     def _forget_path(self, view: View, path: str) -> None:
         inode = self._by_key.pop((view.name, path), None)
         if inode is not None:
-            self._nodes[inode].path = "\0deleted"
+            self._nodes[inode].path = _DELETED
 
     @_errors_unanswered
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -300,16 +303,25 @@ class VfsOperations(pyfuse3.Operations):
         return view.lookup(path)
 
     def _entry_of_open_handle(self, node: Node) -> Entry | None:
-        """An unlinked file still works through its open handles (the temp-file idiom)."""
-        for handle in self._handles.values():
-            if isinstance(handle, Handle) and handle.node is node:
-                if handle.spool is not None:
-                    spool = handle.spool
-                    return Entry(node.path.rpartition("/")[2], FILE, spool.mode, spool.size,
-                                 spool.mtime_ns, "")
-                if handle.reader is not None:
-                    return handle.reader.entry
+        """An unlinked file still works through its open handles (the temp-file idiom).
+
+        A handle that writes (its spool) says, before one opened to read the file
+        as it was.
+        """
+        handles = self._open_handles(node)
+        for handle in handles:
+            if handle.spool is not None:
+                spool = handle.spool
+                return Entry(node.path.rpartition("/")[2], FILE, spool.mode, spool.size,
+                             spool.mtime_ns, "")
+        for handle in handles:
+            if handle.reader is not None:
+                return handle.reader.entry
         return None
+
+    def _open_handles(self, node: Node) -> list[Handle]:
+        return [handle for handle in self._handles.values()
+                if isinstance(handle, Handle) and handle.node is node]
 
     async def _subdirectories_of(self, view: View | None, path: str, entry: Entry) -> int:
         """How many directories ``entry`` (at ``path`` in ``view``) holds, for its link count.
@@ -335,6 +347,8 @@ class VfsOperations(pyfuse3.Operations):
         # Roots and new directories carry no time of their own: show the mount's.
         _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size,
                     entry.mtime_ns or self.started_ns, subdirectories)
+        if node.path == _DELETED:
+            attrs.st_nlink = 0  # open, and no name any more
         if view is None:
             # The mount root: its entries are branches listed from the store, and
             # counting them on every stat would list the store. 1 is what a
@@ -573,6 +587,8 @@ class VfsOperations(pyfuse3.Operations):
         if (fields.update_uid and attr.st_uid != self.uid) or \
                 (fields.update_gid and attr.st_gid != self.gid):
             raise pyfuse3.FUSEError(errno.EPERM)
+        if node.path == _DELETED:
+            return self._attrs(node, await self._change_detached(view, node, attr, fields))
 
         def change() -> Entry:
             with view.staging():
@@ -589,6 +605,33 @@ class VfsOperations(pyfuse3.Operations):
 
         entry = await trio.to_thread.run_sync(change)
         return self._attrs(node, entry, await self._subdirectories_of(view, node.path, entry))
+
+    async def _change_detached(self, view: BranchView, node: Node, attr,
+                               fields) -> Entry:
+        """setattr through a handle of a file unlinked or replaced while open: the
+        change applies to what its handles see, and nothing is staged."""
+        handles = self._open_handles(node)
+        if not handles:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        size = attr.st_size if fields.update_size else None
+        mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        spools = {id(h.spool): h.spool for h in handles if h.spool is not None}
+        for spool in spools.values():
+            await _with_lock(view, functools.partial(
+                view.change_detached, spool, size=size, mode=mode, mtime_ns=mtime))
+        for handle in handles:
+            # Opened to read: the file as it was, which no one can write (the
+            # kernel refuses ftruncate without write access); its mode and time
+            # may still change.
+            if handle.reader is not None:
+                old = handle.reader.entry
+                handle.reader.entry = replace(
+                    old, mode=old.mode if mode is None else permission_bits(mode),
+                    mtime_ns=old.mtime_ns if mtime is None else mtime)
+        entry = self._entry_of_open_handle(node)
+        assert entry is not None
+        return entry
 
     @_errors
     async def readlink(self, inode: int, ctx=None) -> bytes:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from fuse_checks import staged
 
 if TYPE_CHECKING:
     from conftest import Mount
@@ -283,3 +284,73 @@ def test_extended_attributes_are_not_supported(mount: Mount, branch: Path,
                             capture_output=True, text=True)
     assert copied.returncode == 0, copied.stderr
     assert (branch / "copied").read_bytes() == b"with an attribute"
+
+
+# -- open files whose name is gone -----------------------------------------------------
+
+
+def _use_detached(fd: int, content: bytes) -> None:
+    """Every call on a descriptor whose file lost its name keeps working on that file."""
+    st = os.fstat(fd)
+    assert st.st_nlink == 0 and st.st_size == len(content)
+    assert os.pread(fd, len(content) + 10, 0) == content
+    assert os.pwrite(fd, b"more", len(content)) == 4
+    os.ftruncate(fd, 3)
+    assert os.fstat(fd).st_size == 3
+    os.ftruncate(fd, 10)
+    assert os.pread(fd, 100, 0) == content[:3] + bytes(7)
+    os.fchmod(fd, 0o600)
+    os.utime(fd, ns=(1_000_000_000, 2_000_000_000))
+    os.fsync(fd)
+    st = os.fstat(fd)
+    assert (st.st_nlink, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == \
+        (0, 10, 0o600, 2_000_000_000)
+
+
+def test_an_unlinked_open_file_works_until_its_last_close_and_never_comes_back(
+        mount: Mount, branch: Path) -> None:
+    (branch / "written").write_bytes(b"written")
+    (branch / "committed").write_bytes(b"committed")
+    mount.commit("data@main")
+    (branch / "new").write_bytes(b"new")
+    with open(branch / "new", "r+b") as new, open(branch / "committed", "r+b") as committed:
+        assert os.fstat(new.fileno()).st_nlink == 1
+        os.unlink(branch / "new")
+        os.unlink(branch / "committed")
+        _use_detached(new.fileno(), b"new")
+        _use_detached(committed.fileno(), b"committed")
+        assert sorted(os.listdir(branch)) == ["written"]
+        during = mount.commit("data@main")  # while they are open
+    with open(branch / "written", "rb") as reader:  # read-only: no spool
+        os.unlink(branch / "written")
+        assert os.fstat(reader.fileno()).st_nlink == 0
+        os.fchmod(reader.fileno(), 0o600)
+        os.utime(reader.fileno(), ns=(1, 2))
+        st = os.fstat(reader.fileno())
+        assert (st.st_nlink, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0, 0o600, 2)
+        assert reader.read() == b"written"
+    after = mount.commit("data@main")
+    assert os.listdir(branch) == []
+    assert os.listdir(mount.path / f"data@{during}") == ["written"]
+    assert os.listdir(mount.path / f"data@{after}") == []
+    mount.restart()  # nothing of them was left for a new daemon to stage
+    assert os.listdir(branch) == []
+    assert staged(mount) == {}
+
+
+def test_a_file_renamed_over_an_open_one_leaves_that_one_working(mount: Mount,
+                                                                branch: Path) -> None:
+    (branch / "a").write_bytes(b"old a")
+    (branch / "b").write_bytes(b"b")
+    os.chmod(branch / "b", 0o640)
+    with open(branch / "a", "r+b") as old:
+        os.rename(branch / "b", branch / "a")
+        _use_detached(old.fileno(), b"old a")
+        assert (branch / "a").read_bytes() == b"b"
+        assert stat.S_IMODE(os.stat(branch / "a").st_mode) == 0o640
+        assert os.stat(branch / "a").st_nlink == 1
+    assert os.listdir(branch) == ["a"]
+    assert (branch / "a").read_bytes() == b"b"
+    commit = mount.commit("data@main")
+    assert (mount.path / f"data@{commit}" / "a").read_bytes() == b"b"
+    assert os.listdir(mount.path / f"data@{commit}") == ["a"]
