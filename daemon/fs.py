@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -25,7 +25,7 @@ import trio
 
 from daemon.commit_inodes import CommitDir, CommitInodes
 from daemon.flusher import Flusher
-from daemon.reader import ChunkCache, FileReader
+from daemon.reader import ChunkCache, FileReader, ReportedCorruption
 from daemon.views import BranchView, CommitView, SpoolFile, View
 from vfs.errors import (
     BranchNotFound,
@@ -54,6 +54,13 @@ _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodee
 _S_IFDIR, _S_IFREG, _S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 _EMPTY_TREE = decode_tree(EMPTY_TREE)
 _DECODED_TREE_BYTES = 32 * 1024 * 1024  # ~250,000 entries; the tree in use stays anyway
+# The path of a Node whose name is gone (unlinked or replaced) while the kernel
+# still holds it: no entry has a NUL in its name.
+_DELETED = "\0deleted"
+# Entries of a commit's directory whose subdirectories' trees are read together
+# (a readdirplus reply holds a few dozen).
+_READDIR_AHEAD = 64
+_TREE_READERS = 4
 
 
 def _errors(handler: Callable) -> Callable:
@@ -65,6 +72,8 @@ def _errors(handler: Callable) -> Callable:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except ReportedCorruption:  # the chunk cache reported it when it found it
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Corruption as exc:
             log.error("corruption report: %s", exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -81,6 +90,24 @@ def _errors(handler: Callable) -> Callable:
         except Exception:
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _errors_unanswered(handler: Callable) -> Callable:
+    """The boundary of a handler the kernel expects no answer from (``forget``).
+
+    There is no errno to give back, and any exception, FUSEError too, would end
+    ``pyfuse3.main()``: log it, with its traceback, and keep serving. What it
+    leaves undone is lookup counts, which only keep an inode's record longer.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            await handler(*args, **kwargs)
+        except Exception:
+            log.exception("internal error in %s", handler.__name__)
 
     return wrapper
 
@@ -205,8 +232,9 @@ class VfsOperations(pyfuse3.Operations):
     def _forget_path(self, view: View, path: str) -> None:
         inode = self._by_key.pop((view.name, path), None)
         if inode is not None:
-            self._nodes[inode].path = "\0deleted"
+            self._nodes[inode].path = _DELETED
 
+    @_errors_unanswered
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             node = self._nodes.get(inode)
@@ -275,29 +303,63 @@ class VfsOperations(pyfuse3.Operations):
         return view.lookup(path)
 
     def _entry_of_open_handle(self, node: Node) -> Entry | None:
-        """An unlinked file still works through its open handles (the temp-file idiom)."""
-        for handle in self._handles.values():
-            if isinstance(handle, Handle) and handle.node is node:
-                if handle.spool is not None:
-                    spool = handle.spool
-                    return Entry(node.path.rpartition("/")[2], FILE, spool.mode, spool.size,
-                                 spool.mtime_ns, "")
-                if handle.reader is not None:
-                    return handle.reader.entry
+        """An unlinked file still works through its open handles (the temp-file idiom).
+
+        A handle that writes (its spool) says, before one opened to read the file
+        as it was.
+        """
+        handles = self._open_handles(node)
+        for handle in handles:
+            if handle.spool is not None:
+                spool = handle.spool
+                return Entry(node.path.rpartition("/")[2], FILE, spool.mode, spool.size,
+                             spool.mtime_ns, "")
+        for handle in handles:
+            if handle.reader is not None:
+                return handle.reader.entry
         return None
 
-    def _attrs(self, node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
-        timeout = (COMMIT_TIMEOUT if isinstance(node.view, CommitView)
-                   else BRANCH_TIMEOUT if node.view is not None else ROOT_TIMEOUT)
+    def _open_handles(self, node: Node) -> list[Handle]:
+        return [handle for handle in self._handles.values()
+                if isinstance(handle, Handle) and handle.node is node]
+
+    async def _subdirectories_of(self, view: View | None, path: str, entry: Entry) -> int:
+        """How many directories ``entry`` (at ``path`` in ``view``) holds, for its link count.
+
+        Reads its tree unless cached; on a branch, in a worker thread if another
+        one holds the branch's lock.
+        """
+        if entry.kind != DIR:
+            return 0
+        if isinstance(view, BranchView):
+            return await _with_lock(view, functools.partial(view.subdirectories, path))
+        if isinstance(view, CommitView) and entry.ref:
+            return (await self._tree(view, entry.ref)).subdirectories
+        return 0
+
+    def _attrs(self, node: Node, entry: Entry,
+               subdirectories: int = 0) -> pyfuse3.EntryAttributes:
+        """The attributes of a node (``subdirectories``: see :meth:`_subdirectories_of`)."""
+        view = node.view
+        timeout = (COMMIT_TIMEOUT if isinstance(view, CommitView)
+                   else BRANCH_TIMEOUT if view is not None else ROOT_TIMEOUT)
         attrs = self._new_attrs(timeout)
         # Roots and new directories carry no time of their own: show the mount's.
         mtime_ns = entry.mtime_ns or self.started_ns
-        if isinstance(node.view, BranchView):
-            shown = node.view.times.shown(node.path, mtime_ns)
+        if isinstance(view, BranchView) and node.path != _DELETED:
+            shown = view.times.shown(node.path, mtime_ns)
             _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, shown.mtime_ns,
-                        atime_ns=shown.atime_ns, ctime_ns=shown.ctime_ns)
+                        subdirectories, atime_ns=shown.atime_ns, ctime_ns=shown.ctime_ns)
         else:
-            _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, mtime_ns)
+            _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, mtime_ns,
+                        subdirectories)
+        if node.path == _DELETED:
+            attrs.st_nlink = 0  # open, and no name any more
+        if view is None:
+            # The mount root: its entries are branches listed from the store, and
+            # counting them on every stat would list the store. 1 is what a
+            # filesystem that does not count says (find and fts read it so).
+            attrs.st_nlink = 1
         return attrs
 
     def _new_attrs(self, timeout: float) -> pyfuse3.EntryAttributes:
@@ -310,11 +372,19 @@ class VfsOperations(pyfuse3.Operations):
         attrs.attr_timeout = timeout
         return attrs
 
-    def _commit_attrs(self, inode: int, row: list) -> pyfuse3.EntryAttributes:
+    async def _commit_attrs(self, view: CommitView, inode: int,
+                            row: list) -> pyfuse3.EntryAttributes:
         """The attributes of an entry of a commit, from its tree row."""
         attrs = self._new_attrs(COMMIT_TIMEOUT)
-        _fill_attrs(attrs, inode, row[1], row[2], row[3], row[4] or self.started_ns)
+        _fill_attrs(attrs, inode, row[1], row[2], row[3], row[4] or self.started_ns,
+                    await self._subdirectories(view, row))
         return attrs
+
+    async def _subdirectories(self, view: CommitView, row: list) -> int:
+        """How many directories the entry of a commit of tree row ``row`` holds."""
+        if row[1] != DIR:
+            return 0
+        return (await self._tree(view, row[5])).subdirectories
 
     # -- inside commits: numbered by directory (daemon.commit_inodes) ---------------------------
 
@@ -362,8 +432,11 @@ class VfsOperations(pyfuse3.Operations):
                 inode = located[0].inode if located is not None else pyfuse3.ROOT_INODE
             node = self._nodes.get(inode)
             if node is not None:
+                entry = self._entry(node)
+                attrs = self._attrs(node, entry,
+                                    await self._subdirectories_of(node.view, node.path, entry))
                 node.lookups += 1
-                return self._attrs(node, self._entry(node))
+                return attrs
             located = self.commit_inodes.locate(inode)
             if located is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -374,21 +447,48 @@ class VfsOperations(pyfuse3.Operations):
             if index is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
         row = (await self._tree(directory.view, directory.tree)).row(index)
+        attrs = await self._commit_attrs(directory.view, directory.base + index, row)
         directory.remember(index)
-        return self._commit_attrs(directory.base + index, row)
+        return attrs
 
-    def _readdir_commit(self, handle: DirHandle, start: int, token) -> None:
+    async def _read_trees(self, view: CommitView, tree: Tree, start: int) -> None:
+        """Read the trees of the directories among the next entries of a listing.
+
+        Their link counts need them. In a few threads at once: one after the
+        other, a listing of many directories would wait for each read in turn
+        (a request each on S3).
+        """
+        rows = map(tree.row, range(start, min(start + _READDIR_AHEAD, len(tree))))
+        missing = sorted({row[5] for row in rows
+                          if row[1] == DIR and row[5] and view.cached_tree(row[5]) is None})
+        if not missing:
+            return
+
+        def read(group: list[str]) -> None:
+            for tree_hex in group:
+                view.tree(tree_hex)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(min(_TREE_READERS, len(missing))):
+                nursery.start_soon(trio.to_thread.run_sync, read, missing[k::_TREE_READERS])
+
+    async def _readdir_commit(self, handle: DirHandle, start: int, token) -> None:
         directory, tree = handle.directory, handle.tree
         assert directory is not None and tree is not None
         # One attributes object for the whole reply (readdir_reply copies it), and
         # the loop kept tight: ls -l of 100,000 files runs it 100,000 times.
         attrs = self._new_attrs(COMMIT_TIMEOUT)
         base, row_at, reply, fill = directory.base, tree.row, pyfuse3.readdir_reply, _fill_attrs
-        default_mtime = self.started_ns
+        default_mtime, view = self.started_ns, directory.view
+        await self._read_trees(view, tree, start)
         index = start
         for index in range(start, len(tree)):
             row = row_at(index)
-            fill(attrs, base + index, row[1], row[2], row[3], row[4] or default_mtime)
+            # A directory's link count needs its own tree (read here, once, and cached).
+            subdirectories = (await self._tree(view, row[5])).subdirectories \
+                if row[1] == DIR else 0
+            fill(attrs, base + index, row[1], row[2], row[3], row[4] or default_mtime,
+                 subdirectories)
             # The offset of an entry is its position + 1: stable, the tree never changes.
             if not reply(token, row[0].encode(_FS_ENCODING, _FS_ERRORS), attrs, index + 1):
                 break
@@ -457,30 +557,44 @@ class VfsOperations(pyfuse3.Operations):
                 entry = self._view_entry(view, path)
                 if entry is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
+                subdirectories = await self._subdirectories_of(view, path, entry)
                 node = self._node(view, path)
                 node.lookups += 1
-                return self._attrs(node, entry)
+                return self._attrs(node, entry, subdirectories)
             node = self._nodes[inode]
         entry = self._entry(node)
+        attrs = self._attrs(node, entry,
+                            await self._subdirectories_of(node.view, node.path, entry))
         node.lookups += 1
-        return self._attrs(node, entry)
+        return attrs
 
     @_errors
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         node = self._nodes.get(inode)
         if node is not None:
-            return self._attrs(node, self._entry(node))
+            entry = self._entry(node)
+            return self._attrs(node, entry,
+                               await self._subdirectories_of(node.view, node.path, entry))
         located = self.commit_inodes.locate(inode)
         if located is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         directory, index = located
         tree = await self._tree(directory.view, directory.tree)
-        return self._commit_attrs(inode, tree.row(index))
+        return await self._commit_attrs(directory.view, inode, tree.row(index))
 
     @_errors
     async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
         node = self._get(inode)
         view = self._writable(node)
+        # Entries keep no owner: every one shows the daemon's user and group. A
+        # chown to them changes nothing and succeeds (cp -a, rsync -a and tar as
+        # root ask for it); to anyone else it is EPERM, not a success that did
+        # nothing (they report that, rather than believe it).
+        if (fields.update_uid and attr.st_uid != self.uid) or \
+                (fields.update_gid and attr.st_gid != self.gid):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if node.path == _DELETED:
+            return self._attrs(node, await self._change_detached(view, node, attr, fields))
 
         def change() -> Entry:
             with view.staging():
@@ -499,7 +613,34 @@ class VfsOperations(pyfuse3.Operations):
                 return entry
 
         entry = await trio.to_thread.run_sync(change)
-        return self._attrs(node, entry)
+        return self._attrs(node, entry, await self._subdirectories_of(view, node.path, entry))
+
+    async def _change_detached(self, view: BranchView, node: Node, attr,
+                               fields) -> Entry:
+        """setattr through a handle of a file unlinked or replaced while open: the
+        change applies to what its handles see, and nothing is staged."""
+        handles = self._open_handles(node)
+        if not handles:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        size = attr.st_size if fields.update_size else None
+        mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        spools = {id(h.spool): h.spool for h in handles if h.spool is not None}
+        for spool in spools.values():
+            await _with_lock(view, functools.partial(
+                view.change_detached, spool, size=size, mode=mode, mtime_ns=mtime))
+        for handle in handles:
+            # Opened to read: the file as it was, which no one can write (the
+            # kernel refuses ftruncate without write access); its mode and time
+            # may still change.
+            if handle.reader is not None:
+                old = handle.reader.entry
+                handle.reader.entry = replace(
+                    old, mode=old.mode if mode is None else permission_bits(mode),
+                    mtime_ns=old.mtime_ns if mtime is None else mtime)
+        entry = self._entry_of_open_handle(node)
+        assert entry is not None
+        return entry
 
     @_errors
     async def readlink(self, inode: int, ctx=None) -> bytes:
@@ -553,9 +694,10 @@ class VfsOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         assert isinstance(handle, DirHandle)
         if handle.directory is not None:
-            self._readdir_commit(handle, start_id, token)
+            await self._readdir_commit(handle, start_id, token)
             return
         assert handle.node is not None
+        counts = await self._count_subdirectories(handle, start_id)
         for index in range(start_id, len(handle.entries)):
             name, entry, view = handle.entries[index]
             if view is None:
@@ -563,15 +705,37 @@ class VfsOperations(pyfuse3.Operations):
                     view = await trio.to_thread.run_sync(self.view, name)
                 except (VfsError, pyfuse3.FUSEError):
                     continue
-                node = self._node(view, "")
-                entry = self._entry(node)
+                path, entry = "", self._view_entry(view, "")
             else:
-                node = self._node(view, join(handle.node.path, name))
+                path = join(handle.node.path, name)
             assert entry is not None
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node, entry),
-                                         index + 1):
+            subdirectories = counts.get(path)
+            if subdirectories is None:
+                subdirectories = await self._subdirectories_of(view, path, entry)
+            node = self._node(view, path)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name),
+                                         self._attrs(node, entry, subdirectories), index + 1):
                 return
             node.lookups += 1
+
+    async def _count_subdirectories(self, handle: DirHandle, start: int) -> dict[str, int]:
+        """The subdirectory counts of the directories among the next entries of a
+        branch listing, counted in one worker thread (they may read trees)."""
+        node = handle.node
+        if node is None or not isinstance(node.view, BranchView):
+            return {}
+        view = node.view
+        paths = [join(node.path, name) for name, entry, _ in
+                 handle.entries[start : start + _READDIR_AHEAD]
+                 if entry is not None and entry.kind == DIR]
+        if not paths:
+            return {}
+
+        def count() -> dict[str, int]:
+            with view.lock:
+                return {path: view.subdirectories(path) for path in paths}
+
+        return await trio.to_thread.run_sync(count)
 
     @_errors
     async def releasedir(self, fh: int) -> None:
@@ -634,6 +798,19 @@ class VfsOperations(pyfuse3.Operations):
         return self._attrs(node, entry)
 
     @_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
+        # A tree holds files, directories and symlinks: FIFOs, sockets and devices
+        # are refused with EPERM, as filesystems that cannot hold them do (vfat).
+        # The kernel sends mknod(2) of a regular file here too: an empty file.
+        self._writable(self._get(parent_inode))  # EROFS first in a commit
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        info, attrs = await self.create(parent_inode, name, mode, os.O_WRONLY | os.O_EXCL, ctx)
+        await self.flush(info.fh)
+        await self.release(info.fh)
+        return attrs
+
+    @_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx) -> None:
         old_parent = self._get(parent_inode_old)
@@ -658,6 +835,29 @@ class VfsOperations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
         # Hard links have no place in a tree of content-addressed entries.
         raise pyfuse3.FUSEError(errno.EPERM)
+
+    # -- extended attributes: none, as on a filesystem without them ------------------------
+    # Trees keep no attributes. Listing gives none; reading, setting or removing
+    # one is ENOTSUP, which cp -a, rsync -X and tar expect from such a filesystem.
+    # ENOSYS tells the kernel to answer ENOTSUP itself from then on: it reads
+    # security.capability before every write(2), and a round trip for that (an
+    # ENODATA answer) made small writes twice as slow.
+
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_errors
+    async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_errors
+    async def listxattr(self, inode: int, ctx) -> list[bytes]:
+        return []
 
     # -- files ---------------------------------------------------------------------------
 
@@ -724,12 +924,13 @@ class VfsOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         assert isinstance(handle, Handle)
         view = handle.node.view
+        tracked = isinstance(view, BranchView) and handle.node.path != _DELETED
         if handle.spool is not None:
-            if isinstance(view, BranchView):
+            if tracked:
                 view.times.accessed(handle.node.path, handle.spool.mtime_ns)
             return os.pread(handle.spool.fd, size, off)
         assert handle.reader is not None
-        if isinstance(view, BranchView):
+        if tracked:
             view.times.accessed(handle.node.path, handle.reader.entry.mtime_ns)
         return await handle.reader.read(self.cache, off, size, self.nursery)
 
@@ -838,7 +1039,7 @@ class VfsOperations(pyfuse3.Operations):
 
 
 def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int, size: int,
-                mtime_ns: int, *, atime_ns: int | None = None,
+                mtime_ns: int, subdirectories: int = 0, *, atime_ns: int | None = None,
                 ctime_ns: int | None = None) -> None:
     """The fields that differ from one entry to the next (see ``_new_attrs``); atime and
     ctime are the mtime unless given (a branch view keeps them: daemon.times)."""
@@ -846,12 +1047,17 @@ def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int
     if kind == DIR:
         # New directories (staged, never committed) have mode 0: show 0755.
         attrs.st_mode = _S_IFDIR | (permission_bits(mode) or 0o755)
-        attrs.st_nlink = 2
+        # Its name, its "." and the ".." of each subdirectory (find and fts may
+        # rely on it to skip leaves).
+        attrs.st_nlink = 2 + subdirectories
         size = 4096
     else:
         attrs.st_mode = (_S_IFREG if kind == FILE else _S_IFLNK) | permission_bits(mode)
         attrs.st_nlink = 1
     attrs.st_size = size
+    # Every byte counts: the store keeps no holes (zeros are stored, deduplicated
+    # and compressed), a file reads back whole, and lseek's SEEK_HOLE finds only
+    # its end (the kernel answers that itself: there is no lseek handler).
     attrs.st_blocks = (size + 511) // 512
     attrs.st_mtime_ns = mtime_ns
     attrs.st_atime_ns = mtime_ns if atime_ns is None else atime_ns

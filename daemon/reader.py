@@ -44,6 +44,9 @@ _READ_AHEAD = 8 << 20
 # kernel sends only what its page cache lacks, so a re-read of a partly cached
 # file arrives as reads with holes between them.
 _RUN_GAP = 4 << 20
+# Damaged chunks remembered, so that reading one again fails at once (about 100
+# bytes each); beyond that the oldest is fetched and reported again if read.
+_DAMAGED_LIMIT = 4096
 
 _M_ARENA_MAX = -8  # glibc's mallopt() parameter number
 
@@ -149,6 +152,10 @@ class DiskCache:
                 pass
 
 
+class ReportedCorruption(Corruption):
+    """A chunk found damaged before, and reported then: EIO without another report."""
+
+
 class ChunkCache:
     """Decoded, verified chunks for all readers of the mount, in two bounded parts.
 
@@ -161,24 +168,35 @@ class ChunkCache:
     cache keeps what was streamed), and a file read again soon after may still
     be there. A random read of a streamed chunk moves it to the LRU.
 
+    A chunk whose fetch finds it damaged is reported once (a corruption report at
+    ERROR) and remembered, up to ``damaged_limit`` of them: reading it again fails
+    at once with :class:`ReportedCorruption`, without fetching it and reporting
+    it again, for as long as the index knows its copy as damaged (a put of the
+    same bytes stores a good copy, and the next read fetches that one). A pack
+    missing from the store is not marked damaged in the index: each read tries it
+    again, since gc may have moved the blob to a pack this node learns about.
+
     Only the trio thread touches the dictionaries, so they need no lock.
     """
 
     def __init__(self, blobs: BlobStore, disk: DiskCache | None, *,
                  limiter: trio.CapacityLimiter, memory_limit: int = MEMORY_LIMIT,
-                 stream_limit: int = _STREAM_LIMIT) -> None:
+                 stream_limit: int = _STREAM_LIMIT,
+                 damaged_limit: int = _DAMAGED_LIMIT) -> None:
         self.blobs = blobs
         self.disk = disk
         self.limiter = limiter
         self.memory_limit = memory_limit
         self.stream_limit = stream_limit
+        self.damaged_limit = damaged_limit
         self._memory: OrderedDict[bytes, memoryview] = OrderedDict()  # LRU: oldest first
         self._memory_bytes = 0
         self._ahead: OrderedDict[bytes, memoryview] = OrderedDict()  # oldest first
         self._behind: OrderedDict[bytes, memoryview] = OrderedDict()  # oldest passed first
         self._stream_bytes = 0  # in _ahead and _behind
         self._inflight: dict[bytes, trio.Event] = {}
-        self._failed: dict[bytes, BaseException] = {}
+        # digest -> what was wrong with it, oldest found first
+        self._damaged: OrderedDict[bytes, str] = OrderedDict()
 
     @property
     def used(self) -> int:
@@ -216,33 +234,60 @@ class ChunkCache:
             sequential: asked for by a sequential reader (kept in the streaming part).
 
         Raises:
-            Corruption: the stored chunk is damaged (never returned as data).
+            ReportedCorruption: the stored chunk is damaged (never returned as
+                data); the cache has logged the corruption report.
         """
         view = self.cached(digest, sequential=sequential)
         if view is not None:
             return view
+        if digest in self._damaged:
+            await self._check_damaged(digest)
         event = self._inflight.get(digest)
         if event is None:
             event = self._inflight[digest] = trio.Event()
             try:
                 data = await trio.to_thread.run_sync(self._fetch, digest, limiter=self.limiter)
                 view = self._keep(digest, memoryview(data), sequential=sequential)
-            except BaseException as exc:
-                self._failed[digest] = exc
-                raise
+            except Corruption as exc:
+                raise self._found_damaged(digest, exc) from exc
             finally:
                 del self._inflight[digest]
                 event.set()
-            self._failed.pop(digest, None)
             return view
         await event.wait()
         view = self.cached(digest, sequential=sequential)
         if view is not None:
             return view
-        failure = self._failed.get(digest)
-        if isinstance(failure, Corruption):
-            raise failure
+        why = self._damaged.get(digest)
+        if why is not None:  # the fetch this one waited for found it damaged
+            raise ReportedCorruption(why)
         return await self.get(digest, sequential=sequential)
+
+    def _found_damaged(self, digest: bytes, exc: Corruption) -> ReportedCorruption:
+        """Report a chunk found damaged, once, and remember it."""
+        why = str(exc)
+        log.error("corruption report: %s (reads of this chunk fail until it is stored "
+                  "again)", why)
+        self._damaged[digest] = why
+        self._damaged.move_to_end(digest)
+        while len(self._damaged) > self.damaged_limit:
+            self._damaged.popitem(last=False)
+        return ReportedCorruption(why)
+
+    async def _check_damaged(self, digest: bytes) -> None:
+        """Fail at once if the index still knows the chunk's copy as damaged.
+
+        Raises:
+            ReportedCorruption: it does (an index read; no fetch, no new report).
+        """
+        # A thread of its own, not one of the limiter's: this must not wait
+        # behind slow fetches.
+        if await trio.to_thread.run_sync(self.blobs.has, digest):
+            self._damaged.pop(digest, None)  # stored again since (or its pack was missing)
+            return
+        why = self._damaged.get(digest)
+        if why is not None:
+            raise ReportedCorruption(why)
 
     def _fetch(self, digest: bytes) -> bytes:
         if self.disk is not None:
@@ -280,7 +325,7 @@ class ChunkCache:
     async def _prefetch_one(self, digest: bytes) -> None:
         try:
             await self.get(digest, sequential=True)
-        except Exception:  # noqa: BLE001 - the real read reports it
+        except Exception:  # noqa: BLE001 - reported by get(), or by the real read
             pass
 
 

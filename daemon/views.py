@@ -267,6 +267,10 @@ class BranchView(View):
                          spool.mtime_ns, "")
         return self.open_commit.lookup(path)
 
+    def subdirectories(self, path: str) -> int:
+        """How many directories the directory at ``path`` holds (spools are files)."""
+        return self.open_commit.subdirectories(path)
+
     def listdir(self, path: str) -> dict[str, Entry]:
         entries = self.open_commit.listdir(path)
         for spool_path in self.spools:
@@ -526,15 +530,34 @@ class BranchView(View):
 
     def truncate(self, path: str, size: int) -> None:
         spool = self.open_spool(path, truncate=size == 0)
+        self._truncate_spool(spool, size)
+        if spool.opens == 0:  # truncate(2) of a file nobody has open: closed at once
+            self._closed(spool)
+            spool.close_fd()
+
+    def _truncate_spool(self, spool: SpoolFile, size: int) -> None:
         os.ftruncate(spool.fd, size)
         spool.truncated(size)
         spool.size = size
         spool.dirty = True
         spool.generation += 1
         spool.mtime_ns = time.time_ns()
-        if spool.opens == 0:  # truncate(2) of a file nobody has open: closed at once
-            self._closed(spool)
-            spool.close_fd()
+
+    def change_detached(self, spool: SpoolFile, *, size: int | None = None,
+                        mode: int | None = None, mtime_ns: int | None = None) -> None:
+        """ftruncate / fchmod / futimens of an open file whose name is gone.
+
+        The file was unlinked or replaced while open: it lives on through its
+        handles until the last one closes, and goes then. The change applies to
+        what they see; nothing is staged, and no sidecar brings it back.
+        """
+        assert self.path_of(spool) is None
+        if size is not None:
+            self._truncate_spool(spool, size)
+        if mode is not None:
+            spool.mode = permission_bits(mode)
+        if mtime_ns is not None:
+            spool.mtime_ns = mtime_ns
 
     def close_file(self, spool: SpoolFile) -> None:
         """A handle of the spool was closed (FUSE flush): have it stored in the background.

@@ -61,6 +61,8 @@ class OpenCommit:
         self._children: dict[str, dict[str, Entry | None]] = {}
         # Directories with staged changes somewhere below them (may over-approximate).
         self._dirty: set[str] = set()
+        # How many directories such a directory holds, once asked (kept by apply).
+        self._subdirectories: dict[str, int] = {}
         for path, entry in self.changes.items():
             self._dirty.update(ancestors(path))
             if path:
@@ -102,6 +104,25 @@ class OpenCommit:
             else:
                 base[name] = change
         return dict(sorted(base.items()))
+
+    def subdirectories(self, path: str) -> int:
+        """How many directories the directory at ``path`` holds (0 if it is none).
+
+        Its tree says, while nothing is staged below it; otherwise it is counted
+        once and then kept up to date by :meth:`apply`, so that a directory
+        being filled with files is not listed again after each one.
+        """
+        count = self._subdirectories.get(path)
+        if count is not None:
+            return count
+        entry = self.lookup(path)
+        if entry is None or entry.kind != DIR:
+            return 0
+        if path not in self._dirty:
+            return self.head.tree(entry.ref).subdirectories if entry.ref else 0
+        count = sum(1 for child in self.listdir(path).values() if child.kind == DIR)
+        self._subdirectories[path] = count
+        return count
 
     def walk(self, path: str = "") -> Iterable[tuple[str, Entry]]:
         for name, entry in self.listdir(path).items():
@@ -153,6 +174,8 @@ class OpenCommit:
         A change at a path supersedes whatever was staged below it.
         """
         for path, entry in changes.items():
+            if self._subdirectories:
+                self._count_subdirectories(path, entry)
             for doomed in self.below(path):
                 del self.changes[doomed]
                 parent, name = parent_and_name(doomed)
@@ -162,6 +185,21 @@ class OpenCommit:
             if path:
                 parent, name = parent_and_name(path)
                 self._children.setdefault(parent, {})[name] = entry
+
+    def _count_subdirectories(self, path: str, entry: Entry | None) -> None:
+        """Keep the counts of :meth:`subdirectories` true across a change at ``path``."""
+        before = self.lookup(path)
+        was_dir = before is not None and before.kind == DIR
+        if was_dir:  # replaced as a whole: what was counted in it is gone
+            prefix = path + "/" if path else ""
+            for counted in [p for p in self._subdirectories
+                            if p == path or p.startswith(prefix)]:
+                del self._subdirectories[counted]
+        if path:
+            parent = parent_and_name(path)[0]
+            if parent in self._subdirectories:
+                self._subdirectories[parent] += (entry is not None and entry.kind == DIR) \
+                    - was_dir
 
     def below(self, path: str) -> list[str]:
         """Staged paths strictly below ``path``."""

@@ -217,21 +217,25 @@ class Tree(Mapping[str, Entry]):
 
     Decoding checks every row once (so a damaged tree fails as a whole, at once)
     and keeps the text and where each row starts, plus a list of the names unless
-    the tree is huge. A row becomes an :class:`Entry` only when it is looked up
-    or iterated; :meth:`row` gives the raw values without even that, for callers
-    that list many entries. Immutable, and safe to share between threads.
+    the tree is huge, and counts the directories (:attr:`subdirectories`). A row
+    becomes an :class:`Entry` only when it is looked up or iterated; :meth:`row`
+    gives the raw values without even that, for callers that list many entries.
+    Immutable, and safe to share between threads.
 
     Memory: the text (~60 bytes an entry with tiny inline files) plus 4 bytes,
     plus ~65 bytes for the name up to :data:`NAMES_KEPT` entries. Beyond that a
     lookup bisects the text itself (20 probes of ~0.5 us for a million names).
     """
 
-    __slots__ = ("_text", "_starts", "_names")
+    __slots__ = ("_text", "_starts", "_names", "subdirectories")
 
-    def __init__(self, text: str, starts: array, names: list[str] | None) -> None:
+    def __init__(self, text: str, starts: array, names: list[str] | None,
+                 subdirectories: int) -> None:
         self._text = text
         self._starts = starts
         self._names = names
+        #: How many of the entries are directories (a directory's link count).
+        self.subdirectories = subdirectories
 
     @classmethod
     def decode(cls, data: bytes) -> Tree:
@@ -253,6 +257,7 @@ class Tree(Mapping[str, Entry]):
         end = len(text) - len(_TAIL)  # the "]" that closes the list of rows
         i = len(_HEAD)
         previous = None
+        subdirectories = 0
         while i != end:
             starts.append(i)
             try:
@@ -260,6 +265,8 @@ class Tree(Mapping[str, Entry]):
             except (StopIteration, ValueError) as exc:
                 raise Corruption(f"blob is not a tree: bad JSON at offset {i}") from exc
             check_row(row)
+            if row[1] == DIR:
+                subdirectories += 1
             name = row[0]
             # Lookups bisect the names: they must be unique and sorted (§6).
             if previous is not None and name <= previous:
@@ -276,7 +283,7 @@ class Tree(Mapping[str, Entry]):
                     raise Corruption("blob is not a tree: a comma ends the entries")
             elif i != end:
                 raise Corruption(f"blob is not a tree: unexpected {separator!r} at offset {i}")
-        return cls(text, starts, names)
+        return cls(text, starts, names, subdirectories)
 
     # -- positional access, for listings ------------------------------------------------
 

@@ -102,6 +102,7 @@ def test_dot_entries_symlinks_and_errors(store: vfs.Store, tmp_path: Path) -> No
     async def test(ops: VfsOperations, root: int) -> None:
         sub = await ops.lookup(root, b"sub")
         deeper = await ops.lookup(sub.st_ino, b"deeper")
+        assert (sub.st_nlink, deeper.st_nlink) == (3, 2)  # 2 + subdirectories
         leaf = await ops.lookup(deeper.st_ino, b"leaf.txt")
         assert stat.S_IMODE(leaf.st_mode) == 0o600
         assert (await ops.lookup(deeper.st_ino, b"..")).st_ino == sub.st_ino
@@ -154,7 +155,9 @@ def test_every_kind_of_entry_has_the_attributes_of_before(store: vfs.Store,
         for name in (b"many", b"sub", b"link"):
             fast = await ops.lookup(root, name)
             node = ops._get(fast.st_ino)
-            slow = ops._attrs(node, ops._entry(node))
+            entry = ops._entry(node)
+            slow = ops._attrs(node, entry,
+                              await ops._subdirectories_of(node.view, node.path, entry))
             for field in ("st_ino", "st_mode", "st_nlink", "st_size", "st_blocks", "st_uid",
                           "st_gid", "st_mtime_ns", "st_blksize", "entry_timeout"):
                 assert getattr(fast, field) == getattr(slow, field), (name, field)

@@ -7,6 +7,7 @@ so the tests can say exactly which chunks were fetched, kept and evicted.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 
 import pytest
@@ -35,6 +36,10 @@ class FakeBlobs:
         if key in self.damaged:
             raise Corruption(f"blob {key.hex()} does not match its hash")
         return self.chunks[key]
+
+    def has(self, key: bytes) -> bool:
+        """Stored and not known to be damaged (as the index says)."""
+        return key in self.chunks and key not in self.damaged
 
     def fetched(self) -> list[int]:
         """Chunk numbers read at least once, in order."""
@@ -239,6 +244,7 @@ async def test_chunks_a_sequential_reader_passed_are_evicted_before_its_read_ahe
 
 
 @pytest.mark.trio
+@pytest.mark.expect_warnings  # corruption reports
 async def test_a_damaged_chunk_fails_every_read_of_it_and_only_those() -> None:
     sizes = [100 * KB] * 6
     blobs = FakeBlobs(sizes, damaged=frozenset({3}))
@@ -257,6 +263,68 @@ async def test_a_damaged_chunk_fails_every_read_of_it_and_only_those() -> None:
         assert bytes(await file.read(cache, 400 * KB, 50 * KB, nursery)) == \
             expected(sizes, 400 * KB, 50 * KB)
     assert cache.cached(digest(3)) is None
+
+
+@pytest.mark.trio
+@pytest.mark.expect_warnings  # corruption reports
+async def test_a_damaged_chunk_is_fetched_and_reported_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sizes = [100 * KB] * 4
+    blobs = FakeBlobs(sizes, damaged=frozenset({2}))
+    cache = make_cache(blobs)
+    file, other = make_reader(sizes), make_reader(sizes)
+
+    async def fails(reader_: FileReader) -> None:
+        with pytest.raises(Corruption):
+            await reader_.read(cache, 200 * KB, 10 * KB, None)
+
+    with caplog.at_level(logging.ERROR, logger="daemon.reader"):
+        async with trio.open_nursery() as nursery:  # three at once: one fetch
+            for _ in range(3):
+                nursery.start_soon(fails, file)
+        for reader_ in (file, file, other):  # later: the same handle, then another one
+            await fails(reader_)
+    assert blobs.reads[digest(2)] == 1
+    reports = [r for r in caplog.records if "corruption report" in r.getMessage()]
+    assert len(reports) == 1 and digest(2).hex() in reports[0].getMessage()
+
+
+@pytest.mark.trio
+@pytest.mark.expect_warnings  # corruption reports
+async def test_a_damaged_chunk_stored_again_reads_again() -> None:
+    """A re-put of the damaged bytes repairs the store (see test_damage): the mount
+    reads the new copy instead of failing on what it remembered."""
+    sizes = [100 * KB] * 2
+    blobs = FakeBlobs(sizes, damaged=frozenset({1}))
+    cache = make_cache(blobs)
+    file = make_reader(sizes)
+    with pytest.raises(Corruption):
+        await file.read(cache, 100 * KB, 10 * KB, None)
+    blobs.damaged.clear()  # stored again
+    assert bytes(await file.read(cache, 100 * KB, 10 * KB, None)) == expected(sizes, 100 * KB,
+                                                                              10 * KB)
+    assert blobs.reads[digest(1)] == 2
+
+
+@pytest.mark.expect_warnings
+def test_damaged_chunks_remembered_are_bounded() -> None:
+    blobs = FakeBlobs([KB] * 8, damaged=frozenset(range(8)))
+    cache = ChunkCache(blobs, None, limiter=trio.CapacityLimiter(2),  # type: ignore[arg-type]
+                       damaged_limit=4)
+
+    async def fails(i: int) -> None:
+        with pytest.raises(Corruption):
+            await cache.get(digest(i))
+
+    async def main() -> None:
+        for i in range(8):
+            await fails(i)
+        for i in (7, 6, 5, 4):  # the last four found are remembered
+            await fails(i)
+        await fails(0)  # the first ones were forgotten: fetched (and reported) again
+
+    trio.run(main)
+    assert [blobs.reads[digest(i)] for i in range(8)] == [2, 1, 1, 1, 1, 1, 1, 1]
 
 
 def test_read_ahead_fits_the_streaming_part_of_the_cache() -> None:
