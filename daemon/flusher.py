@@ -38,12 +38,15 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from daemon.spools import SpoolFiles
-from daemon.views import BranchView, SpoolFile, StoredSpool
+from daemon.spools import SpoolFile, SpoolFiles, StoredSpool
 from vfs.blobstore import BlobWriter
 from vfs.errors import StoreChanged, StoreError, StoreFull, VfsError
 from vfs.ingest import EncodedPrefix, encode_bytes, encode_file, encode_prefix
+
+if TYPE_CHECKING:
+    from daemon.views import BranchView
 
 log = logging.getLogger("daemon.flusher")
 

@@ -26,7 +26,8 @@ import trio
 from daemon.commit_inodes import CommitDir, CommitInodes
 from daemon.flusher import Flusher
 from daemon.reader import ChunkCache, FileReader, ReportedCorruption
-from daemon.views import BranchView, CommitView, SpoolFile, View
+from daemon.spools import SpoolFile
+from daemon.views import BranchView, CommitView, View
 from vfs.errors import (
     BranchNotFound,
     CommitNotFound,

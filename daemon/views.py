@@ -19,14 +19,13 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from daemon.spools import (
     Sidecar,
+    SpoolFile,
     SpoolFiles,
-    remove_sidecar,
-    remove_sidecar_file,
+    StoredSpool,
     write_sidecar,
 )
 from daemon.times import Times
@@ -50,7 +49,6 @@ if TYPE_CHECKING:
     from daemon.flusher import Flusher
 
 BRANCH_RECHECK_SECONDS = 1.0
-_NO_HEAD = EncodedPrefix()
 
 
 class View:
@@ -98,120 +96,6 @@ class CommitView(View):
     def cached_tree(self, tree_hex: str) -> Tree | None:
         """A decoded tree of this commit if it is in the cache (cheap: no I/O)."""
         return self.snapshot.cached_tree(tree_hex)
-
-
-@dataclass(eq=False)  # compared and hashed by identity: the flusher keys on spools
-class SpoolFile:
-    """A file written through the mount and not staged yet; its bytes are in ``spool_path``.
-
-    ``dirty`` means the spool holds bytes or attributes that are not staged.
-    ``has_sidecar`` means it was closed since it was last staged (and a restarted
-    daemon would stage it). ``fd`` is -1 while no handle is open.
-    """
-
-    spool_path: str
-    fd: int
-    size: int
-    mode: int
-    mtime_ns: int
-    path: str = ""  # its name in the branch (kept by BranchView)
-    opens: int = 0
-    dirty: bool = False
-    generation: int = 0  # bumped by every change of the bytes or attributes
-    has_sidecar: bool = False
-    sidecar_generation: int = -1  # the generation its sidecar describes
-    # Encoding ahead of the close, for files written in order. ``seq_end``: the
-    # bytes from 0 up to it were written (in any order of writes that never skipped
-    # ahead). ``head``: stored chunks of the first bytes, valid while ``epoch`` is
-    # ``head_epoch``. A change below ``protected`` (the head, or what the flusher is
-    # encoding now) bumps ``epoch``. All of these change under the view's lock; the
-    # flusher sets ``protected`` before it reads the bytes.
-    seq_end: int = 0
-    head: EncodedPrefix = _NO_HEAD
-    head_epoch: int = 0
-    epoch: int = 0
-    protected: int = 0
-    head_busy: bool = False  # queued for or being encoded by the flusher
-
-    @property
-    def closed_since_staged(self) -> bool:
-        return self.has_sidecar
-
-    def wrote(self, offset: int, end: int) -> None:
-        """Bytes ``[offset, end)`` were just written (call after the write)."""
-        if offset < self.protected:
-            self.epoch += 1  # the head (or the one being made) no longer matches
-            self.protected = 0
-        if offset <= self.seq_end < end:
-            self.seq_end = end
-
-    def truncated(self, size: int) -> None:
-        """The file was cut or extended to ``size`` (call after the truncation)."""
-        if size < self.protected:
-            self.epoch += 1
-            self.protected = 0
-        self.seq_end = min(self.seq_end, size)
-
-    def valid_head(self) -> EncodedPrefix:
-        """The stored chunks of this file's first bytes (empty if there are none)."""
-        return self.head if self.head_epoch == self.epoch else _NO_HEAD
-
-    def bytes_to_store(self) -> int:
-        """The bytes a flush of this file still has to read and store."""
-        return max(0, self.size - self.valid_head().size)
-
-    def wants_head(self, step: int) -> bool:
-        """``step`` bytes were written in order since the head: encode more now."""
-        return bool(step) and not self.head_busy and \
-            self.seq_end - self.valid_head().size >= step
-
-    def reopen(self) -> None:
-        if self.fd < 0:
-            self.fd = os.open(self.spool_path, os.O_RDWR)
-
-    def close_fd(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def drop_sidecar(self) -> None:
-        if self.has_sidecar:
-            remove_sidecar(self.spool_path, fd=self.fd)
-            self.has_sidecar = False
-            self.sidecar_generation = -1
-
-    def close(self, recycle: SpoolFiles | None = None) -> None:
-        """Forget the spool: its sidecar first, then its bytes (or give the file back
-        to ``recycle`` for another file)."""
-        if self.has_sidecar:
-            if recycle is not None:
-                remove_sidecar(self.spool_path, fd=self.fd)
-            else:
-                remove_sidecar_file(self.spool_path)  # an attribute goes with the spool
-            self.has_sidecar = False
-        if recycle is not None:
-            fd, self.fd = self.fd, -1
-            recycle.give_back(fd, self.spool_path, self.size)
-            return
-        try:
-            self.close_fd()
-        finally:
-            try:
-                os.unlink(self.spool_path)
-            except FileNotFoundError:
-                pass
-
-
-@dataclass(frozen=True)
-class StoredSpool:
-    """What the flusher made of a spool: stage ``ref`` if it is still that file."""
-
-    spool: SpoolFile
-    generation: int  # the spool's generation when its bytes were read
-    mode: int
-    mtime_ns: int
-    ref: str
-    size: int
 
 
 class BranchView(View):
@@ -659,4 +543,4 @@ class BranchView(View):
             spool.drop_sidecar()  # it lives on through its handles only
 
 
-__all__ = ["BranchView", "CommitView", "SpoolFile", "StoredSpool", "View"]
+__all__ = ["BranchView", "CommitView", "View"]

@@ -30,7 +30,7 @@ import vfs
 from daemon.flusher import Flusher
 from daemon.fs import VfsOperations
 from daemon.reader import ChunkCache
-from daemon.views import SpoolFile
+from daemon.spools import SpoolFile
 from vfs.snapshot import iter_file
 
 FILES = 120  # at once, in each of WAVES waves (before the fix ~1 in 120 lost)
