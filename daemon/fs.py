@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from daemon.commit_inodes import CommitDir, CommitInodes
+from daemon.commit_inodes import CommitDir
 from daemon.flusher import Flusher
+from daemon.inodes import DELETED, Inodes, Node
 from daemon.reader import ChunkCache, FileReader, ReportedCorruption
 from daemon.spools import SpoolFile
 from daemon.views import BranchView, CommitView, View
@@ -57,7 +58,6 @@ _EMPTY_TREE = decode_tree(EMPTY_TREE)
 _DECODED_TREE_BYTES = 32 * 1024 * 1024  # ~250,000 entries; the tree in use stays anyway
 # The path of a Node whose name is gone (unlinked or replaced) while the kernel
 # still holds it: no entry has a NUL in its name.
-_DELETED = "\0deleted"
 # Entries of a commit's directory whose subdirectories' trees are read together
 # (a readdirplus reply holds a few dozen).
 _READDIR_AHEAD = 64
@@ -136,17 +136,6 @@ async def _with_lock(view: BranchView, work: Callable[[], T]) -> T:
 
 
 @dataclass
-class Node:
-    """What one inode number stands for (entries inside commits are numbered by
-    :mod:`daemon.commit_inodes` instead and have a Node only for a moment)."""
-
-    inode: int
-    view: View | None  # None: the mount root
-    path: str
-    lookups: int = 0
-
-
-@dataclass
 class Handle:
     node: Node
     reader: FileReader | None = None
@@ -178,11 +167,9 @@ class VfsOperations(pyfuse3.Operations):
         self.started_ns = time.time_ns()
         self.uid = os.getuid()
         self.gid = os.getgid()
-        self.root = Node(pyfuse3.ROOT_INODE, None, "", 1)
-        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self.root}
-        self._by_key: dict[tuple[str, str], int] = {}
-        self._next_inode = pyfuse3.ROOT_INODE + 1
-        self.commit_inodes = CommitInodes(self._allocate)
+        self.inodes = Inodes()
+        self.root = self.inodes.root
+        self.commit_inodes = self.inodes.commit_inodes
         # The decoded trees of every commit view: one budget for the whole mount.
         self.trees = TreeCache(_DECODED_TREE_BYTES)
         self._handles: dict[int, Handle | DirHandle] = {}
@@ -190,70 +177,26 @@ class VfsOperations(pyfuse3.Operations):
         self.views: dict[str, View] = {}
         self._views_lock = threading.Lock()
 
-    # -- inodes --------------------------------------------------------------------------
+    # -- inodes (daemon.inodes) ------------------------------------------------------------
 
     def _node(self, view: View, path: str) -> Node:
-        key = (view.name, path)
-        inode = self._by_key.get(key)
-        if inode is not None:
-            return self._nodes[inode]
-        node = Node(self._next_inode, view, path)
-        self._next_inode += 1
-        self._nodes[node.inode] = node
-        self._by_key[key] = node.inode
-        return node
-
-    def _allocate(self, count: int) -> int:
-        first = self._next_inode
-        self._next_inode += count
-        return first
+        return self.inodes.node(view, path)
 
     def _get(self, inode: int) -> Node:
-        node = self._nodes.get(inode)
-        if node is not None:
-            return node
-        located = self.commit_inodes.locate(inode)
-        if located is None:
+        node = self.inodes.get(inode)
+        if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        # An entry of a commit: a Node for this request only, for the handlers
-        # that are not on the hot paths below (open, readlink, and the EROFS ones).
-        directory, index = located
-        tree = directory.view.tree(directory.tree)
-        return Node(inode, directory.view, directory.child_path(tree.name(index)))
+        return node
 
     def _moved(self, view: View, src: str, dst: str) -> None:
-        """Keep inode numbers across a rename (open files and cwd follow it)."""
-        for (name, path), inode in list(self._by_key.items()):
-            if name == view.name and (path == src or path.startswith(src + "/")):
-                del self._by_key[(name, path)]
-                new = dst + path[len(src):]
-                self._nodes[inode].path = new
-                self._by_key[(name, new)] = inode
+        self.inodes.moved(view, src, dst)
 
     def _forget_path(self, view: View, path: str) -> None:
-        inode = self._by_key.pop((view.name, path), None)
-        if inode is not None:
-            self._nodes[inode].path = _DELETED
+        self.inodes.forget_path(view, path)
 
     @_errors_unanswered
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        for inode, count in inode_list:
-            node = self._nodes.get(inode)
-            if node is None:
-                located = self.commit_inodes.locate(inode)
-                if located is not None:
-                    located[0].forget(located[1], count)
-                continue
-            if node is self.root:
-                continue
-            node.lookups = max(node.lookups - count, 0)
-            # The root of a commit view keeps its number, so that everything below
-            # it does (see daemon.commit_inodes); it is one Node per commit view.
-            if not node.lookups and not isinstance(node.view, CommitView):
-                del self._nodes[inode]
-                if node.view is not None and self._by_key.get(
-                    (node.view.name, node.path)) == inode:
-                    del self._by_key[(node.view.name, node.path)]
+        self.inodes.forget(inode_list)
 
     # -- views ---------------------------------------------------------------------------
 
@@ -347,14 +290,14 @@ class VfsOperations(pyfuse3.Operations):
         attrs = self._new_attrs(timeout)
         # Roots and new directories carry no time of their own: show the mount's.
         mtime_ns = entry.mtime_ns or self.started_ns
-        if isinstance(view, BranchView) and node.path != _DELETED:
+        if isinstance(view, BranchView) and node.path != DELETED:
             shown = view.times.shown(node.path, mtime_ns)
             _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, shown.mtime_ns,
                         subdirectories, atime_ns=shown.atime_ns, ctime_ns=shown.ctime_ns)
         else:
             _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, mtime_ns,
                         subdirectories)
-        if node.path == _DELETED:
+        if node.path == DELETED:
             attrs.st_nlink = 0  # open, and no name any more
         if view is None:
             # The mount root: its entries are branches listed from the store, and
@@ -406,7 +349,7 @@ class VfsOperations(pyfuse3.Operations):
         directory = self.commit_inodes.directory(inode)
         if directory is not None:
             return directory
-        node = self._nodes.get(inode)
+        node = self.inodes.nodes.get(inode)
         if node is not None:
             assert isinstance(node.view, CommitView) and not node.path
             view, path, tree_hex = node.view, "", node.view.commit.tree or ""
@@ -431,7 +374,7 @@ class VfsOperations(pyfuse3.Operations):
             if name == b"..":  # the directory holding the parent (the mount root for a view)
                 located = self.commit_inodes.locate(parent_inode)
                 inode = located[0].inode if located is not None else pyfuse3.ROOT_INODE
-            node = self._nodes.get(inode)
+            node = self.inodes.nodes.get(inode)
             if node is not None:
                 entry = self._entry(node)
                 attrs = self._attrs(node, entry,
@@ -531,7 +474,7 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
-        parent = self._nodes.get(parent_inode)
+        parent = self.inodes.nodes.get(parent_inode)
         if parent is None or isinstance(parent.view, CommitView):
             return await self._commit_lookup(parent_inode, name)
         text = os.fsdecode(name)
@@ -550,8 +493,8 @@ class VfsOperations(pyfuse3.Operations):
             node = self._node(view, "")
         else:
             view, path = parent.view, join(parent.path, self._name(name))
-            inode = self._by_key.get((view.name, path))
-            if inode is None:
+            known = self.inodes.known(view, path)
+            if known is None:
                 # Numbered only if it is there: a shell searching its PATH, or a
                 # stat of every name a build tries, would otherwise leave one
                 # Node behind per miss.
@@ -562,7 +505,7 @@ class VfsOperations(pyfuse3.Operations):
                 node = self._node(view, path)
                 node.lookups += 1
                 return self._attrs(node, entry, subdirectories)
-            node = self._nodes[inode]
+            node = known
         entry = self._entry(node)
         attrs = self._attrs(node, entry,
                             await self._subdirectories_of(node.view, node.path, entry))
@@ -571,7 +514,7 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
-        node = self._nodes.get(inode)
+        node = self.inodes.nodes.get(inode)
         if node is not None:
             entry = self._entry(node)
             return self._attrs(node, entry,
@@ -594,7 +537,7 @@ class VfsOperations(pyfuse3.Operations):
         if (fields.update_uid and attr.st_uid != self.uid) or \
                 (fields.update_gid and attr.st_gid != self.gid):
             raise pyfuse3.FUSEError(errno.EPERM)
-        if node.path == _DELETED:
+        if node.path == DELETED:
             return self._attrs(node, await self._change_detached(view, node, attr, fields))
 
         def change() -> Entry:
@@ -668,7 +611,7 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode: int, ctx=None) -> int:
-        node = self._nodes.get(inode)
+        node = self.inodes.nodes.get(inode)
         if node is None or isinstance(node.view, CommitView):
             directory = await self._directory(inode)
             tree = await self._tree(directory.view, directory.tree)
@@ -925,7 +868,7 @@ class VfsOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         assert isinstance(handle, Handle)
         view = handle.node.view
-        tracked = isinstance(view, BranchView) and handle.node.path != _DELETED
+        tracked = isinstance(view, BranchView) and handle.node.path != DELETED
         if handle.spool is not None:
             if tracked:
                 view.times.accessed(handle.node.path, handle.spool.mtime_ns)
