@@ -8,6 +8,7 @@ serving. Corruption is EIO plus a logged corruption report, never wrong bytes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -16,19 +17,20 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
+from daemon import coherence
 from daemon.commit_inodes import CommitDir
 from daemon.flusher import Flusher
 from daemon.inodes import DELETED, Inodes, Node
 from daemon.reader import ChunkCache, FileReader, ReportedCorruption
 from daemon.spools import SpoolFile
-from daemon.views import BranchView, CommitView, View
+from daemon.views import BranchView, CommitView, Reload, View
 from vfs.errors import (
     BranchNotFound,
     CommitNotFound,
@@ -140,6 +142,10 @@ class Handle:
     node: Node
     reader: FileReader | None = None
     spool: SpoolFile | None = None
+    # A read-only handle of a branch file: it reads what the file holds at each
+    # read (the spool it is being written to, or its stored bytes), not what it
+    # held at the open (see daemon.coherence).
+    follows: bool = False
 
 
 @dataclass
@@ -240,11 +246,17 @@ class VfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
 
-    @staticmethod
-    def _view_entry(view: View, path: str) -> Entry | None:
+    def _view_entry(self, view: View, path: str) -> Entry | None:
         if isinstance(view, BranchView):
-            view.maybe_refresh()
+            self._refresh(view)
         return view.lookup(path)
+
+    def _refresh(self, view: BranchView) -> None:
+        """Notice a head moved by another node (a request handler calls it in passing):
+        what the kernel caches of the files it changed is dropped soon after."""
+        changes = view.maybe_refresh()
+        if changes is not None and self.nursery is not None:
+            self.nursery.start_soon(self._drop_changed_soon, view, changes)
 
     def _entry_of_open_handle(self, node: Node) -> Entry | None:
         """An unlinked file still works through its open handles (the temp-file idiom).
@@ -543,7 +555,7 @@ class VfsOperations(pyfuse3.Operations):
         def change() -> Entry:
             with view.staging():
                 if fields.update_size:
-                    view.truncate(node.path, attr.st_size)
+                    view.truncate(node.path, attr.st_size, closed=fh is None)
                 mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
                 mtime = attr.st_mtime_ns if fields.update_mtime else None
                 if fields.update_atime or fields.update_mtime:
@@ -623,7 +635,7 @@ class VfsOperations(pyfuse3.Operations):
         else:
             view = node.view
             assert isinstance(view, BranchView)
-            view.maybe_refresh()
+            self._refresh(view)
             with view.lock:
                 listing = view.listdir(node.path)
             handle.entries = [(name, entry, view) for name, entry in listing.items()]
@@ -719,12 +731,17 @@ class VfsOperations(pyfuse3.Operations):
         view = self._writable(parent)
         path = join(parent.path, self._name(name))
 
+        def unlink_now() -> None:
+            view.unlink(path)
+            self._forget_path(view, path)
+
         def remove() -> None:
-            with view.staging():
-                view.unlink(path)
+            with view.staging(), self._freezing(view, path):
+                # In the trio thread: no request sees the name gone from the branch
+                # and still on its inode (see rename).
+                trio.from_thread.run_sync(unlink_now)
 
         await trio.to_thread.run_sync(remove)
-        self._forget_path(view, path)
 
     @_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
@@ -767,13 +784,20 @@ class VfsOperations(pyfuse3.Operations):
         src = join(old_parent.path, self._name(name_old))
         dst = self._new_path(new_parent.path, self._name(name_new))
 
+        def move_now() -> None:
+            view.rename(src, dst, no_replace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+            if dst != src:
+                self._forget_path(view, dst)
+                self._moved(view, src, dst)
+
         def move() -> None:
-            with view.staging():
-                view.rename(src, dst, no_replace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+            with view.staging(), self._freezing(view, dst if dst != src else None):
+                # In the trio thread, with the locks held here: no request (a getattr
+                # of the file replaced, an open through a name looked up before) sees
+                # the branch renamed and the inodes not yet, or the reverse.
+                trio.from_thread.run_sync(move_now)
 
         await trio.to_thread.run_sync(move)
-        self._forget_path(view, dst)
-        self._moved(view, src, dst)
 
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
@@ -832,16 +856,21 @@ class VfsOperations(pyfuse3.Operations):
                 if wants_write or view.spool(node.path) is not None:
                     spool = view.open_spool(node.path, truncate=bool(flags & os.O_TRUNC))
                     spool.opens += 1
-                    return Handle(node, spool=spool)
+                    return Handle(node, spool=spool, follows=not wants_write)
                 entry = view.lookup(node.path)
                 if entry is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 if entry.kind == DIR:
                     raise pyfuse3.FUSEError(errno.EISDIR)
-            return Handle(node, reader=FileReader.load(self.store.blobs, entry))
+            return Handle(node, reader=FileReader.load(self.store.blobs, entry), follows=True)
 
         handle = await trio.to_thread.run_sync(prepare)
-        return pyfuse3.FileInfo(fh=self._new_handle(handle))
+        # The kernel's pages of a branch file stay right from one open to the next
+        # (daemon.coherence); only a change noticed in passing may not have dropped
+        # them yet.
+        keep_cache = not node.stale
+        node.stale = False
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=keep_cache)
 
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
@@ -869,7 +898,18 @@ class VfsOperations(pyfuse3.Operations):
         assert isinstance(handle, Handle)
         view = handle.node.view
         tracked = isinstance(view, BranchView) and handle.node.path != DELETED
-        if handle.spool is not None:
+        if handle.follows:
+            assert isinstance(view, BranchView)
+            if not coherence.reads_current(handle, view):
+                await self._follow(handle, view)
+            if handle.spool is not None:
+                data = await _with_lock(view, functools.partial(coherence.read_spool, handle,
+                                                                off, size))
+                if data is not None:
+                    if tracked:
+                        view.times.accessed(handle.node.path, handle.spool.mtime_ns)
+                    return data
+        elif handle.spool is not None:
             if tracked:
                 view.times.accessed(handle.node.path, handle.spool.mtime_ns)
             return os.pread(handle.spool.fd, size, off)
@@ -877,6 +917,45 @@ class VfsOperations(pyfuse3.Operations):
         if tracked:
             view.times.accessed(handle.node.path, handle.reader.entry.mtime_ns)
         return await handle.reader.read(self.cache, off, size, self.nursery)
+
+    async def _follow(self, handle: Handle, view: BranchView) -> None:
+        """Point a read-only handle at what its file holds now: the spool it is being
+        written to, or its stored bytes (a changed file, not the one opened)."""
+
+        def follow() -> None:
+            with view.lock:
+                if not handle.follows:
+                    return  # its file lost its name meanwhile
+                entry = coherence.follow_spool(handle, view)
+            if entry is not None:  # its manifest is read without the lock
+                reader = FileReader.load(self.store.blobs, entry)
+                with view.lock:
+                    if handle.follows:
+                        coherence.switch(handle, view, None, reader)
+
+        await trio.to_thread.run_sync(follow)
+
+    @contextlib.contextmanager
+    def _freezing(self, view: BranchView, path: str | None) -> Iterator[None]:
+        """Around an unlink or a rename that may take the name ``path`` from its file:
+        the file's read-only handles read on what it holds now (call it in a worker
+        thread holding the view's lock), and follow the name again if it stays."""
+        handles = [] if path is None else coherence.let_go(
+            view, self._handles_of(view, path), self.store.blobs,
+            functools.partial(coherence.follow_spool, view=view))
+        try:
+            yield
+        except BaseException:
+            coherence.follow_again(handles)
+            raise
+
+    def _handles_of(self, view: BranchView, path: str) -> list[Handle]:
+        """The open handles of the file at ``path`` (any thread)."""
+        inode = self.inodes.by_key.get((view.name, path))
+        node = self.inodes.nodes.get(inode) if inode is not None else None
+        return [] if node is None else [
+            handle for handle in list(self._handles.values())
+            if isinstance(handle, Handle) and handle.node is node]
 
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -976,10 +1055,67 @@ class VfsOperations(pyfuse3.Operations):
             self.flusher.wait_branch(view, include_open=False, durable=False)
 
     def branch_changed(self, repo: str, branch: str) -> None:
-        """Reload a branch view after a commit, rollback or staging outside FUSE."""
+        """Reload a branch view after a commit, rollback or staging outside FUSE, and
+        make the kernel drop what it cached of the files that changed
+        (:meth:`reload_branch`, then :meth:`drop_cached`)."""
+        self.drop_cached(self.reload_branch(repo, branch))
+
+    def reload_branch(self, repo: str, branch: str) -> tuple[BranchView, Reload] | None:
+        """Reload a branch view after a change made outside FUSE; what it changed.
+
+        A commit or rollback reloads while it still holds the branch's sealing
+        lock: a change staged through the mount right after it must be staged on
+        the new head, not on the one the view still had.
+        """
         view = self.branch_view(repo, branch)
-        if view is not None:
-            view.reload()
+        return None if view is None else (view, view.reload())
+
+    def drop_cached(self, reloaded: tuple[BranchView, Reload] | None) -> None:
+        """Make the kernel drop what it caches of the files a reload changed.
+
+        Call it from a worker thread holding no lock (not a branch's sealing lock
+        either: a rename waiting for it would keep the kernel from dropping a name).
+        It returns once the kernel is done, so every read after a ``vfsctl put``
+        (rm, discard, rollback, commit) returned sees it.
+        """
+        if reloaded is not None and self.nursery is not None:  # None: not mounted
+            self._drop_changed(*reloaded)
+
+    def _drop_changed(self, view: BranchView, changes: Reload, *, stale: bool = False) -> None:
+        """What :meth:`drop_cached` does (in a trio worker thread). With ``stale``,
+        each changed node's next open drops its pages too: this may come late."""
+        nodes = coherence.changed_nodes(view, changes, self.inodes.by_key, self.inodes.nodes)
+        for node in nodes:
+            node.stale = node.stale or stale
+        gone = coherence.gone(view, changes, nodes)
+        for node, before in gone:
+            with view.lock:  # its handles read on what it held when it went
+                coherence.let_go(view, self._handles_of(view, node.path), self.store.blobs,
+                                 functools.partial(coherence.stored_target, entry=before)
+                                 if before.kind == FILE else lambda handle: None)
+        names = trio.from_thread.run_sync(self._unlinked, view, [node for node, _ in gone]) \
+            if gone else []
+        coherence.drop([node.inode for node in nodes], names)
+
+    def _unlinked(self, view: BranchView, nodes: list[Node]) -> list[tuple[int, bytes]]:
+        """Forget the names of nodes whose file went away outside FUSE (in the trio
+        thread): a new lookup finds what is there now. Returns the (parent inode,
+        name) of each, for the kernel to forget too."""
+        names = []
+        for node in nodes:
+            path = node.path
+            if self.inodes.by_key.get((view.name, path)) != node.inode:
+                continue  # renamed or forgotten meanwhile
+            parent, _, name = path.rpartition("/")
+            self._forget_path(view, path)
+            parent_inode = self.inodes.by_key.get((view.name, parent))
+            if parent_inode is not None:
+                names.append((parent_inode, os.fsencode(name)))
+        return names
+
+    async def _drop_changed_soon(self, view: BranchView, changes: Reload) -> None:
+        await trio.to_thread.run_sync(functools.partial(self._drop_changed, view, changes,
+                                                        stale=True))
 
 
 def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int, size: int,

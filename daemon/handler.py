@@ -7,8 +7,9 @@ reloads the branch view it touched. ``dispatch`` runs in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import vfs
 from daemon.fs import VfsOperations
@@ -42,6 +43,27 @@ class ControlHandler:
         self.operations.branch_changed(repo, branch)
         if self.watcher is not None:
             self.watcher.nudge()  # a pipeline may read this branch
+
+    @contextlib.contextmanager
+    def _sealing(self, repo: str, branch: str) -> Iterator[None]:
+        """Hold a branch's lock for a commit, discard or rollback (no flusher
+        round stages into it meanwhile), then do what :meth:`_changed` does.
+
+        The view is reloaded before the lock goes: a change staged through the mount
+        right after must be staged on the new head, not on the one the view had.
+        The kernel's caches are dropped after it went (see VfsOperations.drop_cached).
+        """
+        reloaded = None
+        try:
+            with self.operations.flusher.branch_lock(repo, branch):
+                try:
+                    yield
+                finally:
+                    reloaded = self.operations.reload_branch(repo, branch)
+        finally:
+            self.operations.drop_cached(reloaded)
+            if self.watcher is not None:
+                self.watcher.nudge()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -97,30 +119,23 @@ class ControlHandler:
         # and staged first. No flusher round stages into the branch while it is
         # sealed: the commit clears exactly what it sealed.
         self.operations.flush_branch(repo, branch)
-        try:
-            with self.operations.flusher.branch_lock(repo, branch):
-                commit = self.store.commit(repo, branch, message, author=author)
-        finally:
-            self._changed(repo, branch)
+        with self._sealing(repo, branch):
+            commit = self.store.commit(repo, branch, message, author=author)
         self.store.index.sync()
         return commit_to_dict(commit)
 
     def op_discard(self, repo: str, branch: str) -> dict:
         self.operations.wait_staged(repo, branch)  # closed files are discarded too
-        with self.operations.flusher.branch_lock(repo, branch):
+        with self._sealing(repo, branch):
             count = self.store.discard(repo, branch)
-        self._changed(repo, branch)
         return {"changes": count}
 
     def op_rollback(self, repo: str, branch: str, to: str, message: str = "",
                     author: str | None = None) -> dict:
         target = parse_ref(to if "@" in to else f"{repo}@{to}", allow_path=False)
         self.operations.wait_staged(repo, branch)  # closed files count as staged changes
-        try:
-            with self.operations.flusher.branch_lock(repo, branch):
-                commit = self.store.rollback(repo, branch, target, message, author=author)
-        finally:
-            self._changed(repo, branch)
+        with self._sealing(repo, branch):
+            commit = self.store.rollback(repo, branch, target, message, author=author)
         return commit_to_dict(commit)
 
     def op_branch_create(self, repo: str, branch: str, **kwargs: str | None) -> dict:

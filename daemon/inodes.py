@@ -31,6 +31,9 @@ class Node:
     view: View | None  # None: the mount root
     path: str
     lookups: int = 0
+    # A change the kernel did not see was found and its cached pages may not have
+    # been dropped yet: the next open drops them (see VfsOperations.open).
+    stale: bool = False
 
 
 class Inodes:
@@ -40,7 +43,9 @@ class Inodes:
     def __init__(self) -> None:
         self.root = Node(pyfuse3.ROOT_INODE, None, "", 1)
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self.root}
-        self._by_key: dict[tuple[str, str], int] = {}
+        # (view name, path) -> inode, for the nodes of branch and commit views; read by
+        # worker threads too (daemon.coherence), changed by the trio thread only.
+        self.by_key: dict[tuple[str, str], int] = {}
         self._next = pyfuse3.ROOT_INODE + 1
         self.commit_inodes = CommitInodes(self.allocate)
 
@@ -53,17 +58,17 @@ class Inodes:
     def node(self, view: View, path: str) -> Node:
         """The node of ``path`` in ``view``, numbered the first time it is asked for."""
         key = (view.name, path)
-        inode = self._by_key.get(key)
+        inode = self.by_key.get(key)
         if inode is not None:
             return self.nodes[inode]
         node = Node(self.allocate(1), view, path)
         self.nodes[node.inode] = node
-        self._by_key[key] = node.inode
+        self.by_key[key] = node.inode
         return node
 
     def known(self, view: View, path: str) -> Node | None:
         """The node of ``path`` in ``view`` if it has one (no number is made)."""
-        inode = self._by_key.get((view.name, path))
+        inode = self.by_key.get((view.name, path))
         return None if inode is None else self.nodes[inode]
 
     def get(self, inode: int) -> Node | None:
@@ -82,16 +87,16 @@ class Inodes:
 
     def moved(self, view: View, src: str, dst: str) -> None:
         """Keep inode numbers across a rename (open files and cwd follow it)."""
-        for (name, path), inode in list(self._by_key.items()):
+        for (name, path), inode in list(self.by_key.items()):
             if name == view.name and (path == src or path.startswith(src + "/")):
-                del self._by_key[(name, path)]
+                del self.by_key[(name, path)]
                 new = dst + path[len(src):]
                 self.nodes[inode].path = new
-                self._by_key[(name, new)] = inode
+                self.by_key[(name, new)] = inode
 
     def forget_path(self, view: View, path: str) -> None:
         """``path`` was unlinked or replaced: its node (if any) has no name now."""
-        inode = self._by_key.pop((view.name, path), None)
+        inode = self.by_key.pop((view.name, path), None)
         if inode is not None:
             self.nodes[inode].path = DELETED
 
@@ -111,6 +116,6 @@ class Inodes:
             # it does (see daemon.commit_inodes); it is one Node per commit view.
             if not node.lookups and not isinstance(node.view, CommitView):
                 del self.nodes[inode]
-                if node.view is not None and self._by_key.get(
+                if node.view is not None and self.by_key.get(
                         (node.view.name, node.path)) == inode:
-                    del self._by_key[(node.view.name, node.path)]
+                    del self.by_key[(node.view.name, node.path)]

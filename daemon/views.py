@@ -36,11 +36,12 @@ from vfs.errors import (
     IsADirectory,
     NotADirectory,
     PathNotFound,
+    VfsError,
 )
 from vfs.ingest import EncodedPrefix
 from vfs.names import parent_and_name
 from vfs.refs import Commit, RefState, read_ref
-from vfs.snapshot import Snapshot, TreeCache
+from vfs.snapshot import Snapshot, TreeCache, changed_paths
 from vfs.staging import OpenCommit, new_dir
 from vfs.store import Store
 from vfs.tree import DIR, FILE, SYMLINK, Entry, Tree, permission_bits
@@ -98,6 +99,73 @@ class CommitView(View):
         return self.snapshot.cached_tree(tree_hex)
 
 
+class Reload:
+    """What a reload of a branch view changed, for the kernel's caches of its files.
+
+    A change made through the mount is one the kernel saw; a reload brings in the
+    others (put, rm, discard and rollback through the daemon, a commit, another
+    node's commit). :meth:`paths` are the paths whose entry may differ, cheaply
+    (what was staged before or after, and where the heads differ: a directory that
+    appeared or vanished stands for everything below it); :meth:`compare` tells
+    whether one does.
+    """
+
+    def __init__(self, old: OpenCommit | None, new: OpenCommit) -> None:
+        self._old = old
+        self._new = new
+
+    def paths(self) -> Iterator[str]:
+        """The paths whose entry may differ (reads trees where the heads differ)."""
+        old, new = self._old, self._new
+        if old is None:
+            return
+        for path in old.changes.keys() | new.changes.keys():
+            if path not in old.changes or path not in new.changes or \
+                    not _same(old.changes[path], new.changes[path]):
+                yield path
+        if old.head.root != new.head.root:
+            try:
+                yield from changed_paths(old.head, new.head)
+            except VfsError:
+                yield ""  # a tree cannot be read: the root stands for everything
+
+    def entries(self, path: str) -> tuple[Entry | None, Entry | None]:
+        """What ``path`` held before the reload and what it holds now (None: nothing).
+
+        Raises:
+            VfsError: a tree cannot be read.
+        """
+        if self._old is None:
+            entry = self._new.lookup(path)
+            return entry, entry
+        return self._old.lookup(path), self._new.lookup(path)
+
+    def compare(self, path: str) -> tuple[bool, bool]:
+        """Whether ``path`` holds something else now, and whether what is below it may.
+
+        Below a directory that appeared, vanished, or holds another tree, anything
+        may differ (:meth:`paths` names only the directory). An entry that cannot
+        be read counts as changed.
+        """
+        try:
+            before, after = self.entries(path)
+        except VfsError:
+            return True, True
+        if _same(before, after):
+            return False, False
+        dirs = [e for e in (before, after) if e is not None and e.kind == DIR]
+        return True, bool(dirs) and not (len(dirs) == 2 and dirs[0].ref == dirs[1].ref)
+
+
+def _same(a: Entry | None, b: Entry | None) -> bool:
+    """The same thing at one path, as ``stat`` and ``read`` see it (an entry made
+    here and one decoded from a tree differ in ``count``, which they do not show)."""
+    if a is None or b is None:
+        return a is b
+    return (a.kind, a.ref, a.size, a.mtime_ns, a.mode) == (b.kind, b.ref, b.size, b.mtime_ns,
+                                                            b.mode)
+
+
 class BranchView(View):
     """A branch head plus its open commit plus files being written; read-write.
 
@@ -123,21 +191,38 @@ class BranchView(View):
 
     # -- state ---------------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """Re-read the head and the open commit from the store and the index."""
+    def reload(self) -> Reload:
+        """Re-read the head and the open commit from the store and the index.
+
+        A clean spool (stored, and kept only for the handles still open on it)
+        whose path now holds something else stops standing for that path: it
+        lives on through those handles, like a file replaced by a rename.
+        """
         with self.lock:
+            old = getattr(self, "open_commit", None)
             self.state, self.open_commit = self.store.open_commit(self.repo, self.branch)
             self._checked = time.monotonic()
+            changes = Reload(old, self.open_commit)
+            for path, spool in list(self.spools.items()):
+                if not spool.dirty and changes.compare(path)[0]:
+                    del self.spools[path]
+                    self._forget(spool)
+            return changes
 
-    def maybe_refresh(self) -> None:
-        """Notice a head moved by another writer (checked at most once a second)."""
+    def maybe_refresh(self) -> Reload | None:
+        """Notice a head moved by another writer (checked at most once a second).
+
+        Returns:
+            What the reload changed, or None if the head had not moved.
+        """
         if time.monotonic() - self._checked < BRANCH_RECHECK_SECONDS:
-            return
+            return None
         with self.lock:
             self._checked = time.monotonic()
             current = read_ref(self.store.objects, self.repo, self.branch)
             if current.commit != self.state.commit:
-                self.reload()
+                return self.reload()
+        return None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -281,14 +366,10 @@ class BranchView(View):
             if s.has_sidecar or s.opens == 0:
                 self._closed(s, renamed=True)  # a restart must find it under its new name
         if src in moved:
-            committed = self.open_commit.lookup(src)
-            changes: dict[str, Entry | None] = {}
-            if committed is not None:
-                changes[src] = None
-            if target is not None and self.open_commit.lookup(dst) is not None:
-                changes[dst] = None
-            if changes:
-                self._stage(changes)
+            # What the open commit holds at dst stays until the spool is staged there:
+            # a commit sealed meanwhile has the old file or the new one, never neither.
+            if self.open_commit.lookup(src) is not None:
+                self._stage({src: None})
             return
         staged_below = {p: self.open_commit.changes[p] for p in self.open_commit.below(src)}
         changes = {src: None, dst: entry.renamed(name)}
@@ -412,11 +493,19 @@ class BranchView(View):
             spool.head_busy = True
             self.flusher.submit_head(self, spool)
 
-    def truncate(self, path: str, size: int) -> None:
+    def truncate(self, path: str, size: int, *, closed: bool = False) -> None:
+        """Cut or extend a file to ``size``.
+
+        Args:
+            closed: a truncate(2) by name, not through a handle: a whole change,
+                handed to the flusher at once like a closed file (a reader holding
+                the file open must not keep it from being stored).
+        """
         spool = self.open_spool(path, truncate=size == 0)
         self._truncate_spool(spool, size)
-        if spool.opens == 0:  # truncate(2) of a file nobody has open: closed at once
+        if closed or spool.opens == 0:
             self._closed(spool)
+        if spool.opens == 0:  # truncate(2) of a file nobody has open: closed at once
             spool.close_fd()
 
     def _truncate_spool(self, spool: SpoolFile, size: int) -> None:
@@ -543,4 +632,4 @@ class BranchView(View):
             spool.drop_sidecar()  # it lives on through its handles only
 
 
-__all__ = ["BranchView", "CommitView", "View"]
+__all__ = ["BranchView", "CommitView", "Reload", "View"]

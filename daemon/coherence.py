@@ -1,0 +1,200 @@
+"""Fresh reads of branch files, with the kernel's caches of them kept where they are right.
+
+The kernel keeps the pages and attributes of a branch file from one open to the
+next (``keep_cache``: a second read runs at page-cache speed). That is right as
+long as three things hold; :mod:`daemon.fs` calls what is here to keep them:
+
+1. Every read the daemon answers gives what the file holds at that moment. A
+   read-only handle *follows* its file: the spool it is being written to, or its
+   stored bytes, not the bytes it had when it was opened (:func:`reads_current`,
+   :func:`follow_spool`). Writes, truncations and renames through the mount go
+   through the kernel, which keeps its pages right for them.
+2. Every change the kernel did not see drops what it caches. A put, rm, discard,
+   rollback or commit through the daemon, and another node's commit, reload a
+   branch view (:class:`daemon.views.Reload`): :func:`changed_nodes` finds the
+   inodes whose path now holds something else, and :func:`drop` has the kernel
+   forget their pages and attributes, and the name of a file that went away.
+3. A file that loses its name (unlinked, replaced by a rename, removed outside the
+   mount) keeps what it held for the handles still open on it, as an unlinked
+   file does (:func:`let_go`), and those no longer follow the name.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import pyfuse3
+
+from daemon.reader import FileReader
+from daemon.views import BranchView, Reload, SpoolFile
+from vfs.blobstore import BlobStore
+from vfs.errors import VfsError
+from vfs.tree import FILE, Entry
+
+if TYPE_CHECKING:
+    from daemon.fs import Handle, Node
+
+log = logging.getLogger("daemon.fs")
+
+# -- read-only handles follow their file ----------------------------------------------------
+
+
+def reads_current(handle: Handle, view: BranchView) -> bool:
+    """Does a following handle read what its file holds now?
+
+    Cheap and without the view's lock (every read of a branch file that reaches the
+    daemon asks): a wrong answer only sends the read to :func:`follow_spool`, which
+    decides under the lock.
+    """
+    path = handle.node.path
+    spool = view.spools.get(path)
+    if spool is not None:
+        return spool is handle.spool
+    entry = view.open_commit.lookup(path)
+    if entry is None or entry.kind != FILE:
+        return True  # gone: its handles read on what they had (see let_go)
+    return handle.reader is not None and handle.reader.entry.ref == entry.ref
+
+
+def follow_spool(handle: Handle, view: BranchView) -> Entry | None:
+    """Point a following handle at the spool its file is being written to, if there
+    is one (call it holding the view's lock).
+
+    Returns:
+        The stored entry the handle must read instead, if it reads other bytes
+        now (the caller loads its :class:`FileReader` and calls :func:`switch`).
+    """
+    spool = view.spool(handle.node.path)
+    if spool is not None:
+        if spool is not handle.spool:
+            spool.reopen()
+            spool.opens += 1
+            switch(handle, view, spool, None)
+        return None
+    entry = view.lookup(handle.node.path)
+    if entry is None or entry.kind != FILE:
+        return None
+    return stored_target(handle, entry)
+
+
+def stored_target(handle: Handle, entry: Entry) -> Entry | None:
+    """``entry``, unless the handle reads its bytes already."""
+    if handle.spool is None and handle.reader is not None and \
+            handle.reader.entry.ref == entry.ref:
+        return None
+    return entry
+
+
+def read_spool(handle: Handle, offset: int, size: int) -> bytes | None:
+    """Read a following handle's spool (hold the view's lock: another read of the
+    handle may switch it to other bytes and close this spool); None if it has none."""
+    spool = handle.spool
+    return None if spool is None else os.pread(spool.fd, size, offset)
+
+
+def switch(handle: Handle, view: BranchView, spool: SpoolFile | None,
+           reader: FileReader | None) -> None:
+    """Make a following handle read ``spool`` (already counted open) or ``reader``
+    (call it holding the view's lock)."""
+    old = handle.spool
+    handle.spool, handle.reader = spool, reader
+    if old is not None:
+        view.release(old)
+
+
+def let_go(view: BranchView, handles: Iterable[Handle], blobs: BlobStore,
+           target: Callable[[Handle], Entry | None]) -> list[Handle]:
+    """A file loses its name: its following handles read on the stored entry
+    ``target`` gives each (None: what it reads now) and no longer follow the name.
+
+    Call it holding the view's lock, in a worker thread (it reads manifests).
+    Returns those handles (:func:`follow_again` undoes it if the name stays).
+    """
+    handles = [handle for handle in handles if handle.follows]
+    for handle in handles:
+        entry = target(handle)
+        if entry is not None:
+            switch(handle, view, None, FileReader.load(blobs, entry))
+        handle.follows = False
+    return handles
+
+
+def follow_again(handles: Iterable[Handle]) -> None:
+    for handle in handles:
+        handle.follows = True
+
+
+# -- changes the kernel did not see ----------------------------------------------------------
+
+
+def changed_nodes(view: BranchView, changes: Reload, by_key: dict[tuple[str, str], int],
+                  nodes: dict[int, Node]) -> list[Node]:
+    """The nodes of ``view`` (inodes the kernel may know) whose path holds something else.
+
+    Runs in a worker thread (it may read trees): the trio thread changes ``by_key``
+    and ``nodes`` meanwhile, one whole operation at a time.
+    """
+    changed: dict[int, Node] = {}
+    below = []
+    for path in changes.paths():
+        inode = by_key.get((view.name, path))
+        node = nodes.get(inode) if inode is not None else None
+        if node is None:
+            continue  # the kernel knows nothing of it
+        here, deeper = changes.compare(path)
+        if here:
+            changed[node.inode] = node
+        if deeper:
+            below.append(path + "/" if path else "")
+    if below:
+        prefixes = tuple(below)
+        for node in list(nodes.values()):
+            if node.view is view and node.inode not in changed and \
+                    node.path.startswith(prefixes) and changes.compare(node.path)[0]:
+                changed[node.inode] = node
+    return list(changed.values())
+
+
+def gone(view: BranchView, changes: Reload, nodes: Iterable[Node]) -> list[tuple[Node, Entry]]:
+    """The nodes whose file went away (nothing is at its path now, or a directory),
+    each with the entry it had (a file's, or None)."""
+    out = []
+    for node in nodes:
+        try:
+            before, after = changes.entries(node.path)
+        except VfsError:
+            continue  # unreadable: its pages and attributes are dropped all the same
+        if node.path and view.spool(node.path) is None and before is not None and (
+                after is None or after.kind != before.kind):
+            out.append((node, before))
+    return out
+
+
+def drop(inodes: Iterable[int], names: Iterable[tuple[int, bytes]]) -> None:
+    """Have the kernel forget the pages and attributes of ``inodes``, then the
+    ``names`` (parent inode, name) of files that went away.
+
+    Blocks until it has, which waits for requests on those inodes and names in
+    flight: call it from a worker thread holding no lock a request handler may
+    wait for (a view's lock, a branch's sealing lock), never from the trio thread.
+    """
+    for inode in inodes:
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=False)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
+                log.debug("cannot invalidate inode %d: %s", inode, exc)
+    for parent, name in names:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.debug("cannot invalidate the entry %r in inode %d: %s", name, parent, exc)
+
+
+__all__ = ["changed_nodes", "drop", "follow_again", "follow_spool", "gone", "let_go",
+           "read_spool", "reads_current", "stored_target", "switch"]
