@@ -75,9 +75,10 @@ def write(path: Path, data: bytes) -> None:
                 os.fsync(f.fileno())
             return
         except FileNotFoundError:
-            # The kernel keeps a branch path's entries for about a second: a file
-            # dropped by 'discard' may still look present, and opening it without
-            # creating fails (the mount does not invalidate those entries yet).
+            # A name dropped by a change on another node may still look present for
+            # up to a second here (noticed at the next access, then dropped), and
+            # opening it without creating fails. 'discard' through this node drops
+            # it before it returns (daemon/coherence.py).
             time.sleep(0.1)
     raise AssertionError(f"cannot write {path}")
 
