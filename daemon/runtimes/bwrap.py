@@ -87,14 +87,14 @@ def build_args(run: ContainerRun, *, etc: str, status_dir: str | None = None,
         args.append("--unshare-all")  # includes a user namespace: we are not root
         if run.network:
             args.append("--share-net")
-        args += ["--cap-drop", "ALL"]
     else:
         # No user namespace: in one made by root only uid 0 exists, and setpriv could
         # not become the datum's user. The namespaces that isolate, then setpriv.
         args += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
         if not run.network:
             args.append("--unshare-net")
-        args += ["--cap-drop", "ALL"]
+    args += ["--cap-drop", "ALL"]
+    if run_as is not None:
         for capability in _SWITCH_CAPABILITIES:
             args += ["--cap-add", capability]
     args += ["--hostname", "vfs"]

@@ -31,6 +31,8 @@ import os
 import signal
 import time
 
+from daemon.protocol import pid_alive
+
 log = logging.getLogger("daemon.runtimes.cgroups")
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -185,21 +187,11 @@ class PidsCgroups:
             if not name.startswith(self.prefix):
                 continue
             pid_text = name[len(self.prefix):].split("-", 1)[0]
-            if not pid_text.isdigit() or _alive(int(pid_text)):
+            if not pid_text.isdigit() or pid_alive(int(pid_text)):
                 continue
             PidsCgroup(os.path.join(self.parent, name)).close()
             removed += 1
         return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write(path: str, text: str) -> None:

@@ -30,7 +30,8 @@ import stat
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+
+from daemon.protocol import pid_alive
 
 #: Host ``/etc`` entries a sandbox shows read-only: public, non-secret, and needed to
 #: run common programs (shells, coreutils, Python, Perl, TLS clients, fontconfig).
@@ -44,15 +45,6 @@ HOST_ENTRIES = (
 )
 
 
-@dataclass(frozen=True)
-class EtcEntry:
-    """One entry of the sandbox's ``/etc``: a file of ours, a host path, or a symlink."""
-
-    name: str  # relative to /etc
-    source: str | None = None  # host path to show read-only
-    symlink: str | None = None  # target, for a symlink
-
-
 def _python_dirs(etc: str) -> list[str]:
     try:
         return sorted(name for name in os.listdir(etc)
@@ -61,17 +53,11 @@ def _python_dirs(etc: str) -> list[str]:
         return []
 
 
-def host_entries(etc: str = "/etc") -> list[EtcEntry]:
-    """The :data:`HOST_ENTRIES` this host has (plus its ``python3.N`` directories),
-    symlinks kept as symlinks (their targets are in ``/usr``, shown anyway)."""
-    entries = []
-    for name in (*HOST_ENTRIES, *_python_dirs(etc)):
-        path = os.path.join(etc, name)
-        if os.path.islink(path):
-            entries.append(EtcEntry(name, symlink=os.readlink(path)))
-        elif os.path.exists(path):
-            entries.append(EtcEntry(name, source=path))
-    return entries
+def host_entries(etc: str = "/etc") -> list[str]:
+    """The names of :data:`HOST_ENTRIES` this host has (plus its ``python3.N``
+    directories), relative to ``etc``."""
+    return [name for name in (*HOST_ENTRIES, *_python_dirs(etc))
+            if os.path.lexists(os.path.join(etc, name))]
 
 
 def sandbox_files(user: tuple[int, int] | None, *, network: bool,
@@ -103,6 +89,9 @@ def sandbox_files(user: tuple[int, int] | None, *, network: bool,
         except OSError:
             pass
     return files
+
+
+_PREFIX = "vfs-etc-"  # then the pid of the process whose copies they are
 
 
 class SandboxEtc:
@@ -145,14 +134,14 @@ class SandboxEtc:
         if now - self._checked < self.recheck:
             return self._signature
         parts = []
-        for entry in host_entries(self.etc):
+        for name in host_entries(self.etc):
             try:
-                st = os.lstat(os.path.join(self.etc, entry.name))
+                st = os.lstat(os.path.join(self.etc, name))
             except OSError:
                 continue
-            parts.append(f"{entry.name}:{st.st_mode}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{name}:{st.st_mode}:{st.st_size}:{st.st_mtime_ns}")
             if stat.S_ISDIR(st.st_mode):  # one level down: files replaced in place
-                with os.scandir(os.path.join(self.etc, entry.name)) as scan:
+                with os.scandir(os.path.join(self.etc, name)) as scan:
                     parts += sorted(f"{child.name}:{child.stat(follow_symlinks=False).st_mtime_ns}"
                                     for child in scan)
         self._signature = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -170,12 +159,9 @@ class SandboxEtc:
             if not os.path.isdir(final):
                 scratch = tempfile.mkdtemp(prefix=".new-", dir=self.directory)
                 os.chmod(scratch, 0o755)
-                _fill(scratch, files, host_entries(self.etc))
+                _fill(scratch, files, self.etc)
                 os.rename(scratch, final)
             return final
-
-
-_PREFIX = "vfs-etc-"
 
 
 def sweep(root: str) -> None:
@@ -190,12 +176,10 @@ def sweep(root: str) -> None:
         if not name.startswith(_PREFIX) or not pid.isdigit():
             continue
         path = os.path.join(root, name)
+        if pid_alive(int(pid)):
+            continue  # its process still runs
         try:
             st = os.lstat(path)
-            os.kill(int(pid), 0)
-            continue  # its process still runs
-        except ProcessLookupError:
-            pass
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
@@ -219,14 +203,11 @@ def _copy(source: str, target: str) -> None:
         os.chmod(target, stat.S_IMODE(st.st_mode) & 0o777)
 
 
-def _fill(directory: str, files: dict[str, str], host: list[EtcEntry]) -> None:
-    for entry in host:
-        target = os.path.join(directory, entry.name)
+def _fill(directory: str, files: dict[str, str], etc: str) -> None:
+    for name in host_entries(etc):
+        target = os.path.join(directory, name)
         os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-        if entry.symlink is not None:
-            os.symlink(entry.symlink, target)
-        elif entry.source is not None:
-            _copy(entry.source, target)
+        _copy(os.path.join(etc, name), target)
     for name, content in files.items():
         path = os.path.join(directory, name)
         with open(path, "w") as f:
