@@ -276,7 +276,8 @@ class VfsOperations(pyfuse3.Operations):
         return None
 
     def _open_handles(self, node: Node) -> list[Handle]:
-        return [handle for handle in self._handles.values()
+        """The open handles of ``node`` (any thread: the table is copied first)."""
+        return [handle for handle in list(self._handles.values())
                 if isinstance(handle, Handle) and handle.node is node]
 
     async def _subdirectories_of(self, view: View | None, path: str, entry: Entry) -> int:
@@ -953,9 +954,7 @@ class VfsOperations(pyfuse3.Operations):
         """The open handles of the file at ``path`` (any thread)."""
         inode = self.inodes.by_key.get((view.name, path))
         node = self.inodes.nodes.get(inode) if inode is not None else None
-        return [] if node is None else [
-            handle for handle in list(self._handles.values())
-            if isinstance(handle, Handle) and handle.node is node]
+        return [] if node is None else self._open_handles(node)
 
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
