@@ -21,22 +21,23 @@ long as three things hold; :mod:`daemon.fs` calls what is here to keep them:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import os
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
 
 import pyfuse3
+import trio
 
+from daemon.handles import Handle, Handles
+from daemon.inodes import Inodes, Node
 from daemon.reader import FileReader
 from daemon.views import BranchView, Reload, SpoolFile
 from vfs.blobstore import BlobStore
 from vfs.errors import VfsError
 from vfs.tree import FILE, Entry
-
-if TYPE_CHECKING:
-    from daemon.fs import Handle, Node
 
 log = logging.getLogger("daemon.fs")
 
@@ -196,5 +197,114 @@ def drop(inodes: Iterable[int], names: Iterable[tuple[int, bytes]]) -> None:
                 log.debug("cannot invalidate the entry %r in inode %d: %s", name, parent, exc)
 
 
-__all__ = ["changed_nodes", "drop", "follow_again", "follow_spool", "gone", "let_go",
+# -- the mount's side ------------------------------------------------------------------------
+
+
+class Coherence:
+    """What the mount's handlers and the control socket call to keep the rules above.
+
+    Args:
+        inodes, handles: the mount's tables (changed in the trio thread only).
+        blobs: to load the manifests of stored files.
+    """
+
+    def __init__(self, inodes: Inodes, handles: Handles, blobs: BlobStore) -> None:
+        self.inodes = inodes
+        self.handles = handles
+        self.blobs = blobs
+        self.nursery: trio.Nursery | None = None  # set while mounted
+
+    def refresh(self, view: BranchView) -> None:
+        """Notice a head moved by another node (a request handler calls it in passing):
+        what the kernel caches of the files it changed is dropped soon after."""
+        changes = view.maybe_refresh()
+        if changes is not None and self.nursery is not None:
+            self.nursery.start_soon(self._drop_changed_soon, view, changes)
+
+    async def follow(self, handle: Handle, view: BranchView) -> None:
+        """Point a read-only handle at what its file holds now: the spool it is being
+        written to, or its stored bytes (a changed file, not the one opened)."""
+
+        def follow() -> None:
+            with view.lock:
+                if not handle.follows:
+                    return  # its file lost its name meanwhile
+                entry = follow_spool(handle, view)
+            if entry is not None:  # its manifest is read without the lock
+                reader = FileReader.load(self.blobs, entry)
+                with view.lock:
+                    if handle.follows:
+                        switch(handle, view, None, reader)
+
+        await trio.to_thread.run_sync(follow)
+
+    @contextlib.contextmanager
+    def freezing(self, view: BranchView, path: str | None) -> Iterator[None]:
+        """Around an unlink or a rename that may take the name ``path`` from its file:
+        the file's read-only handles read on what it holds now (call it in a worker
+        thread holding the view's lock), and follow the name again if it stays."""
+        handles = [] if path is None else let_go(
+            view, self.handles_of(view, path), self.blobs,
+            functools.partial(follow_spool, view=view))
+        try:
+            yield
+        except BaseException:
+            follow_again(handles)
+            raise
+
+    def handles_of(self, view: BranchView, path: str) -> list[Handle]:
+        """The open handles of the file at ``path`` (any thread)."""
+        inode = self.inodes.by_key.get((view.name, path))
+        node = self.inodes.nodes.get(inode) if inode is not None else None
+        return [] if node is None else self.handles.of_node(node)
+
+    def drop_cached(self, reloaded: tuple[BranchView, Reload] | None) -> None:
+        """Make the kernel drop what it caches of the files a reload changed.
+
+        Call it from a worker thread holding no lock (not a branch's sealing lock
+        either: a rename waiting for it would keep the kernel from dropping a name).
+        It returns once the kernel is done, so every read after a ``vfsctl put``
+        (rm, discard, rollback, commit) returned sees it.
+        """
+        if reloaded is not None and self.nursery is not None:  # None: not mounted
+            self._drop_changed(*reloaded)
+
+    def _drop_changed(self, view: BranchView, changes: Reload, *, stale: bool = False) -> None:
+        """What :meth:`drop_cached` does (in a trio worker thread). With ``stale``,
+        each changed node's next open drops its pages too: this may come late."""
+        nodes = changed_nodes(view, changes, self.inodes.by_key, self.inodes.nodes)
+        for node in nodes:
+            node.stale = node.stale or stale
+        went = gone(view, changes, nodes)
+        for node, before in went:
+            with view.lock:  # its handles read on what it held when it went
+                let_go(view, self.handles_of(view, node.path), self.blobs,
+                       functools.partial(stored_target, entry=before)
+                       if before.kind == FILE else lambda handle: None)
+        names = trio.from_thread.run_sync(self._unlinked, view, [node for node, _ in went]) \
+            if went else []
+        drop([node.inode for node in nodes], names)
+
+    def _unlinked(self, view: BranchView, nodes: list[Node]) -> list[tuple[int, bytes]]:
+        """Forget the names of nodes whose file went away outside FUSE (in the trio
+        thread): a new lookup finds what is there now. Returns the (parent inode,
+        name) of each, for the kernel to forget too."""
+        names = []
+        for node in nodes:
+            path = node.path
+            if self.inodes.by_key.get((view.name, path)) != node.inode:
+                continue  # renamed or forgotten meanwhile
+            parent, _, name = path.rpartition("/")
+            self.inodes.forget_path(view, path)
+            parent_inode = self.inodes.by_key.get((view.name, parent))
+            if parent_inode is not None:
+                names.append((parent_inode, os.fsencode(name)))
+        return names
+
+    async def _drop_changed_soon(self, view: BranchView, changes: Reload) -> None:
+        await trio.to_thread.run_sync(functools.partial(self._drop_changed, view, changes,
+                                                        stale=True))
+
+
+__all__ = ["Coherence", "changed_nodes", "drop", "follow_again", "follow_spool", "gone", "let_go",
            "read_spool", "reads_current", "stored_target", "switch"]

@@ -8,62 +8,39 @@ serving. Corruption is EIO plus a logged corruption report, never wrong bytes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
 from daemon import coherence
-from daemon.commit_inodes import CommitDir
+from daemon.attrs import BRANCH_TIMEOUT, COMMIT_TIMEOUT, ROOT_TIMEOUT, fill_attrs, new_attrs
+from daemon.commit_fs import CommitFs
 from daemon.flusher import Flusher
+from daemon.handles import DirHandle, Handle, Handles
 from daemon.inodes import DELETED, Inodes, Node
 from daemon.reader import ChunkCache, FileReader, ReportedCorruption
 from daemon.spools import SpoolFile
-from daemon.views import BranchView, CommitView, Reload, View
-from vfs.errors import (
-    BranchNotFound,
-    CommitNotFound,
-    Corruption,
-    InvalidName,
-    InvalidRef,
-    NotFound,
-    ReadOnly,
-    VfsError,
-)
-from vfs.names import MAX_COMPONENT_BYTES, MAX_PATH_BYTES, join, normalize_path, parse_ref
-from vfs.snapshot import TreeCache
+from daemon.views import BranchView, CommitView, View
+from daemon.viewtable import ViewTable
+from vfs.errors import Corruption, InvalidName, InvalidRef, NotFound, ReadOnly, VfsError
+from vfs.names import MAX_COMPONENT_BYTES, MAX_PATH_BYTES, join, normalize_path
 from vfs.store import Store
-from vfs.tree import DIR, EMPTY_TREE, FILE, SYMLINK, Entry, Tree, decode_tree, permission_bits
+from vfs.tree import DIR, SYMLINK, Entry, permission_bits
 
 log = logging.getLogger("daemon.fs")
 T = TypeVar("T")
 
-COMMIT_TIMEOUT = 24 * 3600.0  # commits never change: let the kernel cache them
-BRANCH_TIMEOUT = 1.0  # a moved head shows within a second
-ROOT_TIMEOUT = 1.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
-_BLOCK_SIZE = 128 * 1024
-_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
-_S_IFDIR, _S_IFREG, _S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
-_EMPTY_TREE = decode_tree(EMPTY_TREE)
-_DECODED_TREE_BYTES = 32 * 1024 * 1024  # ~250,000 entries; the tree in use stays anyway
-# The path of a Node whose name is gone (unlinked or replaced) while the kernel
-# still holds it: no entry has a NUL in its name.
-# Entries of a commit's directory whose subdirectories' trees are read together
-# (a readdirplus reply holds a few dozen).
-_READDIR_AHEAD = 64
-_TREE_READERS = 4
+_READDIR_AHEAD = 64  # branch entries whose subdirectories are counted together
 
 
 def _errors(handler: Callable) -> Callable:
@@ -137,25 +114,6 @@ async def _with_lock(view: BranchView, work: Callable[[], T]) -> T:
     return await trio.to_thread.run_sync(locked)
 
 
-@dataclass
-class Handle:
-    node: Node
-    reader: FileReader | None = None
-    spool: SpoolFile | None = None
-    # A read-only handle of a branch file: it reads what the file holds at each
-    # read (the spool it is being written to, or its stored bytes), not what it
-    # held at the open (see daemon.coherence).
-    follows: bool = False
-
-
-@dataclass
-class DirHandle:
-    node: Node | None
-    entries: list[tuple[str, Entry | None, View | None]] = field(default_factory=list)
-    directory: CommitDir | None = None  # a directory of a commit: its entries are in tree
-    tree: Tree | None = None
-
-
 class VfsOperations(pyfuse3.Operations):
     """pyfuse3 request handlers for the whole namespace."""
 
@@ -169,19 +127,26 @@ class VfsOperations(pyfuse3.Operations):
         self.spool_dir = spool_dir
         self.flusher = flusher
         self.cache = cache
-        self.nursery: trio.Nursery | None = None
         self.started_ns = time.time_ns()
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.inodes = Inodes()
         self.root = self.inodes.root
         self.commit_inodes = self.inodes.commit_inodes
-        # The decoded trees of every commit view: one budget for the whole mount.
-        self.trees = TreeCache(_DECODED_TREE_BYTES)
-        self._handles: dict[int, Handle | DirHandle] = {}
-        self._next_handle = 1
-        self.views: dict[str, View] = {}
-        self._views_lock = threading.Lock()
+        self.views = ViewTable(store, flusher)
+        self.handles = Handles()
+        self.commits = CommitFs(self.inodes, self.uid, self.gid, self.started_ns)
+        self.coherence = coherence.Coherence(self.inodes, self.handles, store.blobs)
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """The mount's nursery (set by the daemon once mounted; None in tests of handlers)."""
+        return self._nursery
+
+    @nursery.setter
+    def nursery(self, nursery: trio.Nursery | None) -> None:
+        self._nursery = self.coherence.nursery = nursery
 
     # -- inodes (daemon.inodes) ------------------------------------------------------------
 
@@ -206,79 +171,20 @@ class VfsOperations(pyfuse3.Operations):
 
     # -- views ---------------------------------------------------------------------------
 
-    def view(self, name: str) -> View:
-        """The view for ``repo@ref`` (branches are read-write, commits read-only)."""
-        existing = self.views.get(name)
-        if existing is not None:
-            return existing
-        try:
-            spec = parse_ref(name, allow_path=False)
-        except (InvalidRef, InvalidName):
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        with self._views_lock:
-            if name in self.views:
-                return self.views[name]
-            view: View
-            try:
-                if spec.ancestor:
-                    raise BranchNotFound("ancestor")
-                self.store.head(spec.repo, spec.ref)
-                view = BranchView(self.store, name, spec.repo, spec.ref, self.flusher)
-            except BranchNotFound:
-                commit = self.store.resolve(spec)
-                if commit is None:
-                    raise CommitNotFound(f"{name} has no commits") from None
-                view = CommitView(self.store, name, commit, self.trees)
-            self.views[name] = view
-            return view
-
-    def branch_view(self, repo: str, branch: str) -> BranchView | None:
-        view = self.views.get(f"{repo}@{branch}")
-        return view if isinstance(view, BranchView) else None
-
     def _entry(self, node: Node) -> Entry:
         if node.view is None:
             return Entry("", DIR, 0o755, 0, 0, "")
         entry = self._view_entry(node.view, node.path)
         if entry is None:
-            entry = self._entry_of_open_handle(node)
+            entry = self.handles.entry_of(node)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
 
     def _view_entry(self, view: View, path: str) -> Entry | None:
         if isinstance(view, BranchView):
-            self._refresh(view)
+            self.coherence.refresh(view)
         return view.lookup(path)
-
-    def _refresh(self, view: BranchView) -> None:
-        """Notice a head moved by another node (a request handler calls it in passing):
-        what the kernel caches of the files it changed is dropped soon after."""
-        changes = view.maybe_refresh()
-        if changes is not None and self.nursery is not None:
-            self.nursery.start_soon(self._drop_changed_soon, view, changes)
-
-    def _entry_of_open_handle(self, node: Node) -> Entry | None:
-        """An unlinked file still works through its open handles (the temp-file idiom).
-
-        A handle that writes (its spool) says, before one opened to read the file
-        as it was.
-        """
-        handles = self._open_handles(node)
-        for handle in handles:
-            if handle.spool is not None:
-                spool = handle.spool
-                return Entry(node.path.rpartition("/")[2], FILE, spool.mode, spool.size,
-                             spool.mtime_ns, "")
-        for handle in handles:
-            if handle.reader is not None:
-                return handle.reader.entry
-        return None
-
-    def _open_handles(self, node: Node) -> list[Handle]:
-        """The open handles of ``node`` (any thread: the table is copied first)."""
-        return [handle for handle in list(self._handles.values())
-                if isinstance(handle, Handle) and handle.node is node]
 
     async def _subdirectories_of(self, view: View | None, path: str, entry: Entry) -> int:
         """How many directories ``entry`` (at ``path`` in ``view``) holds, for its link count.
@@ -291,7 +197,7 @@ class VfsOperations(pyfuse3.Operations):
         if isinstance(view, BranchView):
             return await _with_lock(view, functools.partial(view.subdirectories, path))
         if isinstance(view, CommitView) and entry.ref:
-            return (await self._tree(view, entry.ref)).subdirectories
+            return await self.commits.subdirectories(view, entry.ref)
         return 0
 
     def _attrs(self, node: Node, entry: Entry,
@@ -300,15 +206,15 @@ class VfsOperations(pyfuse3.Operations):
         view = node.view
         timeout = (COMMIT_TIMEOUT if isinstance(view, CommitView)
                    else BRANCH_TIMEOUT if view is not None else ROOT_TIMEOUT)
-        attrs = self._new_attrs(timeout)
+        attrs = new_attrs(self.uid, self.gid, timeout)
         # Roots and new directories carry no time of their own: show the mount's.
         mtime_ns = entry.mtime_ns or self.started_ns
         if isinstance(view, BranchView) and node.path != DELETED:
             shown = view.times.shown(node.path, mtime_ns)
-            _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, shown.mtime_ns,
+            fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, shown.mtime_ns,
                         subdirectories, atime_ns=shown.atime_ns, ctime_ns=shown.ctime_ns)
         else:
-            _fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, mtime_ns,
+            fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, mtime_ns,
                         subdirectories)
         if node.path == DELETED:
             attrs.st_nlink = 0  # open, and no name any more
@@ -319,141 +225,6 @@ class VfsOperations(pyfuse3.Operations):
             attrs.st_nlink = 1
         return attrs
 
-    def _new_attrs(self, timeout: float) -> pyfuse3.EntryAttributes:
-        """Attributes with the fields every inode shares filled in."""
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_uid = self.uid
-        attrs.st_gid = self.gid
-        attrs.st_blksize = _BLOCK_SIZE
-        attrs.entry_timeout = timeout
-        attrs.attr_timeout = timeout
-        return attrs
-
-    async def _commit_attrs(self, view: CommitView, inode: int,
-                            row: list) -> pyfuse3.EntryAttributes:
-        """The attributes of an entry of a commit, from its tree row."""
-        attrs = self._new_attrs(COMMIT_TIMEOUT)
-        _fill_attrs(attrs, inode, row[1], row[2], row[3], row[4] or self.started_ns,
-                    await self._subdirectories(view, row))
-        return attrs
-
-    async def _subdirectories(self, view: CommitView, row: list) -> int:
-        """How many directories the entry of a commit of tree row ``row`` holds."""
-        if row[1] != DIR:
-            return 0
-        return (await self._tree(view, row[5])).subdirectories
-
-    # -- inside commits: numbered by directory (daemon.commit_inodes) ---------------------------
-
-    async def _tree(self, view: CommitView, tree_hex: str) -> Tree:
-        if not tree_hex:
-            return _EMPTY_TREE
-        tree = view.cached_tree(tree_hex)
-        if tree is None:  # read and decode it without blocking other requests
-            tree = await trio.to_thread.run_sync(view.tree, tree_hex)
-        return tree
-
-    async def _directory(self, inode: int) -> CommitDir:
-        """The record of directory ``inode`` (the root of a commit view or a directory in it).
-
-        Raises:
-            FUSEError: ENOENT (unknown inode), ENOTDIR.
-        """
-        directory = self.commit_inodes.directory(inode)
-        if directory is not None:
-            return directory
-        node = self.inodes.nodes.get(inode)
-        if node is not None:
-            assert isinstance(node.view, CommitView) and not node.path
-            view, path, tree_hex = node.view, "", node.view.commit.tree or ""
-        else:
-            located = self.commit_inodes.locate(inode)
-            if located is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            parent, index = located
-            row = (await self._tree(parent.view, parent.tree)).row(index)
-            if row[1] != DIR:
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
-            view, path, tree_hex = parent.view, parent.child_path(row[0]), row[5]
-        size = len(await self._tree(view, tree_hex))
-        # Another request may have numbered it while this one waited for the tree.
-        return self.commit_inodes.directory(inode) or self.commit_inodes.add(
-            view, inode, path, tree_hex, size)
-
-    async def _commit_lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
-        """lookup in the root of a commit view or a directory in it."""
-        if name == b"." or name == b"..":
-            inode = parent_inode
-            if name == b"..":  # the directory holding the parent (the mount root for a view)
-                located = self.commit_inodes.locate(parent_inode)
-                inode = located[0].inode if located is not None else pyfuse3.ROOT_INODE
-            node = self.inodes.nodes.get(inode)
-            if node is not None:
-                entry = self._entry(node)
-                attrs = self._attrs(node, entry,
-                                    await self._subdirectories_of(node.view, node.path, entry))
-                node.lookups += 1
-                return attrs
-            located = self.commit_inodes.locate(inode)
-            if located is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            directory, index = located
-        else:
-            directory = await self._directory(parent_inode)
-            index = (await self._tree(directory.view, directory.tree)).index(os.fsdecode(name))
-            if index is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-        row = (await self._tree(directory.view, directory.tree)).row(index)
-        attrs = await self._commit_attrs(directory.view, directory.base + index, row)
-        directory.remember(index)
-        return attrs
-
-    async def _read_trees(self, view: CommitView, tree: Tree, start: int) -> None:
-        """Read the trees of the directories among the next entries of a listing.
-
-        Their link counts need them. In a few threads at once: one after the
-        other, a listing of many directories would wait for each read in turn
-        (a request each on S3).
-        """
-        rows = map(tree.row, range(start, min(start + _READDIR_AHEAD, len(tree))))
-        missing = sorted({row[5] for row in rows
-                          if row[1] == DIR and row[5] and view.cached_tree(row[5]) is None})
-        if not missing:
-            return
-
-        def read(group: list[str]) -> None:
-            for tree_hex in group:
-                view.tree(tree_hex)
-
-        async with trio.open_nursery() as nursery:
-            for k in range(min(_TREE_READERS, len(missing))):
-                nursery.start_soon(trio.to_thread.run_sync, read, missing[k::_TREE_READERS])
-
-    async def _readdir_commit(self, handle: DirHandle, start: int, token) -> None:
-        directory, tree = handle.directory, handle.tree
-        assert directory is not None and tree is not None
-        # One attributes object for the whole reply (readdir_reply copies it), and
-        # the loop kept tight: ls -l of 100,000 files runs it 100,000 times.
-        attrs = self._new_attrs(COMMIT_TIMEOUT)
-        base, row_at, reply, fill = directory.base, tree.row, pyfuse3.readdir_reply, _fill_attrs
-        default_mtime, view = self.started_ns, directory.view
-        await self._read_trees(view, tree, start)
-        index = start
-        for index in range(start, len(tree)):
-            row = row_at(index)
-            # A directory's link count needs its own tree (read here, once, and cached).
-            subdirectories = (await self._tree(view, row[5])).subdirectories \
-                if row[1] == DIR else 0
-            fill(attrs, base + index, row[1], row[2], row[3], row[4] or default_mtime,
-                 subdirectories)
-            # The offset of an entry is its position + 1: stable, the tree never changes.
-            if not reply(token, row[0].encode(_FS_ENCODING, _FS_ERRORS), attrs, index + 1):
-                break
-        else:
-            index = len(tree)
-        # readdirplus: the kernel now holds a reference to each entry it was sent.
-        directory.remember_range(start, index)
-
     def _writable(self, node: Node) -> BranchView:
         if isinstance(node.view, BranchView):
             return node.view
@@ -462,7 +233,7 @@ class VfsOperations(pyfuse3.Operations):
     def _new_path(self, parent: str, name: str) -> str:
         """The path of an entry to be made: refused if it is too long to commit."""
         path = join(parent, name)
-        if len(path.encode(_FS_ENCODING, _FS_ERRORS)) > MAX_PATH_BYTES:
+        if len(os.fsencode(path)) > MAX_PATH_BYTES:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return path
 
@@ -489,7 +260,11 @@ class VfsOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
         parent = self.inodes.nodes.get(parent_inode)
         if parent is None or isinstance(parent.view, CommitView):
-            return await self._commit_lookup(parent_inode, name)
+            if name == b".":
+                return await self._lookup_again(parent_inode)
+            if name == b"..":
+                return await self._lookup_again(self.commits.parent_of(parent_inode))
+            return await self.commits.lookup(parent_inode, name)
         text = os.fsdecode(name)
         if text == ".":
             node = parent
@@ -500,7 +275,7 @@ class VfsOperations(pyfuse3.Operations):
                 node = self._node(parent.view, parent.path.rpartition("/")[0])
         elif parent.view is None:
             try:
-                view = await trio.to_thread.run_sync(self.view, text)
+                view = await trio.to_thread.run_sync(self.views.get, text)
             except (NotFound, InvalidRef, InvalidName):
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             node = self._node(view, "")
@@ -532,12 +307,18 @@ class VfsOperations(pyfuse3.Operations):
             entry = self._entry(node)
             return self._attrs(node, entry,
                                await self._subdirectories_of(node.view, node.path, entry))
-        located = self.commit_inodes.locate(inode)
-        if located is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        directory, index = located
-        tree = await self._tree(directory.view, directory.tree)
-        return await self._commit_attrs(directory.view, inode, tree.row(index))
+        return await self.commits.getattr(inode)
+
+    async def _lookup_again(self, inode: int) -> pyfuse3.EntryAttributes:
+        """``.`` or ``..`` in a commit view: the node or commit entry ``inode``, counted."""
+        node = self.inodes.nodes.get(inode)
+        if node is None:
+            return await self.commits.lookup_inode(inode)
+        entry = self._entry(node)
+        attrs = self._attrs(node, entry,
+                            await self._subdirectories_of(node.view, node.path, entry))
+        node.lookups += 1
+        return attrs
 
     @_errors
     async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
@@ -576,7 +357,7 @@ class VfsOperations(pyfuse3.Operations):
                                fields) -> Entry:
         """setattr through a handle of a file unlinked or replaced while open: the
         change applies to what its handles see, and nothing is staged."""
-        handles = self._open_handles(node)
+        handles = self.handles.of_node(node)
         if not handles:
             raise pyfuse3.FUSEError(errno.ENOENT)
         size = attr.st_size if fields.update_size else None
@@ -595,7 +376,7 @@ class VfsOperations(pyfuse3.Operations):
                 handle.reader.entry = replace(
                     old, mode=old.mode if mode is None else permission_bits(mode),
                     mtime_ns=old.mtime_ns if mtime is None else mtime)
-        entry = self._entry_of_open_handle(node)
+        entry = self.handles.entry_of(node)
         assert entry is not None
         return entry
 
@@ -626,9 +407,7 @@ class VfsOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx=None) -> int:
         node = self.inodes.nodes.get(inode)
         if node is None or isinstance(node.view, CommitView):
-            directory = await self._directory(inode)
-            tree = await self._tree(directory.view, directory.tree)
-            return self._new_handle(DirHandle(node, directory=directory, tree=tree))
+            return self.handles.add(await self.commits.opendir(inode))
         handle = DirHandle(node)
         if node.view is None:
             names = await trio.to_thread.run_sync(self._branch_names)
@@ -636,11 +415,11 @@ class VfsOperations(pyfuse3.Operations):
         else:
             view = node.view
             assert isinstance(view, BranchView)
-            self._refresh(view)
+            self.coherence.refresh(view)
             with view.lock:
                 listing = view.listdir(node.path)
             handle.entries = [(name, entry, view) for name, entry in listing.items()]
-        return self._new_handle(handle)
+        return self.handles.add(handle)
 
     def _branch_names(self) -> list[str]:
         return sorted(f"{repo}@{branch}" for repo, branch in
@@ -648,10 +427,9 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token) -> None:
-        handle = self._handles[fh]
-        assert isinstance(handle, DirHandle)
+        handle = self.handles.directory(fh)
         if handle.directory is not None:
-            await self._readdir_commit(handle, start_id, token)
+            await self.commits.readdir(handle, start_id, token)
             return
         assert handle.node is not None
         counts = await self._count_subdirectories(handle, start_id)
@@ -659,7 +437,7 @@ class VfsOperations(pyfuse3.Operations):
             name, entry, view = handle.entries[index]
             if view is None:
                 try:
-                    view = await trio.to_thread.run_sync(self.view, name)
+                    view = await trio.to_thread.run_sync(self.views.get, name)
                 except (VfsError, pyfuse3.FUSEError):
                     continue
                 path, entry = "", self._view_entry(view, "")
@@ -696,7 +474,7 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def releasedir(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        self.handles.pop(fh)
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
@@ -737,7 +515,7 @@ class VfsOperations(pyfuse3.Operations):
             self._forget_path(view, path)
 
         def remove() -> None:
-            with view.staging(), self._freezing(view, path):
+            with view.staging(), self.coherence.freezing(view, path):
                 # In the trio thread: no request sees the name gone from the branch
                 # and still on its inode (see rename).
                 trio.from_thread.run_sync(unlink_now)
@@ -792,7 +570,7 @@ class VfsOperations(pyfuse3.Operations):
                 self._moved(view, src, dst)
 
         def move() -> None:
-            with view.staging(), self._freezing(view, dst if dst != src else None):
+            with view.staging(), self.coherence.freezing(view, dst if dst != src else None):
                 # In the trio thread, with the locks held here: no request (a getattr
                 # of the file replaced, an open through a name looked up before) sees
                 # the branch renamed and the inodes not yet, or the reverse.
@@ -830,12 +608,6 @@ class VfsOperations(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------------------
 
-    def _new_handle(self, handle: Handle | DirHandle) -> int:
-        fh = self._next_handle
-        self._next_handle += 1
-        self._handles[fh] = handle
-        return fh
-
     @_errors
     async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
         node = self._get(inode)
@@ -848,7 +620,7 @@ class VfsOperations(pyfuse3.Operations):
                 raise ReadOnly("commits are read-only")
             entry = self._entry(node)
             reader = await trio.to_thread.run_sync(FileReader.load, self.store.blobs, entry)
-            return pyfuse3.FileInfo(fh=self._new_handle(Handle(node, reader=reader)),
+            return pyfuse3.FileInfo(fh=self.handles.add(Handle(node, reader=reader)),
                                     keep_cache=True)
         assert isinstance(view, BranchView)
 
@@ -871,7 +643,7 @@ class VfsOperations(pyfuse3.Operations):
         # them yet.
         keep_cache = not node.stale
         node.stale = False
-        return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=keep_cache)
+        return pyfuse3.FileInfo(fh=self.handles.add(handle), keep_cache=keep_cache)
 
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
@@ -890,19 +662,18 @@ class VfsOperations(pyfuse3.Operations):
         spool = await _with_lock(view, make)
         node = self._node(view, path)
         node.lookups += 1
-        fh = self._new_handle(Handle(node, spool=spool))
+        fh = self.handles.add(Handle(node, spool=spool))
         return pyfuse3.FileInfo(fh=fh), self._attrs(node, self._entry(node))
 
     @_errors
     async def read(self, fh: int, off: int, size: int):
-        handle = self._handles[fh]
-        assert isinstance(handle, Handle)
+        handle = self.handles.file(fh)
         view = handle.node.view
         tracked = isinstance(view, BranchView) and handle.node.path != DELETED
         if handle.follows:
             assert isinstance(view, BranchView)
             if not coherence.reads_current(handle, view):
-                await self._follow(handle, view)
+                await self.coherence.follow(handle, view)
             if handle.spool is not None:
                 data = await _with_lock(view, functools.partial(coherence.read_spool, handle,
                                                                 off, size))
@@ -919,47 +690,9 @@ class VfsOperations(pyfuse3.Operations):
             view.times.accessed(handle.node.path, handle.reader.entry.mtime_ns)
         return await handle.reader.read(self.cache, off, size, self.nursery)
 
-    async def _follow(self, handle: Handle, view: BranchView) -> None:
-        """Point a read-only handle at what its file holds now: the spool it is being
-        written to, or its stored bytes (a changed file, not the one opened)."""
-
-        def follow() -> None:
-            with view.lock:
-                if not handle.follows:
-                    return  # its file lost its name meanwhile
-                entry = coherence.follow_spool(handle, view)
-            if entry is not None:  # its manifest is read without the lock
-                reader = FileReader.load(self.store.blobs, entry)
-                with view.lock:
-                    if handle.follows:
-                        coherence.switch(handle, view, None, reader)
-
-        await trio.to_thread.run_sync(follow)
-
-    @contextlib.contextmanager
-    def _freezing(self, view: BranchView, path: str | None) -> Iterator[None]:
-        """Around an unlink or a rename that may take the name ``path`` from its file:
-        the file's read-only handles read on what it holds now (call it in a worker
-        thread holding the view's lock), and follow the name again if it stays."""
-        handles = [] if path is None else coherence.let_go(
-            view, self._handles_of(view, path), self.store.blobs,
-            functools.partial(coherence.follow_spool, view=view))
-        try:
-            yield
-        except BaseException:
-            coherence.follow_again(handles)
-            raise
-
-    def _handles_of(self, view: BranchView, path: str) -> list[Handle]:
-        """The open handles of the file at ``path`` (any thread)."""
-        inode = self.inodes.by_key.get((view.name, path))
-        node = self.inodes.nodes.get(inode) if inode is not None else None
-        return [] if node is None else self._open_handles(node)
-
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._handles[fh]
-        assert isinstance(handle, Handle)
+        handle = self.handles.file(fh)
         if handle.spool is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         view = handle.node.view
@@ -972,8 +705,7 @@ class VfsOperations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         # close(): the file is visible at once and survives a crash of the daemon
         # (its sidecar); the flusher stores it in the background. Only fsync waits.
-        handle = self._handles[fh]
-        assert isinstance(handle, Handle)
+        handle = self.handles.file(fh)
         view = handle.node.view
         spool = handle.spool
         if spool is None or not isinstance(view, BranchView):
@@ -985,8 +717,7 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        handle = self._handles[fh]
-        assert isinstance(handle, Handle)
+        handle = self.handles.file(fh)
         view = handle.node.view
         if handle.spool is None or not isinstance(view, BranchView):
             return
@@ -995,7 +726,7 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh)
+        handle = self.handles.pop(fh)
         assert isinstance(handle, Handle)
         view = handle.node.view
         spool = handle.spool
@@ -1006,138 +737,8 @@ class VfsOperations(pyfuse3.Operations):
 
     # -- for the control socket ---------------------------------------------------------------
 
-    def flush_everything(self) -> None:
-        """Store every file written to every branch, open ones too (at a clean shutdown).
-
-        Sidecars come first: if storing fails, a restarted daemon stages the files.
-        """
-        views = [v for v in list(self.views.values()) if isinstance(v, BranchView)]
-        for view in views:
-            with view.lock:
-                try:
-                    view.write_sidecars()
-                except OSError as exc:
-                    log.error("could not record the files written to %s for the next start: "
-                              "%s", view.name, exc)
-        for view in views:
-            try:
-                self.flusher.wait_branch(view, include_open=True, durable=True)
-            except VfsError as exc:
-                log.error("could not store files written to %s (kept for the next start): "
-                          "%s", view.name, exc)
-            with view.lock:  # the process goes away: no handle stays open
-                for spool in list(view.spools.values()):
-                    if spool.dirty:
-                        spool.close_fd()
-                    else:
-                        del view.spools[spool.path]
-                        spool.close()
-
-    def flush_branch(self, repo: str, branch: str) -> None:
-        """Store every file written to a branch, open ones as they are now (before a commit).
-
-        Raises:
-            VfsError: storing one of them failed (StoreFull for a full disk).
-        """
-        view = self.branch_view(repo, branch)
-        if view is not None:
-            self.flusher.wait_branch(view, include_open=True, durable=False)
-
-    def wait_staged(self, repo: str, branch: str) -> None:
-        """Return once every file closed on a branch is staged (before put, rm, status...).
-
-        Raises:
-            VfsError: storing one of them failed.
-        """
-        view = self.branch_view(repo, branch)
-        if view is not None:
-            self.flusher.wait_branch(view, include_open=False, durable=False)
-
     def branch_changed(self, repo: str, branch: str) -> None:
         """Reload a branch view after a commit, rollback or staging outside FUSE, and
-        make the kernel drop what it cached of the files that changed
-        (:meth:`reload_branch`, then :meth:`drop_cached`)."""
-        self.drop_cached(self.reload_branch(repo, branch))
-
-    def reload_branch(self, repo: str, branch: str) -> tuple[BranchView, Reload] | None:
-        """Reload a branch view after a change made outside FUSE; what it changed.
-
-        A commit or rollback reloads while it still holds the branch's sealing
-        lock: a change staged through the mount right after it must be staged on
-        the new head, not on the one the view still had.
-        """
-        view = self.branch_view(repo, branch)
-        return None if view is None else (view, view.reload())
-
-    def drop_cached(self, reloaded: tuple[BranchView, Reload] | None) -> None:
-        """Make the kernel drop what it caches of the files a reload changed.
-
-        Call it from a worker thread holding no lock (not a branch's sealing lock
-        either: a rename waiting for it would keep the kernel from dropping a name).
-        It returns once the kernel is done, so every read after a ``vfsctl put``
-        (rm, discard, rollback, commit) returned sees it.
-        """
-        if reloaded is not None and self.nursery is not None:  # None: not mounted
-            self._drop_changed(*reloaded)
-
-    def _drop_changed(self, view: BranchView, changes: Reload, *, stale: bool = False) -> None:
-        """What :meth:`drop_cached` does (in a trio worker thread). With ``stale``,
-        each changed node's next open drops its pages too: this may come late."""
-        nodes = coherence.changed_nodes(view, changes, self.inodes.by_key, self.inodes.nodes)
-        for node in nodes:
-            node.stale = node.stale or stale
-        gone = coherence.gone(view, changes, nodes)
-        for node, before in gone:
-            with view.lock:  # its handles read on what it held when it went
-                coherence.let_go(view, self._handles_of(view, node.path), self.store.blobs,
-                                 functools.partial(coherence.stored_target, entry=before)
-                                 if before.kind == FILE else lambda handle: None)
-        names = trio.from_thread.run_sync(self._unlinked, view, [node for node, _ in gone]) \
-            if gone else []
-        coherence.drop([node.inode for node in nodes], names)
-
-    def _unlinked(self, view: BranchView, nodes: list[Node]) -> list[tuple[int, bytes]]:
-        """Forget the names of nodes whose file went away outside FUSE (in the trio
-        thread): a new lookup finds what is there now. Returns the (parent inode,
-        name) of each, for the kernel to forget too."""
-        names = []
-        for node in nodes:
-            path = node.path
-            if self.inodes.by_key.get((view.name, path)) != node.inode:
-                continue  # renamed or forgotten meanwhile
-            parent, _, name = path.rpartition("/")
-            self._forget_path(view, path)
-            parent_inode = self.inodes.by_key.get((view.name, parent))
-            if parent_inode is not None:
-                names.append((parent_inode, os.fsencode(name)))
-        return names
-
-    async def _drop_changed_soon(self, view: BranchView, changes: Reload) -> None:
-        await trio.to_thread.run_sync(functools.partial(self._drop_changed, view, changes,
-                                                        stale=True))
-
-
-def _fill_attrs(attrs: pyfuse3.EntryAttributes, inode: int, kind: str, mode: int, size: int,
-                mtime_ns: int, subdirectories: int = 0, *, atime_ns: int | None = None,
-                ctime_ns: int | None = None) -> None:
-    """The fields that differ from one entry to the next (see ``_new_attrs``); atime and
-    ctime are the mtime unless given (a branch view keeps them: daemon.times)."""
-    attrs.st_ino = inode
-    if kind == DIR:
-        # New directories (staged, never committed) have mode 0: show 0755.
-        attrs.st_mode = _S_IFDIR | (permission_bits(mode) or 0o755)
-        # Its name, its "." and the ".." of each subdirectory (find and fts may
-        # rely on it to skip leaves).
-        attrs.st_nlink = 2 + subdirectories
-        size = 4096
-    else:
-        attrs.st_mode = (_S_IFREG if kind == FILE else _S_IFLNK) | permission_bits(mode)
-        attrs.st_nlink = 1
-    attrs.st_size = size
-    # Every byte counts: the store keeps no holes (zeros are stored, deduplicated
-    # and compressed), a file reads back whole, and lseek's SEEK_HOLE finds only
-    # its end (the kernel answers that itself: there is no lseek handler).
-    attrs.st_blocks = (size + 511) // 512
-    attrs.st_mtime_ns = mtime_ns
-    attrs.st_atime_ns = mtime_ns if atime_ns is None else atime_ns
-    attrs.st_ctime_ns = mtime_ns if ctime_ns is None else ctime_ns
+        make the kernel drop what it cached of the files that changed (call it in a
+        worker thread holding no lock)."""
+        self.coherence.drop_cached(self.views.reload_branch(repo, branch))

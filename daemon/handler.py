@@ -51,7 +51,7 @@ class ControlHandler:
 
         The view is reloaded before the lock goes: a change staged through the mount
         right after must be staged on the new head, not on the one the view had.
-        The kernel's caches are dropped after it went (see VfsOperations.drop_cached).
+        The kernel's caches are dropped after it went (see daemon.coherence.Coherence.drop_cached).
         """
         reloaded = None
         try:
@@ -59,9 +59,9 @@ class ControlHandler:
                 try:
                     yield
                 finally:
-                    reloaded = self.operations.reload_branch(repo, branch)
+                    reloaded = self.operations.views.reload_branch(repo, branch)
         finally:
-            self.operations.drop_cached(reloaded)
+            self.operations.coherence.drop_cached(reloaded)
             if self.watcher is not None:
                 self.watcher.nudge()
 
@@ -77,10 +77,7 @@ class ControlHandler:
              "changes": len(self.store.index.staged(repo, branch))}
             for repo, branch in self.store.index.open_commits()
         ]
-        open_files = sum(
-            len(view.spools) for view in list(self.operations.views.values())
-            if hasattr(view, "spools")
-        )
+        open_files = self.operations.views.open_files()
         return {"mount": self.mountpoint, "pid": os.getpid(), "store": self.store.objects.url,
                 "cache": {"dir": self.store.cache_dir,
                           "used_bytes": self.disk.used if self.disk else 0,
@@ -94,7 +91,7 @@ class ControlHandler:
 
     def op_put(self, repo: str, branch: str, dest: str, sources: list[str],
                recursive: bool = False, delete: bool = False, stdin: bool = False) -> dict:
-        self.operations.wait_staged(repo, branch)  # files closed before the put go first
+        self.operations.views.wait_staged(repo, branch)  # files closed before the put go first
         if stdin:
             with open(sources[0], "rb") as f:
                 result = vfs.put_stream(self.store, repo, branch, dest, f)
@@ -108,7 +105,7 @@ class ControlHandler:
                 "bytes_stored": result.bytes_stored, "skipped": result.skipped}
 
     def op_rm(self, repo: str, branch: str, path: str, recursive: bool = False) -> dict:
-        self.operations.wait_staged(repo, branch)
+        self.operations.views.wait_staged(repo, branch)
         count = vfs.remove(self.store, repo, branch, path, recursive=recursive)
         self._changed(repo, branch)
         return {"files": count}
@@ -118,14 +115,14 @@ class ControlHandler:
         # Files closed before now, and files still open as they are now, are stored
         # and staged first. No flusher round stages into the branch while it is
         # sealed: the commit clears exactly what it sealed.
-        self.operations.flush_branch(repo, branch)
+        self.operations.views.flush_branch(repo, branch)
         with self._sealing(repo, branch):
             commit = self.store.commit(repo, branch, message, author=author)
         self.store.index.sync()
         return commit_to_dict(commit)
 
     def op_discard(self, repo: str, branch: str) -> dict:
-        self.operations.wait_staged(repo, branch)  # closed files are discarded too
+        self.operations.views.wait_staged(repo, branch)  # closed files are discarded too
         with self._sealing(repo, branch):
             count = self.store.discard(repo, branch)
         return {"changes": count}
@@ -133,7 +130,7 @@ class ControlHandler:
     def op_rollback(self, repo: str, branch: str, to: str, message: str = "",
                     author: str | None = None) -> dict:
         target = parse_ref(to if "@" in to else f"{repo}@{to}", allow_path=False)
-        self.operations.wait_staged(repo, branch)  # closed files count as staged changes
+        self.operations.views.wait_staged(repo, branch)  # closed files count as staged changes
         with self._sealing(repo, branch):
             commit = self.store.rollback(repo, branch, target, message, author=author)
         return commit_to_dict(commit)
@@ -146,19 +143,18 @@ class ControlHandler:
 
     def op_wait_staged(self, repo: str, branch: str) -> dict:
         """Return once every file closed on the branch is staged (``vfsctl status``)."""
-        self.operations.wait_staged(repo, branch)
+        self.operations.views.wait_staged(repo, branch)
         return {}
 
     def op_branch_delete(self, repo: str, branch: str) -> dict:
-        self.operations.wait_staged(repo, branch)
+        self.operations.views.wait_staged(repo, branch)
         self.store.delete_branch(repo, branch)
-        self.operations.views.pop(f"{repo}@{branch}", None)
+        self.operations.views.drop(repo, branch)
         return {}
 
     def op_repo_delete(self, name: str, force: bool = False) -> dict:
         self.store.delete_repo(name, force=force)
-        for key in [k for k in self.operations.views if k.startswith(name + "@")]:
-            self.operations.views.pop(key, None)
+        self.operations.views.drop(name)
         return {}
 
     # -- pipelines ---------------------------------------------------------------------

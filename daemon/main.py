@@ -239,7 +239,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
         sdnotify.notify_stopping()
         remove_daemon_file(store.cache_dir)
         # Files still open keep what was written to them: store it before going.
-        operations.flush_everything()
+        operations.views.flush_everything()
         pyfuse3.close(unmount=True)
         flusher.close()
         store.index.sync()

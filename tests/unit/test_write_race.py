@@ -90,7 +90,7 @@ def test_a_write_racing_the_flusher_is_never_marked_clean(store: vfs.Store, tmp_
             async with trio.open_nursery() as nursery:
                 for number in range(wave * FILES, (wave + 1) * FILES):
                     nursery.start_soon(one_file, ops, branch.st_ino, number)
-        await trio.to_thread.run_sync(ops.flush_everything)
+        await trio.to_thread.run_sync(ops.views.flush_everything)
 
     try:
         trio.run(main)
