@@ -281,20 +281,22 @@ class Coherence:
                 let_go(view, self.handles_of(view, node.path), self.blobs,
                        functools.partial(stored_target, entry=before)
                        if before.kind == FILE else lambda handle: None)
-        names = trio.from_thread.run_sync(self._unlinked, view, [node for node, _ in went]) \
-            if went else []
+        names = trio.from_thread.run_sync(self._unlinked, view, went) if went else []
         drop([node.inode for node in nodes], names)
 
-    def _unlinked(self, view: BranchView, nodes: list[Node]) -> list[tuple[int, bytes]]:
+    def _unlinked(self, view: BranchView,
+                  went: list[tuple[Node, Entry]]) -> list[tuple[int, bytes]]:
         """Forget the names of nodes whose file went away outside FUSE (in the trio
-        thread): a new lookup finds what is there now. Returns the (parent inode,
-        name) of each, for the kernel to forget too."""
+        thread): a new lookup finds what is there now, a request on its way the
+        file as it was (:attr:`Node.kept`). Returns the (parent inode, name) of
+        each, for the kernel to forget too."""
         names = []
-        for node in nodes:
+        for node, before in went:
             path = node.path
             if self.inodes.by_key.get((view.name, path)) != node.inode:
                 continue  # renamed or forgotten meanwhile
             parent, _, name = path.rpartition("/")
+            node.kept = before
             self.inodes.forget_path(view, path)
             parent_inode = self.inodes.by_key.get((view.name, parent))
             if parent_inode is not None:

@@ -34,7 +34,7 @@ from daemon.viewtable import ViewTable
 from vfs.errors import Corruption, InvalidName, InvalidRef, NotFound, ReadOnly, VfsError
 from vfs.names import MAX_COMPONENT_BYTES, MAX_PATH_BYTES, join, normalize_path
 from vfs.store import Store
-from vfs.tree import DIR, SYMLINK, Entry, permission_bits
+from vfs.tree import DIR, FILE, SYMLINK, Entry, permission_bits
 
 log = logging.getLogger("daemon.fs")
 T = TypeVar("T")
@@ -165,9 +165,33 @@ class VfsOperations(pyfuse3.Operations):
     def _forget_path(self, view: View, path: str) -> None:
         self.inodes.forget_path(view, path)
 
+    def _losing_name(self, view: BranchView, path: str) -> Callable[[], None]:
+        """``path`` is about to be unlinked or replaced (in the trio thread, the view's
+        lock held): its node, if the kernel knows one, keeps what the file holds for a
+        request already on its way (:attr:`Node.kept`). Returns the undo, for when
+        the change fails."""
+        node = self.inodes.known(view, path)
+        if node is None:
+            return lambda: None
+        spool = view.spool(path)
+        if spool is not None:
+            spool.opens += 1  # released when the kernel forgets the node (forget)
+            node.kept = spool
+        else:
+            node.kept = view.lookup(path)
+
+        def undo() -> None:
+            if spool is not None:
+                spool.opens -= 1
+            node.kept = None
+
+        return undo
+
     @_errors_unanswered
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        self.inodes.forget(inode_list)
+        for view, spool in self.inodes.forget(inode_list):
+            assert isinstance(view, BranchView)
+            await _with_lock(view, functools.partial(view.release, spool))
 
     # -- views ---------------------------------------------------------------------------
 
@@ -177,6 +201,8 @@ class VfsOperations(pyfuse3.Operations):
         entry = self._view_entry(node.view, node.path)
         if entry is None:
             entry = self.handles.entry_of(node)
+        if entry is None and node.path == DELETED:
+            entry = _kept_entry(node)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
@@ -192,7 +218,7 @@ class VfsOperations(pyfuse3.Operations):
         Reads its tree unless cached; on a branch, in a worker thread if another
         one holds the branch's lock.
         """
-        if entry.kind != DIR:
+        if entry.kind != DIR or path == DELETED:
             return 0
         if isinstance(view, BranchView):
             return await _with_lock(view, functools.partial(view.subdirectories, path))
@@ -497,11 +523,16 @@ class VfsOperations(pyfuse3.Operations):
         view = self._writable(parent)
         path = join(parent.path, self._name(name))
 
-        def remove() -> None:
+        def remove() -> Entry | None:
             with view.staging():
+                entry = view.lookup(path)
                 view.rmdir(path)
+                return entry
 
-        await trio.to_thread.run_sync(remove)
+        entry = await trio.to_thread.run_sync(remove)
+        node = self.inodes.known(view, path)
+        if node is not None:
+            node.kept = entry  # a process still in it: stat(".") answers, nlink 0
         self._forget_path(view, path)
 
     @_errors
@@ -511,7 +542,12 @@ class VfsOperations(pyfuse3.Operations):
         path = join(parent.path, self._name(name))
 
         def unlink_now() -> None:
-            view.unlink(path)
+            undo = self._losing_name(view, path)
+            try:
+                view.unlink(path)
+            except BaseException:
+                undo()
+                raise
             self._forget_path(view, path)
 
         def remove() -> None:
@@ -564,7 +600,12 @@ class VfsOperations(pyfuse3.Operations):
         dst = self._new_path(new_parent.path, self._name(name_new))
 
         def move_now() -> None:
-            view.rename(src, dst, no_replace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+            undo = self._losing_name(view, dst) if dst != src else lambda: None
+            try:
+                view.rename(src, dst, no_replace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+            except BaseException:
+                undo()
+                raise
             if dst != src:
                 self._forget_path(view, dst)
                 self._moved(view, src, dst)
@@ -623,27 +664,59 @@ class VfsOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self.handles.add(Handle(node, reader=reader)),
                                     keep_cache=True)
         assert isinstance(view, BranchView)
+        if node.path == DELETED:
+            return await self._open_kept(node, view, wants_write)
 
-        def prepare() -> Handle:
+        def prepare() -> Handle | None:
             with view.lock:
+                if node.path == DELETED:
+                    return None  # gone meanwhile: what it kept (see below)
+                if view.lookup(node.path) is None:
+                    # Changed from outside since the kernel looked the name up:
+                    # ESTALE has it look again and open what is there now (or
+                    # answer ENOENT).
+                    raise pyfuse3.FUSEError(errno.ESTALE)
                 if wants_write or view.spool(node.path) is not None:
                     spool = view.open_spool(node.path, truncate=bool(flags & os.O_TRUNC))
                     spool.opens += 1
                     return Handle(node, spool=spool, follows=not wants_write)
                 entry = view.lookup(node.path)
-                if entry is None:
-                    raise pyfuse3.FUSEError(errno.ENOENT)
+                assert entry is not None
                 if entry.kind == DIR:
                     raise pyfuse3.FUSEError(errno.EISDIR)
             return Handle(node, reader=FileReader.load(self.store.blobs, entry), follows=True)
 
         handle = await trio.to_thread.run_sync(prepare)
+        if handle is None:
+            return await self._open_kept(node, view, wants_write)
         # The kernel's pages of a branch file stay right from one open to the next
         # (daemon.coherence); only a change noticed in passing may not have dropped
         # them yet.
         keep_cache = not node.stale
         node.stale = False
         return pyfuse3.FileInfo(fh=self.handles.add(handle), keep_cache=keep_cache)
+
+    async def _open_kept(self, node: Node, view: BranchView,
+                         wants_write: bool) -> pyfuse3.FileInfo:
+        """open of a file whose name went after the kernel looked it up (a rename
+        replaced it, an unlink): the old file, as on a local filesystem, from what
+        its node kept. A stored file kept only as its entry opens read-only; to
+        write, ESTALE has the kernel look the name up again."""
+        kept = node.kept
+        if isinstance(kept, SpoolFile):
+            def take() -> None:
+                kept.reopen()
+                kept.opens += 1
+
+            await _with_lock(view, take)
+            handle = Handle(node, spool=kept)
+        elif isinstance(kept, Entry) and kept.kind == FILE and not wants_write and \
+                (kept.ref or not kept.size):
+            reader = await trio.to_thread.run_sync(FileReader.load, self.store.blobs, kept)
+            handle = Handle(node, reader=reader)
+        else:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return pyfuse3.FileInfo(fh=self.handles.add(handle), keep_cache=False)
 
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
@@ -742,3 +815,11 @@ class VfsOperations(pyfuse3.Operations):
         make the kernel drop what it cached of the files that changed (call it in a
         worker thread holding no lock)."""
         self.coherence.drop_cached(self.views.reload_branch(repo, branch))
+
+
+def _kept_entry(node: Node) -> Entry | None:
+    """What a node whose name is gone shows of the file it kept (:attr:`Node.kept`)."""
+    kept = node.kept
+    if isinstance(kept, SpoolFile):
+        return Entry("", FILE, kept.mode, kept.size, kept.mtime_ns, "")
+    return kept

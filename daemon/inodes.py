@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import pyfuse3
 
 from daemon.commit_inodes import CommitInodes
+from daemon.spools import SpoolFile
 from daemon.views import CommitView, View
+from vfs.tree import Entry
 
 #: The path of a node whose name is gone (unlinked or replaced while open).
 DELETED = "\0deleted"
@@ -34,6 +36,12 @@ class Node:
     # A change the kernel did not see was found and its cached pages may not have
     # been dropped yet: the next open drops them (see VfsOperations.open).
     stale: bool = False
+    # Its name is gone (path DELETED) while the kernel still holds the inode: what
+    # it held, for a request already on its way (an open that looked the name up
+    # before a rename replaced it opens the old file, as on a local filesystem):
+    # the spool of a file not stored yet (kept open until the kernel forgets the
+    # inode), or its entry.
+    kept: SpoolFile | Entry | None = None
 
 
 class Inodes:
@@ -100,8 +108,13 @@ class Inodes:
         if inode is not None:
             self.nodes[inode].path = DELETED
 
-    def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        """The kernel dropped lookups: free the nodes it no longer holds."""
+    def forget(self, inode_list: list[tuple[int, int]]) -> list[tuple[View, SpoolFile]]:
+        """The kernel dropped lookups: free the nodes it no longer holds.
+
+        Returns the spools freed nodes kept (:attr:`Node.kept`), for the caller
+        to release under their view's lock.
+        """
+        released = []
         for inode, count in inode_list:
             node = self.nodes.get(inode)
             if node is None:
@@ -116,6 +129,10 @@ class Inodes:
             # it does (see daemon.commit_inodes); it is one Node per commit view.
             if not node.lookups and not isinstance(node.view, CommitView):
                 del self.nodes[inode]
+                if isinstance(node.kept, SpoolFile) and node.view is not None:
+                    released.append((node.view, node.kept))
+                node.kept = None
                 if node.view is not None and self.by_key.get(
                         (node.view.name, node.path)) == inode:
                     del self.by_key[(node.view.name, node.path)]
+        return released

@@ -108,8 +108,7 @@ def read(branch: str, names: list[str], log: Log, seconds: float,
     held: dict[str, int] = {}
 
     def open_file(name: str) -> int:
-        # An open that races with the rename replacing the file may fail (ENOENT):
-        # the test accepts that only while a rename of that file was under way.
+        # An open that fails is logged (the test counts it a problem) and retried.
         while True:
             started = time.monotonic()
             try:

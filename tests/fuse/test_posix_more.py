@@ -16,6 +16,8 @@ import re
 import socket
 import stat
 import subprocess
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -354,3 +356,45 @@ def test_a_file_renamed_over_an_open_one_leaves_that_one_working(mount: Mount,
     commit = mount.commit("data@main")
     assert (mount.path / f"data@{commit}" / "a").read_bytes() == b"b"
     assert os.listdir(mount.path / f"data@{commit}") == ["a"]
+
+
+def test_opening_a_name_while_renames_replace_it_never_fails(mount: Mount,
+                                                             branch: Path) -> None:
+    """The write-then-rename idiom: a reader opening the name while a writer replaces
+    it gets the old file or the new one, never ENOENT (the kernel looked the name up,
+    then the rename took it from that inode before the open arrived)."""
+
+    target = branch / "current"
+    target.write_bytes(b"version 0\n")
+    stop = threading.Event()
+    renames = 0
+
+    def replace() -> None:
+        nonlocal renames
+        while not stop.is_set():
+            renames += 1
+            temporary = branch / f".current.{renames % 2}"
+            temporary.write_bytes(b"version %d\n" % renames)
+            os.replace(temporary, target)
+
+    writer = threading.Thread(target=replace)
+    writer.start()
+    failures: list[str] = []
+    seen = set()
+    try:
+        for _ in range(3000):
+            for call in ("read", "stat"):
+                try:
+                    if call == "read":
+                        data = target.read_bytes()
+                        assert data.startswith(b"version "), data
+                        seen.add(data)
+                    else:
+                        os.stat(target)
+                except OSError as exc:
+                    failures.append(f"{call}: {errno.errorcode.get(exc.errno, exc.errno)}")
+    finally:
+        stop.set()
+        writer.join()
+    assert renames > 50 and len(seen) > 5, (renames, len(seen))
+    assert not failures, f"{len(failures)} of 6000 calls failed: {Counter(failures)}"

@@ -28,6 +28,7 @@ def _run(store: vfs.Store, tmp_path: Path,
     spool = tmp_path / "spool"
     spool.mkdir()
     flusher = Flusher(store, str(spool))
+    flusher.start()
 
     async def main() -> None:
         cache = ChunkCache(store.blobs, None, limiter=trio.CapacityLimiter(2))
@@ -69,3 +70,55 @@ def test_every_handler_goes_through_an_error_boundary() -> None:
     unguarded = [name for name in handlers
                  if not hasattr(getattr(VfsOperations, name), "__wrapped__")]
     assert not unguarded, f"handlers without _errors: {unguarded}"
+
+
+def test_an_open_after_a_rename_replaced_the_name_opens_the_old_file(
+        store: vfs.Store, tmp_path: Path) -> None:
+    """The kernel looked ``a`` up, then a rename replaced it, then the open came: it
+    opens the old file (its spool, kept by the nameless inode, or its stored entry),
+    and the spool is let go when the kernel forgets the inode."""
+    import errno
+    import os
+
+    async def test(ops: VfsOperations) -> None:
+        branch = (await ops.lookup(pyfuse3.ROOT_INODE, b"data@main")).st_ino
+
+        async def write(name: bytes, data: bytes) -> int:
+            info, attrs = await ops.create(branch, name, 0o644, os.O_WRONLY, None)
+            await ops.write(info.fh, 0, data)
+            await ops.flush(info.fh)
+            await ops.release(info.fh)
+            return attrs.st_ino
+
+        async def read(inode: int, flags: int = os.O_RDONLY) -> bytes:
+            info = await ops.open(inode, flags, None)
+            try:
+                return bytes(await ops.read(info.fh, 0, 100))
+            finally:
+                await ops.release(info.fh)
+
+        old = await write(b"a", b"old bytes")
+        spool = ops.views.branch("data", "main").spool("a")
+        await write(b"b", b"new")
+        await ops.rename(branch, b"b", branch, b"a", 0, None)
+        assert await read(old) == b"old bytes"  # the not yet stored spool
+        assert await read(old, os.O_RDWR) == b"old bytes"
+        assert (await ops.getattr(old)).st_nlink == 0
+        assert spool is not None and spool.opens == 1  # the nameless inode's
+        await ops.forget([(old, 1)])
+        assert spool.opens == 0 and spool.fd < 0
+        with pytest.raises(pyfuse3.FUSEError) as gone:
+            await ops.open(old, os.O_RDONLY, None)
+        assert gone.value.errno == errno.ENOENT
+
+        # A stored file keeps its entry: readable; to write, ESTALE (look again).
+        await trio.to_thread.run_sync(ops.views.flush_branch, "data", "main")
+        current = (await ops.lookup(branch, b"a")).st_ino
+        await write(b"c", b"newer")
+        await ops.rename(branch, b"c", branch, b"a", 0, None)
+        assert await read(current) == b"new"
+        with pytest.raises(pyfuse3.FUSEError) as stale:
+            await ops.open(current, os.O_WRONLY, None)
+        assert stale.value.errno == errno.ESTALE
+
+    _run(store, tmp_path, test)
