@@ -26,6 +26,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import pyfuse3
@@ -37,6 +38,7 @@ from daemon.reader import FileReader
 from daemon.views import BranchView, Reload, SpoolFile
 from vfs.blobstore import BlobStore
 from vfs.errors import VfsError
+from vfs.names import parent_and_name
 from vfs.tree import FILE, Entry
 
 log = logging.getLogger("daemon.fs")
@@ -160,6 +162,40 @@ def changed_nodes(view: BranchView, changes: Reload, by_key: dict[tuple[str, str
     return list(changed.values())
 
 
+def times_moved(view: BranchView, changes: Reload) -> set[str]:
+    """The times of what a reload changed (a put, rm, discard or rollback, another
+    node's commit), as if done through the mount: the directory of each entry that
+    came or went gets a new mtime and ctime, an entry changed in place a new ctime.
+
+    Runs in a worker thread (it may read trees); changes the times under the view's
+    lock. Returns the directories whose entries came or went.
+    """
+    came_or_went, changed = [], []
+    for path in changes.paths():
+        if not path:
+            continue
+        try:
+            before, after = changes.entries(path)
+        except VfsError:
+            continue
+        if before is None or after is None:
+            came_or_went.append((path, after is None))
+        elif before.kind != after.kind or before.ref != after.ref or \
+                before.mode != after.mode or before.mtime_ns != after.mtime_ns:
+            changed.append(path)
+    if not came_or_went and not changed:
+        return set()
+    now = time.time_ns()
+    with view.lock:
+        for path, went in came_or_went:
+            if went:
+                view.times.removed(path)
+            view.times.parent_changed(path, now)
+        for path in changed:
+            view.times.changed(path, now)
+    return {parent_and_name(path)[0] for path, _ in came_or_went}
+
+
 def gone(view: BranchView, changes: Reload, nodes: Iterable[Node]) -> list[tuple[Node, Entry]]:
     """The nodes whose file went away (nothing is at its path now, or a directory),
     each with the entry it had (a file's, or None)."""
@@ -272,6 +308,7 @@ class Coherence:
     def _drop_changed(self, view: BranchView, changes: Reload, *, stale: bool = False) -> None:
         """What :meth:`drop_cached` does (in a trio worker thread). With ``stale``,
         each changed node's next open drops its pages too: this may come late."""
+        directories = times_moved(view, changes)
         nodes = changed_nodes(view, changes, self.inodes.by_key, self.inodes.nodes)
         for node in nodes:
             node.stale = node.stale or stale
@@ -282,7 +319,13 @@ class Coherence:
                        functools.partial(stored_target, entry=before)
                        if before.kind == FILE else lambda handle: None)
         names = trio.from_thread.run_sync(self._unlinked, view, went) if went else []
-        drop([node.inode for node in nodes], names)
+        # The directories whose times moved: their attributes (and listings) too.
+        inodes = {node.inode for node in nodes}
+        for path in directories:
+            inode = self.inodes.by_key.get((view.name, path))
+            if inode is not None:
+                inodes.add(inode)
+        drop(sorted(inodes), names)
 
     def _unlinked(self, view: BranchView,
                   went: list[tuple[Node, Entry]]) -> list[tuple[int, bytes]]:

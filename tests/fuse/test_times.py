@@ -118,3 +118,22 @@ def test_touch_d_backdates_a_directory(branch: Path) -> None:
     (d / "f").write_bytes(b"x")  # its entries changed: mtime now...
     os.utime(d, ns=(PAST_NS, PAST_NS))  # ...until it is set by hand
     assert _times(d)[:2] == (PAST_NS, PAST_NS)
+
+
+def test_put_and_rm_through_the_daemon_move_directory_times(branch: Path, mount: Mount,
+                                                            tmp_path: Path) -> None:
+    """A change made outside the mount (``vfsctl put``/``rm``) moves the times of the
+    live view as the same change through the mount would."""
+    d = branch / "d"
+    d.mkdir()
+    (d / "kept").write_bytes(b"k")
+    source = tmp_path / "new"
+    source.write_bytes(b"new file")
+    _moves(d, lambda: mount.vfsctl("put", "data@main:/d/new", str(source)))
+    _moves(d, lambda: mount.vfsctl("rm", "data@main:/d/new"))
+    _, _, ctime = _times(d / "kept")
+    time.sleep(0.002)
+    source.write_bytes(b"other bytes")
+    mount.vfsctl("put", "data@main:/d/kept", str(source))
+    assert (d / "kept").read_bytes() == b"other bytes"
+    assert _times(d / "kept")[2] > ctime
