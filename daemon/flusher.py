@@ -353,7 +353,7 @@ class Flusher:
         for job in jobs:
             if not job.ref:
                 with job.view.lock:
-                    if job.spool.dirty and job.spool.opens == 0 and \
+                    if job.spool.dirty and job.spool.writers == 0 and \
                             job.view.path_of(job.spool) is not None:
                         self.submit(job.view, job.spool)
 

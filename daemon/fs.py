@@ -679,7 +679,9 @@ class VfsOperations(pyfuse3.Operations):
                 if wants_write or view.spool(node.path) is not None:
                     spool = view.open_spool(node.path, truncate=bool(flags & os.O_TRUNC))
                     spool.opens += 1
-                    return Handle(node, spool=spool, follows=not wants_write)
+                    spool.writers += wants_write
+                    return Handle(node, spool=spool, follows=not wants_write,
+                                  writes=wants_write)
                 entry = view.lookup(node.path)
                 assert entry is not None
                 if entry.kind == DIR:
@@ -707,9 +709,10 @@ class VfsOperations(pyfuse3.Operations):
             def take() -> None:
                 kept.reopen()
                 kept.opens += 1
+                kept.writers += wants_write
 
             await _with_lock(view, take)
-            handle = Handle(node, spool=kept)
+            handle = Handle(node, spool=kept, writes=wants_write)
         elif isinstance(kept, Entry) and kept.kind == FILE and not wants_write and \
                 (kept.ref or not kept.size):
             reader = await trio.to_thread.run_sync(FileReader.load, self.store.blobs, kept)
@@ -730,12 +733,13 @@ class VfsOperations(pyfuse3.Operations):
             # Truncating: nothing is read from the store, only a spool file is made.
             spool = view.open_spool(path, truncate=True, create_mode=mode)
             spool.opens += 1
+            spool.writers += 1
             return spool
 
         spool = await _with_lock(view, make)
         node = self._node(view, path)
         node.lookups += 1
-        fh = self.handles.add(Handle(node, spool=spool))
+        fh = self.handles.add(Handle(node, spool=spool, writes=True))
         return pyfuse3.FileInfo(fh=fh), self._attrs(node, self._entry(node))
 
     @_errors
@@ -806,7 +810,7 @@ class VfsOperations(pyfuse3.Operations):
         if spool is None or not isinstance(view, BranchView):
             return
 
-        await _with_lock(view, functools.partial(view.release, spool))
+        await _with_lock(view, functools.partial(view.release, spool, writer=handle.writes))
 
     # -- for the control socket ---------------------------------------------------------------
 

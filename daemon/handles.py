@@ -25,6 +25,7 @@ class Handle:
     # read (the spool it is being written to, or its stored bytes), not what it
     # held at the open (see daemon.coherence).
     follows: bool = False
+    writes: bool = False  # opened for writing (counted in its spool's ``writers``)
 
 
 @dataclass

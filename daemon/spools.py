@@ -244,7 +244,8 @@ class SpoolFile:
     mode: int
     mtime_ns: int
     path: str = ""  # its name in the branch (kept by BranchView)
-    opens: int = 0
+    opens: int = 0  # handles (and nameless inodes) holding it
+    writers: int = 0  # those of them that may write: with none, it counts as closed
     dirty: bool = False
     generation: int = 0  # bumped by every change of the bytes or attributes
     has_sidecar: bool = False

@@ -363,7 +363,7 @@ class BranchView(View):
         for p, s in moved.items():
             s.dirty = True  # it must be stored under its new name on the next flush
             self._set_spool(dst + p[len(src):], s)
-            if s.has_sidecar or s.opens == 0:
+            if s.has_sidecar or s.writers == 0:
                 self._closed(s, renamed=True)  # a restart must find it under its new name
         if src in moved:
             # What the open commit holds at dst stays until the spool is staged there:
@@ -394,7 +394,7 @@ class BranchView(View):
                 spool.mtime_ns = mtime_ns
             spool.dirty = True  # the next flush stores the new attributes
             spool.generation += 1
-            if spool.has_sidecar or spool.opens == 0:
+            if spool.has_sidecar or spool.writers == 0:
                 self._closed(spool)
             return self.lookup(path)  # type: ignore[return-value]
         entry = self.lookup(path)
@@ -503,7 +503,7 @@ class BranchView(View):
         """
         spool = self.open_spool(path, truncate=size == 0)
         self._truncate_spool(spool, size)
-        if closed or spool.opens == 0:
+        if closed or spool.writers == 0:
             self._closed(spool)
         if spool.opens == 0:  # truncate(2) of a file nobody has open: closed at once
             spool.close_fd()
@@ -542,9 +542,11 @@ class BranchView(View):
         if spool.dirty and self.path_of(spool) is not None:
             self._closed(spool)
 
-    def release(self, spool: SpoolFile) -> None:
-        """The spool's last handle went away: keep it for the flusher, or drop it."""
+    def release(self, spool: SpoolFile, *, writer: bool = False) -> None:
+        """A handle of the spool went away (``writer``: one that could write); after
+        the last: keep it for the flusher, or drop it."""
         spool.opens -= 1
+        spool.writers -= writer
         if spool.opens > 0:
             return
         path = self.path_of(spool)

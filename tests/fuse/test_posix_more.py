@@ -9,6 +9,7 @@ reported once, and fails every later read at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -398,3 +399,32 @@ def test_opening_a_name_while_renames_replace_it_never_fails(mount: Mount,
         writer.join()
     assert renames > 50 and len(seen) > 5, (renames, len(seen))
     assert not failures, f"{len(failures)} of 6000 calls failed: {Counter(failures)}"
+
+
+@pytest.mark.expect_warnings  # the restart after kill -9 reports the readers' spools
+def test_chmod_and_rename_of_a_file_open_only_to_read_are_staged_at_once(
+        mount: Mount, branch: Path) -> None:
+    """Files whose writer closed them, held open by readers that opened them while
+    they were written: a chmod or a rename is staged as soon as for a closed file
+    (not at the readers' close), so a kill -9 of the daemon meanwhile keeps it."""
+    readers = []
+    for name in ("f", "g"):
+        with open(branch / name, "wb") as writer:
+            writer.write(b"data of " + name.encode())
+            writer.flush()
+            readers.append(os.open(branch / name, os.O_RDONLY))  # shares the spool
+    assert staged(mount) == {"/f": "added", "/g": "added"}  # stored: spools kept for readers
+    os.chmod(branch / "f", 0o600)
+    os.rename(branch / "g", branch / "h")
+    assert stat.S_IMODE(os.stat(branch / "f").st_mode) == 0o600
+    mount.process.kill()
+    mount.process.wait()
+    for fd in readers:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    mount.start()
+    assert stat.S_IMODE(os.stat(branch / "f").st_mode) == 0o600
+    assert sorted(os.listdir(branch)) == ["f", "h"]
+    assert (branch / "h").read_bytes() == b"data of g"
+    commit = mount.commit("data@main")
+    assert stat.S_IMODE(os.stat(mount.path / f"data@{commit}" / "f").st_mode) == 0o600
