@@ -235,13 +235,14 @@ class VfsOperations(pyfuse3.Operations):
         attrs = new_attrs(self.uid, self.gid, timeout)
         # Roots and new directories carry no time of their own: show the mount's.
         mtime_ns = entry.mtime_ns or self.started_ns
-        if isinstance(view, BranchView) and node.path != DELETED:
-            shown = view.times.shown(node.path, mtime_ns)
+        shown = view.times.shown(node.path, mtime_ns) \
+            if isinstance(view, BranchView) and node.path != DELETED else None
+        if shown is not None:
             fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, shown.mtime_ns,
-                        subdirectories, atime_ns=shown.atime_ns, ctime_ns=shown.ctime_ns)
+                       subdirectories, atime_ns=shown.atime_ns, ctime_ns=shown.ctime_ns)
         else:
             fill_attrs(attrs, node.inode, entry.kind, entry.mode, entry.size, mtime_ns,
-                        subdirectories)
+                       subdirectories)
         if node.path == DELETED:
             attrs.st_nlink = 0  # open, and no name any more
         if view is None:
@@ -442,8 +443,12 @@ class VfsOperations(pyfuse3.Operations):
             view = node.view
             assert isinstance(view, BranchView)
             self.coherence.refresh(view)
-            with view.lock:
-                listing = view.listdir(node.path)
+
+            def listdir() -> dict[str, Entry]:  # many rows to decode: not in the trio thread
+                with view.lock:
+                    return view.listdir(node.path)
+
+            listing = await trio.to_thread.run_sync(listdir)
             handle.entries = [(name, entry, view) for name, entry in listing.items()]
         return self.handles.add(handle)
 

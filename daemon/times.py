@@ -103,10 +103,11 @@ class Times:
         for gone in [p for p in self._paths if p == path or p.startswith(prefix)]:
             del self._paths[gone]
 
-    def shown(self, path: str, mtime_ns: int) -> Shown:
-        """The times of ``path`` whose entry has ``mtime_ns``."""
+    def shown(self, path: str, mtime_ns: int) -> Shown | None:
+        """The times of ``path`` whose entry has ``mtime_ns``; None if it keeps none (all
+        three are the mtime: the common case, cheaply)."""
         times = self._paths.get(path)
         if times is None:
-            return Shown(mtime_ns, mtime_ns, mtime_ns)
+            return None
         mtime = max(mtime_ns, times.dir_mtime_ns)
         return Shown(times.atime_ns or mtime, mtime, max(mtime, times.ctime_ns))

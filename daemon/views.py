@@ -242,11 +242,13 @@ class BranchView(View):
 
     def listdir(self, path: str) -> dict[str, Entry]:
         entries = self.open_commit.listdir(path)
+        added = False
         for spool_path in self.spools:
             parent, name = parent_and_name(spool_path)
             if parent == path:
+                added = added or name not in entries
                 entries[name] = self.lookup(spool_path)  # type: ignore[assignment]
-        return dict(sorted(entries.items()))
+        return dict(sorted(entries.items())) if added else entries
 
     # -- namespace changes ---------------------------------------------------------------------
 

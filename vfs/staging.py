@@ -97,8 +97,12 @@ class OpenCommit:
             raise PathNotFound(f"no such file or directory: /{path}")
         if entry.kind != DIR:
             raise NotADirectory(f"/{path} is not a directory")
-        base: dict[str, Entry] = dict(self.head.tree(entry.ref)) if entry.ref else {}
-        for name, change in self._children.get(path, {}).items():
+        # Row after row (a tree is in name order): no lookup per name.
+        base: dict[str, Entry] = dict(self.head.tree(entry.ref).items()) if entry.ref else {}
+        children = self._children.get(path)
+        if not children:
+            return base
+        for name, change in children.items():
             if change is None:
                 base.pop(name, None)
             else:
