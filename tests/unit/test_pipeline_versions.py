@@ -13,9 +13,10 @@ from test_pipeline_jobs import commit_files, output_files, run_job
 import vfs
 from vfs.errors import JobFailed, ReadOnly, Timeout
 from vfs.names import RefSpec
-from vfs.pipeline import registry
+from vfs.pipeline import records, registry
 from vfs.pipeline.follow import wait_for
-from vfs.pipeline.records import datum_key, last_processed
+from vfs.pipeline.jobs import plan_job
+from vfs.pipeline.records import DatumRecord, datum_key, last_processed
 from vfs.pipeline.spec import parse_spec
 
 
@@ -197,3 +198,30 @@ def test_hand_commits_to_an_output_branch_are_refused(store, tmp_path) -> None:
     vfs.put(store, "edges", "main", "x", [str(local)])
     store.commit("edges", "main", "taken over")
     assert first and last_processed(store, "edges", "main") is not None
+
+
+@pytest.mark.expect_warnings  # the lost record is reported
+def test_a_rebuild_cut_short_leaves_no_record_that_hides_kept_outputs(store,
+                                                                     tmp_path) -> None:
+    create(store)
+    first = commit_files(store, {"a.txt": b"a", "c.txt": b"c"}, tmp_path)
+    plan, _ = run_job(store, tmp_path, tagged("v1"))
+    update(store, "v2", keep=True)
+    run_job(store, tmp_path, tagged("v2"))
+    lost = next(t.hash for t in plan.tasks if t.root == "a.txt")
+    store.objects.delete(datum_key("edges", lost))
+    commit_files(store, {"a.txt": b"a2"}, tmp_path)
+    # The rebuild this forces records c.txt under v2's transform, then stops (a crash).
+    rebuild = plan_job(store, registry.get(store.objects, "edges"), image_digest="host")
+    assert rebuild.job.full
+    for task in rebuild.tasks:
+        if task.root == "c.txt":
+            records.save_datum(store.objects, "edges", task.hash, DatumRecord(
+                "c.txt", rebuild.job.id, {}))
+    # The input goes back: c.txt keeps v1's output, which its deletion must remove.
+    store.rollback("images", "main", RefSpec("images", first))
+    run_job(store, tmp_path, tagged("v2"))
+    commit_files(store, {"c.txt": None}, tmp_path)
+    plan, _ = run_job(store, tmp_path, tagged("v2"))
+    assert not plan.job.full and plan.job.datums_removed == 1
+    assert output_files(store) == {"a.txt.v1": b"Av1"}

@@ -38,23 +38,35 @@ from vfs.tree import DIR, SYMLINK, Entry, permission_bits
 log = logging.getLogger("vfs.pipeline")
 
 
-def transform_hash(version: PipelineVersion, image_digest: str) -> str:
-    """The hash that scopes a version's datum records (the version's part of a datum hash).
+def plain_transform_hash(version: PipelineVersion, image_digest: str) -> str:
+    """The hash of everything besides the input that decides a datum's output.
 
-    It covers everything besides the input that decides a datum's output: command,
-    env, runtime, image digest, and the glob (which decides what a datum is). A
-    version made with ``--keep-outputs`` also gets its version number: its output
-    commits mix the outputs of several transforms, found by looking their records up
-    newest first (``Processed.transforms``), and that lookup must never meet a record
-    an older version with the same transform wrote.
+    Command, env, runtime, image digest, and the glob (which decides what a datum
+    is). Records made under it are shared by every version with the same transform.
     """
     from vfs.blobs import blob_hash
 
     assert version.spec is not None
     body = {**version.spec.transform(), "image": image_digest, "glob": version.spec.glob}
-    if version.keep_outputs:
-        body["kept_by_version"] = version.version
     return blob_hash(canonical_json(body)).hex()
+
+
+def transform_hash(version: PipelineVersion, image_digest: str) -> str:
+    """The version's transform: the plain one, or for ``--keep-outputs`` one of its own.
+
+    A version that keeps outputs builds on output commits whose datums other
+    transforms made; its records are looked up before theirs (``JobPlan.transforms``),
+    so they must be its own: were it the plain hash, a spec that comes back (v1, v2,
+    then v1's spec with ``--keep-outputs``) would put v1's records in front of v2's,
+    which made the outputs (docs/format.md §10a, P3).
+    """
+    from vfs.blobs import blob_hash
+
+    plain = plain_transform_hash(version, image_digest)
+    if not version.keep_outputs:
+        return plain
+    return blob_hash(canonical_json({"transform": plain,
+                                     "kept_by_version": version.version})).hex()
 
 
 @dataclass
@@ -77,7 +89,8 @@ class JobPlan:
     head: Commit
     base: Processed | None  # the output commit the result builds on (None: from empty)
     changes: list[DatumChange]
-    # The transforms whose records hold the result's outputs, newest first.
+    # The transforms whose records hold the result's outputs, newest first; the
+    # datums that run or are reused go under the first.
     transforms: tuple[str, ...] = ()
     removed: dict[str, DatumRecord] = field(default_factory=dict)  # root -> old outputs
     reused: dict[str, DatumRecord] = field(default_factory=dict)  # root -> reused outputs
@@ -94,8 +107,9 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
 
     The job builds on the last output commit when the transform is unchanged, or
     when the version keeps outputs and the glob is unchanged; it rebuilds from empty
-    otherwise, and when the outputs of a changed datum cannot be found exactly
-    (docs/format.md §10a: a job never leaves outputs it cannot account for).
+    with the plain transform otherwise, and when the outputs of a changed datum
+    cannot be found exactly (docs/format.md §10a: a job never leaves outputs it
+    cannot account for).
     """
     spec = version.spec
     assert spec is not None
@@ -123,7 +137,7 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
     if plan is None:
         job.full = True
         plan = JobPlan(job, version, head, None, changed_datums(glob, None, new),
-                       (transform,))
+                       (plain_transform_hash(version, image_digest),))
         for change in plan.changes:
             _add(store, plan, change)
         job.datums_total = len(plan.changes)
@@ -167,7 +181,7 @@ def _plan_on(store, last: Processed, transforms: tuple[str, ...], job: JobRecord
 
 def _add(store, plan: JobPlan, change: DatumChange) -> None:
     """A datum of the head that needs outputs: reuse a record of this transform, or run."""
-    digest = datum_hash(plan.job.transform, change.root, change.new_files)
+    digest = datum_hash(plan.transforms[0], change.root, change.new_files)
     record = load_datum(store.objects, plan.job.pipeline, digest)
     if record is not None:
         plan.reused[change.root] = record
@@ -321,4 +335,4 @@ def _owner(store, plan: JobPlan, path: str) -> str | None:
 
 
 __all__ = ["DatumTask", "JobPlan", "collect_outputs", "commit_outputs", "materialize",
-           "plan_job", "recorded_outputs", "transform_hash"]
+           "plain_transform_hash", "plan_job", "recorded_outputs", "transform_hash"]
