@@ -76,8 +76,9 @@ def pipeline_create(options: Options, path: str, as_json: bool) -> None:
 @click.option("-f", "--file", "path", required=True, metavar="SPEC",
               help="The new spec (YAML or JSON); '-' reads stdin.")
 @click.option("--keep-outputs", is_flag=True,
-              help="Keep the outputs made by the old transform; run only new or changed "
-                   "datums with the new one (default: reprocess everything).")
+              help="Keep the outputs of datums that do not change; run only new or changed "
+                   "datums with the new transform (default: reprocess everything). A new "
+                   "glob reprocesses everything all the same.")
 @json_option
 @pass_options
 def pipeline_update(options: Options, path: str, keep_outputs: bool, as_json: bool) -> None:
@@ -305,7 +306,9 @@ def job_cancel(options: Options, job_id: str) -> None:
 def wait(options: Options, ref: str, timeout: float | None, as_json: bool) -> None:
     """Block until every pipeline downstream of a commit has processed it.
 
-    Prints the output commits, following chains of pipelines.
+    Processed by the pipeline's current version: right after 'pipeline update' this
+    waits for the new version's job. Prints the output commits, following chains of
+    pipelines.
     """
     store = options.store()
     spec = parse_ref(ref, allow_path=False)

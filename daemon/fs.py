@@ -254,6 +254,8 @@ class VfsOperations(pyfuse3.Operations):
 
     def _writable(self, node: Node) -> BranchView:
         if isinstance(node.view, BranchView):
+            if node.view.refused is not None:  # a pipeline's output branch
+                raise ReadOnly(str(node.view.refused))
             return node.view
         raise ReadOnly("commits are read-only; write to a branch path (repo@branch)")
 
@@ -669,6 +671,8 @@ class VfsOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self.handles.add(Handle(node, reader=reader)),
                                     keep_cache=True)
         assert isinstance(view, BranchView)
+        if wants_write:
+            self._writable(node)
         if node.path == DELETED:
             return await self._open_kept(node, view, wants_write)
 

@@ -36,10 +36,12 @@ from vfs.errors import (
     IsADirectory,
     NotADirectory,
     PathNotFound,
+    ReadOnly,
     VfsError,
 )
 from vfs.ingest import EncodedPrefix
 from vfs.names import parent_and_name
+from vfs.pipeline.registry import refuse_hand_commits
 from vfs.refs import Commit, RefState, read_ref
 from vfs.snapshot import Snapshot, TreeCache, changed_paths
 from vfs.staging import OpenCommit, new_dir
@@ -201,6 +203,11 @@ class BranchView(View):
         with self.lock:
             old = getattr(self, "open_commit", None)
             self.state, self.open_commit = self.store.open_commit(self.repo, self.branch)
+            try:  # asked again whenever the head moves (a pipeline's first job moves it)
+                refuse_hand_commits(self.store.objects, self.repo, self.branch)
+                self.refused: ReadOnly | None = None
+            except ReadOnly as exc:
+                self.refused = exc
             self._checked = time.monotonic()
             changes = Reload(old, self.open_commit)
             for path, spool in list(self.spools.items()):

@@ -286,7 +286,7 @@ class Watcher:
         assert spec is not None
         await self._save(job)
         log.info("job %s: %s@%s, %d datums to run, %d reused, %d removed", job.id,
-                 spec.input_repo, job.input_commit[:12], len(plan.tasks), job.datums_skipped,
+                 spec.input_repo, job.input_commit[:12], len(plan.tasks), job.datums_reused,
                  job.datums_removed)
         runtime = self.runtime(spec.runtime)
         unsupported = runtime.unsupported_limits(spec.memory, spec.cpu, spec.pids)

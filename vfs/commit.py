@@ -29,6 +29,7 @@ from contextlib import suppress
 from vfs.blobstore import BlobWriter
 from vfs.errors import Conflict, NothingToCommit, PreconditionFailed, StoreChanged, VfsError
 from vfs.names import ancestors
+from vfs.pipeline.registry import refuse_hand_commits
 from vfs.refs import Commit, RefState, commit_key, current_user, move_ref, now_iso, read_ref
 from vfs.snapshot import Snapshot, changed_paths
 from vfs.staging import OpenCommit
@@ -49,7 +50,10 @@ def commit(store, repo: str, branch: str, message: str = "", *, author: str | No
         NothingToCommit: nothing is staged, or the result equals the head.
         Conflict: the branch moved and touched paths the open commit overlaps.
         StoreChanged: gc deleted a pack the commit needed (run it again).
+        ReadOnly: the branch is a pipeline's output and the commit is not its job's.
     """
+    if (provenance or {}).get("pipeline") != repo:
+        refuse_hand_commits(store.objects, repo, branch)
     with store.lock():
         for _ in range(_CAS_ATTEMPTS):
             state, open_commit, sealed = store._open_commit(repo, branch)

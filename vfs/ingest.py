@@ -33,6 +33,7 @@ from vfs.chunker import Chunker
 from vfs.config import StoreConfig
 from vfs.errors import InvalidPath, IsADirectory, PathNotFound, StoreChanged, VfsError
 from vfs.names import join, normalize_path, parent_and_name
+from vfs.pipeline.registry import refuse_hand_commits
 from vfs.staging import OpenCommit, new_dir
 from vfs.tree import (
     DIR,
@@ -666,6 +667,7 @@ def _put(store, repo: str, branch: str, dest: str, sources: list[str], *,
          recursive: bool, delete: bool, progress: Progress | None) -> PutResult:
     wants_dir = dest.endswith("/") and normalize_path(dest) != ""
     dest = normalize_path(dest)
+    refuse_hand_commits(store.objects, repo, branch)
     with store.lock():
         state, open_commit = store.open_commit(repo, branch)
         ingest = Ingest(store, open_commit, progress=progress)
@@ -693,6 +695,7 @@ def put_stream(store, repo: str, branch: str, dest: str, stream: BinaryIO,
     dest = normalize_path(dest)
     if not dest:
         raise InvalidPath("reading stdin needs a destination file: REPO@BRANCH:/path")
+    refuse_hand_commits(store.objects, repo, branch)
     with store.lock():
         state, open_commit = store.open_commit(repo, branch)
         existing = open_commit.lookup(dest)
@@ -729,6 +732,7 @@ def remove(store, repo: str, branch: str, path: str, *, recursive: bool = False)
     from vfs.staging import encode_change
 
     path = normalize_path(path)
+    refuse_hand_commits(store.objects, repo, branch)
     with store.lock():
         state, open_commit = store.open_commit(repo, branch)
         entry = open_commit.lookup(path)

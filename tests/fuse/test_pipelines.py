@@ -269,7 +269,7 @@ def test_list_inspect_history_and_delete(images, tmp_path) -> None:
     assert gone.returncode == 1 and "does not exist" in gone.stderr
     # The output repository and its data stay.
     assert read_output(mount) == {"a.txt.up": "A"}
-    # New commits no longer run anything.
-    put_files(mount, {"b.txt": "b"})
+    # New commits no longer run anything (version 2 may have had its own job meanwhile).
+    late = put_files(mount, {"b.txt": "b"})
     time.sleep(1)
-    assert len(job_json(mount, "upper")) == 1
+    assert [j for j in job_json(mount, "upper") if j["input_commit"] == late] == []

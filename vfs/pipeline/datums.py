@@ -5,11 +5,13 @@ datum, ``/*/*`` every second-level one, ``/`` the whole repository a single
 datum, and a final ``**`` (``/**``, ``/images/**``) every file at any depth.
 Each path segment is an ``fnmatch`` pattern (``*``, ``?``, ``[...]``).
 
-A datum's identity is its **hash**: the paths and content ids of its files plus
-the pipeline's transform hash. Two runs that would see the same bytes under the
-same names with the same command and image have the same hash, so an output
-recorded once is reused instead of being computed again. Content ids come from
-the trees (a file's ``ref`` names its content), so hashing never reads file data.
+A datum's identity is its **hash**: its root, the paths and content ids of its
+files, and the transform hash of the pipeline version that processes it (command,
+env, runtime, image digest and glob; see :func:`vfs.pipeline.jobs.transform_hash`).
+Two runs that would see the same bytes under the same names with the same command,
+image and glob have the same hash, so an output recorded once is reused instead of
+being computed again. Content ids come from the trees (a file's ``ref`` names its
+content), so hashing never reads file data.
 
 The datums a new input commit affects are found from the tree diff with the
 commit processed before (:func:`changed_datums`): the cost grows with the size of
@@ -137,22 +139,28 @@ def datum_id(digest: str) -> str:
     return digest[:DATUM_ID_CHARS]
 
 
+Files = tuple[tuple[str, Entry], ...]
+
+
+def same_files(a: Files, b: Files) -> bool:
+    """Whether two file lists give a datum the same identity (paths, kinds, contents)."""
+    return [(p, e.kind, e.ref) for p, e in a] == [(p, e.kind, e.ref) for p, e in b]
+
+
 @dataclass(frozen=True)
 class DatumChange:
-    """A datum root whose content differs between two input commits."""
+    """A datum root whose files differ between two input commits."""
 
     root: str
-    old_hash: str | None  # None: the datum did not exist in the old commit
-    new_hash: str | None  # None: the datum is gone in the new commit
-    new_files: tuple[tuple[str, Entry], ...] = ()
+    old_files: Files  # () : the datum did not exist in the old commit
+    new_files: Files  # () : the datum is gone in the new commit
 
 
-def changed_datums(glob: Glob, old: Snapshot | None, new: Snapshot, old_transform: str | None,
-                   new_transform: str) -> list[DatumChange]:
-    """The datums that differ between ``old`` and ``new`` (all of ``new`` when old is None).
+def changed_datums(glob: Glob, old: Snapshot | None, new: Snapshot) -> list[DatumChange]:
+    """The datums whose files differ between ``old`` and ``new`` (all of ``new`` if None).
 
-    Old hashes are computed with ``old_transform`` (the transform that processed the
-    old commit), new ones with ``new_transform``.
+    Only the roots the tree diff touches are looked at, so the cost follows the
+    change. A mode change alone is not a change (modes are not part of a datum).
     """
     if old is None:
         roots: Iterable[str] = glob.datums(new)
@@ -165,16 +173,13 @@ def changed_datums(glob: Glob, old: Snapshot | None, new: Snapshot, old_transfor
         roots = sorted(found)
     out = []
     for root in roots:
-        new_files = datum_files(new, root)
-        new_hash = datum_hash(new_transform, root, new_files) if new_files else None
-        old_hash = None
-        if old is not None:
-            old_files = datum_files(old, root)
-            if old_files:
-                old_hash = datum_hash(old_transform or new_transform, root, old_files)
-        if old_hash != new_hash:
-            out.append(DatumChange(root, old_hash, new_hash, tuple(new_files)))
+        new_files = tuple(datum_files(new, root))
+        old_files = tuple(datum_files(old, root)) if old is not None else ()
+        if old_files or new_files:
+            if not same_files(old_files, new_files):
+                out.append(DatumChange(root, old_files, new_files))
     return out
 
 
-__all__ = ["DatumChange", "Glob", "changed_datums", "datum_files", "datum_hash", "datum_id"]
+__all__ = ["DatumChange", "Glob", "changed_datums", "datum_files", "datum_hash", "datum_id",
+           "same_files"]

@@ -33,9 +33,10 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
              poll: float = 0.1) -> list[WaitResult]:
     """Block until every pipeline downstream of ``repo@commit_id`` has processed it.
 
-    "Processed" means the pipeline made an output commit from this input commit or
-    from a later commit of its input branch that contains it (bursts of commits are
-    processed together). Pipelines whose input branch does not contain the commit
+    "Processed" means the pipeline's current version made an output commit from
+    this input commit or from a later commit of its input branch that contains it
+    (bursts of commits are processed together): right after ``pipeline update`` the
+    old version's output does not count. Pipelines whose input branch does not contain the commit
     are not downstream of it. Chains are followed: the output commits are waited
     for in turn.
 
@@ -51,21 +52,26 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
     frontier = [(repo, commit_id)]
     while frontier:
         current_repo, current = frontier.pop(0)
-        for version in registry.downstream(store.objects, current_repo):
-            spec = version.spec
-            assert spec is not None
+        for first in registry.downstream(store.objects, current_repo):
             while True:
+                # The current version each time: an update meanwhile is waited for.
+                version = registry.current(store.objects, first.name)
+                spec = version.spec if version is not None else None
+                if spec is None or spec.input_repo != current_repo:
+                    break  # deleted, or reads another repository now
                 head = store.head(spec.input_repo, spec.input_branch).commit
                 if head is None or not covers(store, head, current):
                     break  # not on the input branch: this pipeline will never see it
                 done = last_processed(store, spec.pipeline, spec.output_branch)
-                if done is not None and covers(store, done.input_commit, current):
+                if (done is not None and done.version == version.version
+                        and covers(store, done.input_commit, current)):
                     output = store.read_commit(done.output)
                     results.append(WaitResult(spec.pipeline, current_repo, current, output))
                     frontier.append((spec.pipeline, output.id))
                     break
                 job = latest_job(store.objects, spec.pipeline)
                 if (job is not None and job.state in FAILED_STATES
+                        and job.version == version.version
                         and covers(store, job.input_commit, current)):
                     raise JobFailed(
                         f"pipeline {spec.pipeline} did not process {current_repo}@"

@@ -11,13 +11,14 @@ every datum's outputs into one output commit with provenance.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
 
 from vfs.errors import Conflict, VfsError
 from vfs.names import RefSpec, parent_and_name
-from vfs.pipeline.datums import DatumChange, Glob, changed_datums, datum_hash, datum_id
+from vfs.pipeline.datums import DatumChange, Files, Glob, changed_datums, datum_hash, datum_id
 from vfs.pipeline.datums import datum_files as _datum_files
 from vfs.pipeline.records import (
     DatumRecord,
@@ -34,14 +35,38 @@ from vfs.snapshot import Snapshot, iter_file
 from vfs.staging import OpenCommit
 from vfs.tree import DIR, SYMLINK, Entry, permission_bits
 
+log = logging.getLogger("vfs.pipeline")
 
-def transform_hash(version: PipelineVersion, image_digest: str) -> str:
-    """The hash of everything besides the input that decides a datum's output."""
+
+def plain_transform_hash(version: PipelineVersion, image_digest: str) -> str:
+    """The hash of everything besides the input that decides a datum's output.
+
+    Command, env, runtime, image digest, and the glob (which decides what a datum
+    is). Records made under it are shared by every version with the same transform.
+    """
     from vfs.blobs import blob_hash
 
     assert version.spec is not None
-    body = {**version.spec.transform(), "image": image_digest}
+    body = {**version.spec.transform(), "image": image_digest, "glob": version.spec.glob}
     return blob_hash(canonical_json(body)).hex()
+
+
+def transform_hash(version: PipelineVersion, image_digest: str) -> str:
+    """The version's transform: the plain one, or for ``--keep-outputs`` one of its own.
+
+    A version that keeps outputs builds on output commits whose datums other
+    transforms made; its records are looked up before theirs (``JobPlan.transforms``),
+    so they must be its own: were it the plain hash, a spec that comes back (v1, v2,
+    then v1's spec with ``--keep-outputs``) would put v1's records in front of v2's,
+    which made the outputs (docs/format.md §10a, P3).
+    """
+    from vfs.blobs import blob_hash
+
+    plain = plain_transform_hash(version, image_digest)
+    if not version.keep_outputs:
+        return plain
+    return blob_hash(canonical_json({"transform": plain,
+                                     "kept_by_version": version.version})).hex()
 
 
 @dataclass
@@ -50,7 +75,7 @@ class DatumTask:
 
     root: str
     hash: str
-    files: tuple[tuple[str, Entry], ...]
+    files: Files
 
     @property
     def id(self) -> str:
@@ -64,10 +89,12 @@ class JobPlan:
     head: Commit
     base: Processed | None  # the output commit the result builds on (None: from empty)
     changes: list[DatumChange]
+    # The transforms whose records hold the result's outputs, newest first; the
+    # datums that run or are reused go under the first.
+    transforms: tuple[str, ...] = ()
     removed: dict[str, DatumRecord] = field(default_factory=dict)  # root -> old outputs
     reused: dict[str, DatumRecord] = field(default_factory=dict)  # root -> reused outputs
     tasks: list[DatumTask] = field(default_factory=list)
-    missing_old: list[str] = field(default_factory=list)  # old datums without a record
 
 
 def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = ""
@@ -75,7 +102,14 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
     """What a job for the input branch's current head has to do; None if nothing.
 
     Nothing to do: the input branch has no commit, or its head was already
-    processed with the current transform.
+    processed by this version (with this image). Every new version gets a job, even
+    one that changes nothing a datum sees: its output commit then credits it.
+
+    The job builds on the last output commit when the transform is unchanged, or
+    when the version keeps outputs and the glob is unchanged; it rebuilds from empty
+    with the plain transform otherwise, and when the outputs of a changed datum
+    cannot be found exactly (docs/format.md §10a: a job never leaves outputs it
+    cannot account for).
     """
     spec = version.spec
     assert spec is not None
@@ -84,51 +118,99 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
         return None
     transform = transform_hash(version, image_digest)
     last = last_processed(store, spec.pipeline, spec.output_branch)
-    if last is not None and last.input_commit == head.id and last.transform == transform:
+    if (last is not None and last.input_commit == head.id and last.transform == transform
+            and last.version == version.version):
         return None
-    incremental = last is not None and (last.transform == transform or version.keep_outputs)
-    old = None
-    if incremental:
-        assert last is not None
-        old = Snapshot(store.blobs, store.read_commit(last.input_commit).tree)
-    new = Snapshot(store.blobs, head.tree)
-    glob = Glob(spec.glob)
-    changes = changed_datums(glob, old, new, last.transform if incremental and last else None,
-                             transform)
     job = JobRecord(
         id=new_job_id(spec.pipeline), pipeline=spec.pipeline, version=version.version,
         input_repo=spec.input_repo, input_branch=spec.input_branch, input_commit=head.id,
-        started=now_iso(), full=not incremental, keep_outputs=version.keep_outputs,
+        started=now_iso(), keep_outputs=version.keep_outputs,
         transform=transform, image=image_digest, node=node or current_user())
-    plan = JobPlan(job, version, head, last if incremental else None, changes)
-    for change in changes:
-        if change.old_hash is not None:
-            record = load_datum(store.objects, spec.pipeline, change.old_hash)
-            if record is None:
-                plan.missing_old.append(change.root)
-            else:
-                plan.removed[change.root] = record
-        if change.new_hash is not None:
-            record = load_datum(store.objects, spec.pipeline, change.new_hash)
-            if record is not None:
-                plan.reused[change.root] = record
-            else:
-                plan.tasks.append(DatumTask(change.root, change.new_hash, change.new_files))
-    added = sum(1 for c in changes if c.new_hash is not None and c.old_hash is None)
-    removed = sum(1 for c in changes if c.new_hash is None)
-    if incremental:
-        assert last is not None
-        before = store.read_commit(last.output).provenance.get("datums")
-        if before is None:  # an output commit without the count: count once
-            before = sum(1 for root in glob.datums(old) if _datum_files(old, root))
-        job.datums_total = before + added - removed
-    else:
-        job.datums_total = added
+    glob = Glob(spec.glob)
+    new = Snapshot(store.blobs, head.tree)
+    plan = None
+    if last is not None and last.transform == transform:
+        plan = _plan_on(store, last, last.transforms, job, version, head, glob, new)
+    elif last is not None and version.keep_outputs and last.glob == spec.glob:
+        plan = _plan_on(store, last, (transform, *last.transforms), job, version, head,
+                        glob, new)
+    if plan is None:
+        job.full = True
+        plan = JobPlan(job, version, head, None, changed_datums(glob, None, new),
+                       (plain_transform_hash(version, image_digest),))
+        for change in plan.changes:
+            _add(store, plan, change)
+        job.datums_total = len(plan.changes)
     # Skipped: every datum of the head that does not run (unchanged, or output reused).
     job.datums_skipped = job.datums_total - len(plan.tasks)
     job.datums_reused = len(plan.reused)
+    return plan
+
+
+def _plan_on(store, last: Processed, transforms: tuple[str, ...], job: JobRecord,
+             version: PipelineVersion, head: Commit, glob: Glob, new: Snapshot
+             ) -> JobPlan | None:
+    """A job that builds on ``last``; None if a changed datum's outputs are not known."""
+    old = Snapshot(store.blobs, store.read_commit(last.input_commit).tree)
+    base = store.read_commit(last.output)
+    outputs = Snapshot(store.blobs, base.tree)
+    plan = JobPlan(job, version, head, last, changed_datums(glob, old, new), transforms)
+    pipeline = job.pipeline
+    for change in plan.changes:
+        if change.old_files:
+            record = recorded_outputs(store, pipeline, last.transforms, change.root,
+                                      change.old_files)
+            if record is None or not _holds(outputs, record):
+                log.warning("pipeline %s: the outputs of datum /%s in %s@%s are not known "
+                            "(%s): rebuilding every datum from empty", pipeline, change.root,
+                            pipeline, last.output[:12],
+                            "no record" if record is None else "its record does not match")
+                return None
+            plan.removed[change.root] = record
+        if change.new_files:
+            _add(store, plan, change)
+    added = sum(1 for c in plan.changes if c.new_files and not c.old_files)
+    removed = sum(1 for c in plan.changes if not c.new_files)
+    before = base.provenance.get("datums")
+    if before is None:  # an output commit without the count: count once
+        before = sum(1 for root in glob.datums(old) if _datum_files(old, root))
+    job.datums_total = before + added - removed
     job.datums_removed = removed
     return plan
+
+
+def _add(store, plan: JobPlan, change: DatumChange) -> None:
+    """A datum of the head that needs outputs: reuse a record of this transform, or run."""
+    digest = datum_hash(plan.transforms[0], change.root, change.new_files)
+    record = load_datum(store.objects, plan.job.pipeline, digest)
+    if record is not None:
+        plan.reused[change.root] = record
+    else:
+        plan.tasks.append(DatumTask(change.root, digest, change.new_files))
+
+
+def recorded_outputs(store, pipeline: str, transforms: tuple[str, ...], root: str,
+                     files: Files) -> DatumRecord | None:
+    """The record of a datum's outputs in an output commit with these ``transforms``.
+
+    The newest transform with a record for the datum made its outputs: a datum keeps
+    outputs of an older transform only while it is unchanged, and while it is, no
+    newer version runs it (docs/format.md §10a).
+    """
+    for transform in transforms:
+        record = load_datum(store.objects, pipeline, datum_hash(transform, root, files))
+        if record is not None:
+            return record
+    return None
+
+
+def _holds(outputs: Snapshot, record: DatumRecord) -> bool:
+    """Whether the output tree holds every output of ``record`` as recorded."""
+    for path, entry in record.outputs.items():
+        found = outputs.lookup(path)
+        if found is None or (found.kind, found.ref) != (entry.kind, entry.ref):
+            return False
+    return True
 
 
 # -- running one datum (host side) ----------------------------------------------------------
@@ -219,7 +301,9 @@ def commit_outputs(store, plan: JobPlan, ran: dict[str, DatumRecord]) -> Commit:
         with store.blobs.writer() as writer:
             tree = view.seal(writer)
         return store.commit(spec.pipeline, spec.output_branch, message, tree=tree,
-                            provenance=provenance(spec.pipeline, plan.version.version, job),
+                            provenance=provenance(spec.pipeline, plan.version.version, job,
+                                                  glob=spec.glob,
+                                                  transforms=plan.transforms),
                             author=f"pipeline:{spec.pipeline}", why=f"pipeline job {job.id}",
                             allow_empty=True)
 
@@ -244,12 +328,11 @@ def _owner(store, plan: JobPlan, path: str) -> str | None:
         files = _datum_files(new, root)
         if not files:
             continue
-        record = load_datum(store.objects, spec.pipeline,
-                            datum_hash(plan.job.transform, root, files))
+        record = recorded_outputs(store, spec.pipeline, plan.transforms, root, tuple(files))
         if record is not None and path in record.outputs:
             return root
     return None
 
 
 __all__ = ["DatumTask", "JobPlan", "collect_outputs", "commit_outputs", "materialize",
-           "plan_job", "transform_hash"]
+           "plain_transform_hash", "plan_job", "recorded_outputs", "transform_hash"]

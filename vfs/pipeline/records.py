@@ -11,7 +11,9 @@ Store keys (see docs/format.md):
 * ``joblogs/<pipeline>/<job id>/<datum id>``: the last bytes of a datum's output.
 
 Output commits carry ``provenance`` ``{"pipeline", "version", "job", "image",
-"transform", "keep_outputs", "inputs": [{"repo", "branch", "commit"}]}``.
+"transform", "transforms", "glob", "keep_outputs", "datums", "inputs": [{"repo",
+"branch", "commit"}]}``; ``transforms`` lists, newest first, the transform hashes
+whose datum records hold the commit's outputs (docs/format.md §10a).
 """
 
 from __future__ import annotations
@@ -220,10 +222,11 @@ def job_logs(objects, job_id: str) -> dict[str, bytes]:
 # -- provenance -------------------------------------------------------------------------------
 
 
-def provenance(pipeline: str, version: int, job: JobRecord) -> dict:
+def provenance(pipeline: str, version: int, job: JobRecord, *, glob: str,
+               transforms: tuple[str, ...]) -> dict:
     return {"pipeline": pipeline, "version": version, "job": job.id, "image": job.image,
-            "transform": job.transform, "keep_outputs": job.keep_outputs,
-            "datums": job.datums_total,
+            "transform": job.transform, "transforms": list(transforms), "glob": glob,
+            "keep_outputs": job.keep_outputs, "datums": job.datums_total,
             "inputs": [{"repo": job.input_repo, "branch": job.input_branch,
                         "commit": job.input_commit}]}
 
@@ -236,6 +239,9 @@ class Processed:
     input_commit: str
     transform: str
     version: int
+    glob: str | None = None  # None: a commit made before the glob was recorded
+    # The transforms whose datum records hold the outputs, newest first (docs/format.md).
+    transforms: tuple[str, ...] = ()
 
 
 def last_processed(store, pipeline: str, branch: str, *, limit: int = 10_000
@@ -248,8 +254,10 @@ def last_processed(store, pipeline: str, branch: str, *, limit: int = 10_000
         for commit in store.log(RefSpec(pipeline, branch), limit=limit):
             prov = commit.provenance or {}
             if prov.get("pipeline") == pipeline and prov.get("inputs"):
-                return Processed(commit.id, prov["inputs"][0]["commit"],
-                                 prov.get("transform", ""), int(prov.get("version", 0)))
+                transform = prov.get("transform", "")
+                return Processed(commit.id, prov["inputs"][0]["commit"], transform,
+                                 int(prov.get("version", 0)), prov.get("glob"),
+                                 tuple(prov.get("transforms") or [transform]))
     except NotFound:  # no output repository or branch yet: nothing processed
         return None
     return None

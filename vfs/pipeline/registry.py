@@ -24,6 +24,7 @@ from vfs.errors import (
     ObjectNotFound,
     PipelineNotFound,
     PreconditionFailed,
+    ReadOnly,
     RepoNotFound,
 )
 from vfs.names import check_name
@@ -81,11 +82,39 @@ def _decode(name: str, data: bytes) -> PipelineVersion:
 
 
 def current(objects, name: str) -> PipelineVersion | None:
-    """The latest version of a pipeline, or None if it does not exist (or was deleted)."""
-    found = versions(objects, name)
-    if not found or found[-1].deleted:
+    """The latest version of a pipeline, or None if it does not exist (or was deleted).
+
+    One listing and one read, however long the history: ``wait`` polls it and every
+    commit asks it (:func:`refuse_hand_commits`).
+    """
+    check_name(name, "pipeline")
+    last = None
+    for info in objects.list(f"pipelines/{name}/"):
+        if info.key.rsplit("/", 1)[1].isdigit():
+            last = info.key
+    if last is None:
         return None
-    return found[-1]
+    found = _decode(name, objects.get(last))
+    return None if found.deleted else found
+
+
+def refuse_hand_commits(objects, repo: str, branch: str) -> None:
+    """Refuse a change made by hand to the output branch of an existing pipeline.
+
+    The output branch is the pipeline's: each job builds on its last output commit
+    and writes what its datums made, so a commit made by hand would be undone
+    silently by the next job. A deleted pipeline's branch is an ordinary one again.
+
+    Raises:
+        ReadOnly: ``repo@branch`` is the output branch of pipeline ``repo``.
+    """
+    owner = current(objects, repo)
+    if owner is not None and owner.spec is not None and owner.spec.output_branch == branch:
+        raise ReadOnly(
+            f"{repo}@{branch} is the output of pipeline {repo}: only its jobs commit there "
+            "(its next job would undo a change made by hand). Change its input or the "
+            f"pipeline ('vfsctl pipeline update'), write to another branch, or delete the "
+            f"pipeline to take the branch over ('vfsctl pipeline delete {repo}')")
 
 
 def get(objects, name: str) -> PipelineVersion:
@@ -228,4 +257,4 @@ def version(objects, name: str, number: int) -> PipelineVersion:
 
 
 __all__ = ["PipelineVersion", "create", "current", "delete", "downstream", "get",
-           "list_pipelines", "update", "version", "versions"]
+           "list_pipelines", "refuse_hand_commits", "update", "version", "versions"]
