@@ -32,7 +32,7 @@ def _load(path: str) -> Spec:
         spec = load_spec_file(path)
     # Whether a root vfsd may use the process runtime is that vfsd's to say.
     runtime = get_runtime(spec.runtime, allow_process_as_root=True)
-    runtime.check(spec.image, batch=spec.datum_batch > 1)
+    runtime.check(spec.image)
     for limit in runtime.unsupported_limits(spec.memory, spec.cpu, spec.pids):
         note(f"vfsctl: warning: runtime {spec.runtime} cannot enforce the {limit} limit")
     return spec

@@ -231,7 +231,7 @@ class Watcher:
     def _plan(self, version: PipelineVersion) -> JobPlan | None:
         assert version.spec is not None
         runtime = self.runtime(version.spec.runtime)
-        runtime.check(version.spec.image, batch=version.spec.datum_batch > 1)
+        runtime.check(version.spec.image)
         digest = runtime.image_digest(version.spec.image)
         return plan_job(self.store, version, image_digest=digest, node=self.node)
 
