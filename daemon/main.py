@@ -49,10 +49,10 @@ def parse_size(text: str) -> int:
     return size
 
 
-def parse_timeout(text: object) -> float | None:
-    """A ``--datum-timeout``: ``90``, ``30s``, ``10m``, ``1h``...; ``0``: no limit (None)."""
+def parse_timeout(text: object) -> float:
+    """A ``--datum-timeout``: ``90``, ``30s``, ``10m``, ``1h``...; ``0``: no limit."""
     if str(text).strip() in ("0", "0.0", "0s"):
-        return None
+        return 0.0
     return parse_duration(text, "--datum-timeout", argparse.ArgumentTypeError)
 
 
@@ -244,7 +244,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
                                   poll_interval=options.poll_interval,
                                   allow_process_runtime=options.allow_process_runtime,
                                   userns_base=options.userns_base or None,
-                                  datum_timeout=options.datum_timeout,
+                                  datum_timeout=options.datum_timeout or None,
                                   on_commit=operations.branch_changed)
                 handler.watcher = watcher
                 await nursery.start(watcher.run)
