@@ -160,8 +160,11 @@ def pipeline_inspect(options: Options, name: str, history: bool, as_json: bool) 
         ("parallelism", spec.parallelism),
         ("datum_tries", spec.datum_tries),
         ("datum_batch", spec.datum_batch),
+        ("datum_timeout", f"{spec.datum_timeout:g} s" if spec.datum_timeout
+         else "the node's default (vfsd --datum-timeout)"),
         ("resources", f"memory {spec.memory or '-'} cpu {spec.cpu or '-'}"),
         ("network", "yes" if spec.network else "no"),
+        *([("cannot run", spec.invalid)] if spec.invalid else []),
         ("last job", f"{job.id} {job.state}" if job else "none"),
     ])
 

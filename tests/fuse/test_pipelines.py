@@ -316,6 +316,8 @@ def test_a_stored_spec_with_a_nan_fails_its_job_clearly(images, tmp_path) -> Non
          "keep_outputs": False, "deleted": False}))
     listed = mount.vfsctl("pipeline", "list").stdout
     assert "upper" in listed
+    inspected = mount.vfsctl("pipeline", "inspect", "upper").stdout
+    assert "cannot run" in inspected and "'datum_timeout' must be" in inspected
     commit = put_files(mount, {"a.txt": "a"})
     done = wait(mount, f"images@{commit}", check=False)
     assert done.returncode == 1
