@@ -56,10 +56,13 @@ def vfsd_command() -> list[str]:
 @click.option("--allow-process-runtime", is_flag=True,
               help="Let pipelines use the unsandboxed 'process' runtime although vfsd "
                    "runs as root (development machines only).")
+@click.option("--datum-timeout", metavar="DURATION",
+              help="How long a datum may run when its pipeline's spec sets no "
+                   "datum_timeout, e.g. 30m or 2h (vfsd's default: 1h; 0: no limit).")
 @pass_options
 def mount(options: Options, mountpoint: str, foreground: bool,
           chunk_cache_size: str | None, socket_path: str | None,
-          allow_process_runtime: bool) -> None:
+          allow_process_runtime: bool, datum_timeout: str | None) -> None:
     """Start vfsd mounting the store at MOUNTPOINT (default /pfs)."""
     mountpoint = os.path.abspath(mountpoint)
     store = options.store()
@@ -83,6 +86,8 @@ def mount(options: Options, mountpoint: str, foreground: bool,
         command += ["--socket", os.path.abspath(socket_path)]
     if allow_process_runtime:
         command.append("--allow-process-runtime")
+    if datum_timeout:
+        command += ["--datum-timeout", datum_timeout]
     if options.debug:
         command.append("--debug")
     if foreground:

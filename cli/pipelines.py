@@ -32,7 +32,7 @@ def _load(path: str) -> Spec:
         spec = load_spec_file(path)
     # Whether a root vfsd may use the process runtime is that vfsd's to say.
     runtime = get_runtime(spec.runtime, allow_process_as_root=True)
-    runtime.check(spec.image, batch=spec.datum_batch > 1)
+    runtime.check(spec.image)
     for limit in runtime.unsupported_limits(spec.memory, spec.cpu, spec.pids):
         note(f"vfsctl: warning: runtime {spec.runtime} cannot enforce the {limit} limit")
     return spec
@@ -161,8 +161,11 @@ def pipeline_inspect(options: Options, name: str, history: bool, as_json: bool) 
         ("parallelism", spec.parallelism),
         ("datum_tries", spec.datum_tries),
         ("datum_batch", spec.datum_batch),
+        ("datum_timeout", f"{spec.datum_timeout:g} s" if spec.datum_timeout
+         else "the node's default (vfsd --datum-timeout)"),
         ("resources", f"memory {spec.memory or '-'} cpu {spec.cpu or '-'}"),
         ("network", "yes" if spec.network else "no"),
+        *([("cannot run", spec.invalid)] if spec.invalid else []),
         ("last job", f"{job.id} {job.state}" if job else "none"),
     ])
 

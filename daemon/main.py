@@ -27,6 +27,7 @@ from daemon.handler import ControlHandler
 from daemon.protocol import default_socket_path, remove_daemon_file, write_daemon_file
 from daemon.reader import MEMORY_LIMIT, ChunkCache, DiskCache, limit_malloc_arenas
 from daemon.spools import recover_spools
+from vfs.pipeline.spec import DEFAULT_DATUM_TIMEOUT, parse_duration
 
 log = logging.getLogger("daemon")
 
@@ -46,6 +47,13 @@ def parse_size(text: str) -> int:
     if size < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
     return size
+
+
+def parse_timeout(text: object) -> float:
+    """A ``--datum-timeout``: ``90``, ``30s``, ``10m``, ``1h``...; ``0``: no limit."""
+    if str(text).strip() in ("0", "0.0", "0s"):
+        return 0.0
+    return parse_duration(text, "--datum-timeout", argparse.ArgumentTypeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="runc datums get a user namespace whose root is this host "
                              "uid/gid, their user (65534 inside) this + 65534 (default "
                              "1000000000; 0: no user namespace)")
+    parser.add_argument("--datum-timeout", type=parse_timeout, default=DEFAULT_DATUM_TIMEOUT,
+                        metavar="DURATION",
+                        help="how long a datum may run when its pipeline's spec sets no "
+                             "datum_timeout: seconds or e.g. 30s, 10m, 1h (default 1h; 0: "
+                             "no limit)")
     parser.add_argument("--no-pipelines", action="store_true",
                         help="do not run pipeline jobs on this node")
     parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
@@ -114,6 +127,11 @@ def load_options(argv: list[str] | None) -> argparse.Namespace:
             if getattr(options, attr) in (None, parser.get_default(attr)):
                 if attr in _SIZE_OPTIONS and isinstance(value, str):
                     value = parse_size(value)
+                if attr == "datum_timeout":
+                    try:
+                        value = parse_timeout(value)
+                    except argparse.ArgumentTypeError as exc:
+                        parser.error(f"{options.config}: {exc}")
                 setattr(options, attr, value)
     if options.encode_ahead < 0 or 0 < options.encode_ahead < 1 << 20:
         parser.error("--encode-ahead: 0 (off) or at least 1M")
@@ -226,6 +244,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
                                   poll_interval=options.poll_interval,
                                   allow_process_runtime=options.allow_process_runtime,
                                   userns_base=options.userns_base or None,
+                                  datum_timeout=options.datum_timeout or None,
                                   on_commit=operations.branch_changed)
                 handler.watcher = watcher
                 await nursery.start(watcher.run)

@@ -31,7 +31,7 @@ import trio
 
 from daemon.runtimes import ContainerRun, DatumIO, get_runtime
 from daemon.runtimes.runc import DEFAULT_STATE_ROOT, DEFAULT_USERNS_BASE
-from vfs.errors import VfsError
+from vfs.errors import InvalidSpec, VfsError
 from vfs.pipeline import records, registry
 from vfs.pipeline.jobs import (
     DatumTask,
@@ -43,6 +43,7 @@ from vfs.pipeline.jobs import (
 )
 from vfs.pipeline.records import DatumRecord, FailedDatum, JobRecord
 from vfs.pipeline.registry import PipelineVersion
+from vfs.pipeline.spec import DEFAULT_DATUM_TIMEOUT
 from vfs.refs import current_user, now_iso
 
 log = logging.getLogger("daemon.watcher")
@@ -78,6 +79,7 @@ class Watcher:
     def __init__(self, store, scratch_dir: str, *, poll_interval: float = 2.0,
                  debounce: float = 0.2, allow_process_runtime: bool = False,
                  userns_base: int | None = DEFAULT_USERNS_BASE,
+                 datum_timeout: float | None = DEFAULT_DATUM_TIMEOUT,
                  on_commit: Callable[[str, str], None] | None = None) -> None:
         self.store = store
         self.scratch_dir = scratch_dir
@@ -85,6 +87,7 @@ class Watcher:
         self.debounce = debounce
         self.allow_process_runtime = allow_process_runtime
         self.userns_base = userns_base
+        self.datum_timeout = datum_timeout  # when the spec sets none (None: no limit)
         self.on_commit = on_commit or (lambda repo, branch: None)
         self.node = current_user()
         self._states: dict[str, _State] = {}
@@ -231,7 +234,7 @@ class Watcher:
     def _plan(self, version: PipelineVersion) -> JobPlan | None:
         assert version.spec is not None
         runtime = self.runtime(version.spec.runtime)
-        runtime.check(version.spec.image, batch=version.spec.datum_batch > 1)
+        runtime.check(version.spec.image)
         digest = runtime.image_digest(version.spec.image)
         return plan_job(self.store, version, image_digest=digest, node=self.node)
 
@@ -244,8 +247,7 @@ class Watcher:
                     if not isinstance(exc, VfsError):
                         log.exception("job %s: unexpected error", plan.job.id)
                     plan.job.state = "failed"
-                    plan.job.error = f"{type(exc).__name__}: {exc}" if not isinstance(
-                        exc, VfsError) else str(exc)
+                    plan.job.error = describe(exc)
                     plan.job.finished = now_iso()
                     with trio.CancelScope(shield=True):
                         await self._save(plan.job)
@@ -284,6 +286,11 @@ class Watcher:
         job = plan.job
         spec = plan.version.spec
         assert spec is not None
+        if spec.invalid:
+            raise InvalidSpec(
+                f"{spec.invalid}: version {plan.version.version} of pipeline {spec.pipeline} "
+                "was stored by an older vfs that accepted it; correct the spec and store it "
+                "again with 'vfsctl pipeline update -f SPEC'")
         await self._save(job)
         log.info("job %s: %s@%s, %d datums to run, %d reused, %d removed", job.id,
                  spec.input_repo, job.input_commit[:12], len(plan.tasks), job.datums_reused,
@@ -403,6 +410,7 @@ class Watcher:
 
         errors: dict[str, str] = {}
         results: dict[str, DatumRecord] = {}
+        timeout = spec.datum_timeout or self.datum_timeout
         try:
             await trio.to_thread.run_sync(prepare)
             if job.first_start is None:
@@ -412,10 +420,22 @@ class Watcher:
                 job_id=job.id, input_repo=spec.input_repo, input_commit=job.input_commit,
                 cmd=list(spec.cmd), env=dict(spec.env), image=spec.image, datums=ios,
                 workdir=workdir, network=spec.network, memory=spec.memory, cpus=spec.cpu,
-                timeout=spec.datum_timeout, user=spec.user, pids=spec.pids)))
+                timeout=timeout, user=spec.user, pids=spec.pids)))
         except (VfsError, OSError) as exc:
             statuses = [None] * len(tasks)
             errors = {task.root: str(exc) for task in tasks}
+        except Exception as exc:  # a bug: these datums fail with it, not the whole vfsd
+            log.exception("job %s: unexpected error running datum %s (/%s)", job.id,
+                          tasks[0].id, tasks[0].root)
+            statuses = [None] * len(tasks)
+            errors = {task.root: describe(exc) for task in tasks}
+        for task, io in zip(tasks, ios, strict=True):
+            if io.timed_out:
+                assert timeout is not None
+                errors[task.root] = f"timed out after {timeout:g} s " + (
+                    "(its datum_timeout)" if spec.datum_timeout else
+                    "(this node's default datum timeout, vfsd --datum-timeout; set "
+                    "datum_timeout in the spec to allow more)")
         for index, (task, io, status) in enumerate(zip(tasks, ios, statuses, strict=True)):
             try:
                 record = await trio.to_thread.run_sync(self._finish_datum, spec.pipeline,
@@ -427,6 +447,16 @@ class Watcher:
             if record is not None:
                 results[task.root] = record
         return statuses, errors, results
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, in one line: a VfsError's message, else the exception's type and
+    message; an exception group (from a trio nursery) is described by what it holds."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(dict.fromkeys(describe(leaf) for leaf in _leaves(exc)))
+    if isinstance(exc, VfsError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _leaves(group: BaseExceptionGroup):

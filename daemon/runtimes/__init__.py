@@ -25,10 +25,12 @@ the host's files but the programs (bwrap) or the image (runc, podman, docker).
 ``process`` has no ``/pfs``: commands use ``${VFS_PFS}`` (see :class:`ProcessRuntime`).
 It isolates nothing, so a daemon running as root refuses it unless started with
 ``--allow-process-runtime``.
-A start with several datums (``datum_batch``) runs them one after the other in one
-container through a small ``/bin/sh`` script, where ``/pfs/<input repo>`` and
-``/pfs/out`` are symlinks to the current datum's directories (``find`` needs ``-L``,
-or a trailing ``/``, to descend into them).
+A start with several datums (``datum_batch``) runs them one after the other, each in
+a sandbox of its own made as for a single datum (real directories at
+``/pfs/<input repo>`` and ``/pfs/out``, a fresh ``/tmp``, no process of another datum
+alive, its exit status seen by the runtime outside the sandbox): a batch shares only
+the preparation (image, bundle, ``/etc``), so it saves that per datum and is
+indistinguishable from single datums to the command. ``timeout`` is per datum.
 """
 
 from __future__ import annotations

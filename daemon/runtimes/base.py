@@ -1,15 +1,25 @@
-"""What every container runtime shares: the run description, the interface, the batch wrapper.
+"""What every container runtime shares: the run description, the interface, the helpers.
 
-A runtime runs a pipeline's command on one or more datums in one *container start*.
-The scheduler prepares, on the host, an input and an output directory per datum and
-describes the start as a :class:`ContainerRun`; :meth:`Runtime.run` returns one exit
-status per datum.
+A runtime runs a pipeline's command on one or more datums (a batch, ``datum_batch``)
+in one *start*. The scheduler prepares, on the host, an input and an output
+directory per datum and describes the start as a :class:`ContainerRun`;
+:meth:`Runtime.run` returns one exit status per datum.
+
+A batch must look to the command exactly like single datums: every datum of a start
+runs in a sandbox of its own, one after the other, with its input and output as real
+directories at ``/pfs/<repo>`` and ``/pfs/out``, a fresh ``/tmp``, and no process of
+the datums before it still alive. What a start shares between its datums is the
+preparation on the host (the image, the runtime's bundle, the pids cgroup, the
+sandbox's ``/etc``), never a directory or a process. Each datum's exit status is the
+one its sandbox's process ends with, seen by the runtime on the host: nothing inside
+a sandbox can write the status of a datum. Nothing per datum goes on a command line
+but that datum's own paths, so a batch has no size limit of its own.
 
 Exit statuses follow the shell's convention whatever the runtime: ``0``-``255`` as the
 command exited, ``128 + N`` when it was killed by signal ``N`` (so ``137`` for a
-SIGKILL: out of memory under a cgroup limit, or a timeout). A datum that timed out,
-or that a batch never reached because of a timeout, gets :data:`KILLED` and a line
-starting with ``vfs:`` in its log saying so.
+SIGKILL: out of memory under a cgroup limit, or a timeout). A datum that ran longer
+than ``timeout`` gets :data:`KILLED`, ``DatumIO.timed_out`` and a line starting with
+``vfs:`` in its log saying so.
 """
 
 from __future__ import annotations
@@ -43,11 +53,12 @@ class DatumIO:
     input_dir: str  # host dir, shown read-only at /pfs/<input_repo>
     out_dir: str  # host dir, empty, shown writable at /pfs/out
     log_path: str  # host file receiving this datum's stdout+stderr (appended to)
+    timed_out: bool = False  # set by the runtime: it killed the datum at its timeout
 
 
 @dataclass
 class ContainerRun:
-    """One container start: the command, its environment and the datums it processes."""
+    """One start: the command, its environment and the datums it processes."""
 
     job_id: str
     input_repo: str
@@ -57,18 +68,14 @@ class ContainerRun:
     # runc: a root filesystem directory or an OCI image layout directory;
     # podman/docker: an image name; bwrap/process: None (host binaries).
     image: str | None
-    datums: list[DatumIO]  # more than one: datum_batch, all in ONE container start
+    datums: list[DatumIO]  # more than one: datum_batch, one sandbox each (see above)
     workdir: str  # host scratch dir the runtime may use (bundle...); removed by the caller
     network: bool = False
     memory: int | None = None  # bytes
     cpus: float | None = None
-    timeout: float | None = None  # seconds for the whole start (None = no limit)
+    timeout: float | None = None  # seconds each datum may run (None = no limit)
     user: tuple[int, int] = DEFAULT_USER  # uid, gid of the command (see run_as)
     pids: int | None = DEFAULT_PIDS  # processes and threads at once (None = no limit)
-
-    @property
-    def batch(self) -> bool:
-        return len(self.datums) > 1
 
     @property
     def run_as(self) -> tuple[int, int] | None:
@@ -84,13 +91,11 @@ class Runtime:
     #: False where the command can reach the network whatever ``network`` says.
     isolates_network: bool = True
 
-    def check(self, image: str | None, *, batch: bool = False) -> None:
+    def check(self, image: str | None) -> None:
         """Check that this node can run ``image`` with this runtime.
 
         Args:
             image: the spec's ``transform.image``.
-            batch: the spec batches datums (``datum_batch > 1``), which needs ``/bin/sh``
-                (and ``ln``) in the image.
 
         Raises:
             InvalidSpec: the runtime's program is not installed, or the image is
@@ -116,7 +121,8 @@ class Runtime:
         raise NotImplementedError
 
     async def run(self, run: ContainerRun) -> list[int]:
-        """Run ``run.cmd`` once per datum of ``run`` in one container start.
+        """Run ``run.cmd`` once per datum of ``run``, one after the other, each datum in a
+        sandbox of its own (see the module docstring).
 
         Cancelling the surrounding scope stops everything the start created (processes,
         containers) before this returns or raises.
@@ -136,7 +142,7 @@ class HostRuntime(Runtime):
     ``memory`` is enforced as an address-space limit (RLIMIT_AS); ``cpus`` is not.
     """
 
-    def check(self, image: str | None, *, batch: bool = False) -> None:
+    def check(self, image: str | None) -> None:
         if image is not None:
             raise InvalidSpec(f"runtime {self.name} runs host binaries: remove "
                               "'transform.image' or use runtime runc, podman or docker")
@@ -163,27 +169,22 @@ def check_run(run: ContainerRun) -> None:
         )
 
 
-def datum_env(run: ContainerRun, *, base: dict[str, str] | None = None,
-              datum: DatumIO | None = None, pfs: str = PFS) -> dict[str, str]:
-    """The environment of the command: base (image), spec, then the ``VFS_*`` variables.
-
-    ``VFS_DATUM_ID`` is set only when ``datum`` is given (a batch sets it per datum).
-    """
+def datum_env(run: ContainerRun, datum: DatumIO, *, base: dict[str, str] | None = None,
+              pfs: str = PFS) -> dict[str, str]:
+    """The environment of the command on ``datum``: base (image), spec, then ``VFS_*``."""
     env = {"PATH": DEFAULT_PATH, "HOME": "/tmp"}
     env.update(base or {})
     env.update(run.env)
-    env.update({"VFS_JOB_ID": run.job_id, "VFS_INPUT_COMMIT": run.input_commit, "VFS_PFS": pfs})
-    if datum is not None:
-        env["VFS_DATUM_ID"] = datum.datum_id
+    env.update({"VFS_JOB_ID": run.job_id, "VFS_INPUT_COMMIT": run.input_commit, "VFS_PFS": pfs,
+                "VFS_DATUM_ID": datum.datum_id})
     return env
 
 
-def give_to_user(run: ContainerRun, *writable: str | None,
-                 owner: tuple[int, int] | None = None) -> None:
+def give_to_user(run: ContainerRun, *, owner: tuple[int, int] | None = None) -> None:
     """Hand a start's directories to the user the command runs as (when the daemon can
     switch users): the inputs (read-only inside, but the user must be able to read
-    files stored with mode 0600), the output directories, the batch logs, and
-    ``writable`` (e.g. a batch's status directory). Blocking: call from a thread.
+    files stored with mode 0600) and the output directories. Blocking: call from a
+    thread.
 
     Args:
         owner: the host's uid and gid for that user, when they differ from the ids in
@@ -193,12 +194,9 @@ def give_to_user(run: ContainerRun, *writable: str | None,
     if run_as is None:
         return
     uid, gid = owner or run_as
-    paths: list[str] = [path for path in writable if path is not None]
+    paths: list[str] = []
     for datum in run.datums:
         paths.append(datum.out_dir)
-        if run.batch:
-            touch(datum.log_path)
-            paths.append(datum.log_path)
         for directory, subdirs, files in os.walk(datum.input_dir):
             paths.append(directory)
             paths += [os.path.join(directory, name) for name in files]
@@ -218,23 +216,17 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def touch(path: str) -> None:
-    """Make sure a log file exists (it is bind-mounted, or appended to)."""
-    with open(path, "ab"):
-        pass
-
-
 def note(log_path: str, message: str) -> None:
     """Append a line of our own to a datum's log, marked so it is not the command's."""
     with open(log_path, "ab") as log:
         log.write(f"vfs: {message}\n".encode())
 
 
-def timeout_message(run: ContainerRun, reached: bool) -> str:
-    if reached:
-        return f"killed: the container start ran longer than its timeout ({run.timeout:g} s)"
-    return (f"not run: the container start reached its timeout ({run.timeout:g} s) "
-            "before this datum's turn")
+def timed_out(run: ContainerRun, datum: DatumIO) -> int:
+    """Record that ``datum`` was killed at its timeout; its status, :data:`KILLED`."""
+    datum.timed_out = True
+    note(datum.log_path, f"killed: the datum ran longer than its timeout ({run.timeout:g} s)")
+    return KILLED
 
 
 def memory_rlimit_argv(memory: int | None) -> list[str]:
@@ -293,87 +285,3 @@ def kill_process_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-# The batch wrapper, run by the image's /bin/sh. Arguments: the input repo, the number
-# of datums N, N datum ids, then the command. Datum i's input is bound at /pfs/.in/i,
-# its output at /pfs/.out/i and its log at /pfs/.log/i; /pfs is a tmpfs, so the
-# unprivileged wrapper can point /pfs/<repo> and /pfs/out at datum i's directories
-# with symlinks (remounting would need privileges the command must not have). The
-# exit status of each datum is written to /pfs/.status/i, where the host reads it: a
-# missing file means the datum never finished.
-BATCH_SCRIPT = r"""
-repo=$1; n=$2; shift 2
-ids=
-while [ "$n" -gt 0 ]; do ids="$ids $1"; shift; n=$((n - 1)); done
-i=0
-for id in $ids; do
-  ln -sfn ".in/$i" "/pfs/$repo" && ln -sfn ".out/$i" /pfs/out || exit 125
-  VFS_DATUM_ID=$id "$@" </dev/null >>"/pfs/.log/$i" 2>&1
-  echo $? >"/pfs/.status/$i"
-  i=$((i + 1))
-done
-"""
-
-
-def batch_argv(run: ContainerRun, shell: str = "/bin/sh") -> list[str]:
-    """The command line running :data:`BATCH_SCRIPT` over the datums of ``run``."""
-    return [shell, "-c", BATCH_SCRIPT, "vfs-batch", run.input_repo, str(len(run.datums)),
-            *(datum.datum_id for datum in run.datums), *run.cmd]
-
-
-@dataclass
-class BatchMount:
-    """Where each part of a batched datum goes inside the container."""
-
-    source: str
-    target: str
-    writable: bool
-
-
-def batch_mounts(run: ContainerRun, status_dir: str) -> list[BatchMount]:
-    """The binds a batch needs under the ``/pfs`` tmpfs; creates the datums' log files
-    if they do not exist yet, as a bind needs its source."""
-    mounts = []
-    for index, datum in enumerate(run.datums):
-        touch(datum.log_path)
-        mounts.append(BatchMount(datum.input_dir, f"{PFS}/.in/{index}", False))
-        mounts.append(BatchMount(datum.out_dir, f"{PFS}/.out/{index}", True))
-        mounts.append(BatchMount(datum.log_path, f"{PFS}/.log/{index}", True))
-    mounts.append(BatchMount(status_dir, f"{PFS}/.status", True))
-    return mounts
-
-
-def batch_statuses(run: ContainerRun, status_dir: str, start_status: int | None,
-                   start_log: str | None) -> list[int]:
-    """Each datum's status from the wrapper's files, explaining in its log any that is missing.
-
-    Args:
-        start_status: the container start's own status, None if it timed out.
-        start_log: a file holding the runtime's own output (why it could not start).
-    """
-    statuses: list[int] = []
-    reached = True  # the first datum without a status is the one the timeout hit
-    for index, datum in enumerate(run.datums):
-        try:
-            with open(os.path.join(status_dir, str(index))) as f:
-                statuses.append(int(f.read().strip()))
-            continue
-        except (FileNotFoundError, ValueError):
-            pass
-        if start_status is None:
-            note(datum.log_path, timeout_message(run, reached))
-            reached = False
-            statuses.append(KILLED)
-            continue
-        detail = ""
-        if start_log is not None:
-            try:
-                with open(start_log, "rb") as f:
-                    detail = f.read()[-4000:].decode(errors="replace").strip()
-            except FileNotFoundError:
-                pass
-        note(datum.log_path, f"the batch container ended with status {start_status} "
-                             "before this datum finished" + (f":\n{detail}" if detail else ""))
-        statuses.append(start_status if start_status != 0 else 1)
-    return statuses

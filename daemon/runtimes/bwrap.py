@@ -16,7 +16,7 @@ capabilities, an empty bounding set and no new privileges, so the command owns n
 file of the host. When the daemon is not root, bwrap makes a user namespace and the
 command runs as the daemon's user.
 
-Processes: a pids cgroup per start (:mod:`daemon.runtimes.cgroups`) caps processes
+Processes: a pids cgroup per datum (:mod:`daemon.runtimes.cgroups`) caps processes
 and threads at ``pids``; where the host has none to give (no pids controller, not
 delegated), the fallback is ``RLIMIT_NPROC`` for the datum's user, which counts all
 processes of that uid on the node (every datum of every pipeline running as it); as
@@ -32,21 +32,17 @@ import uuid
 import trio
 
 from daemon.runtimes.base import (
-    KILLED,
     PFS,
     ContainerRun,
+    DatumIO,
     HostRuntime,
-    batch_argv,
-    batch_mounts,
-    batch_statuses,
     check_run,
     datum_env,
     give_to_user,
     kill_process,
     memory_rlimit_argv,
-    note,
     run_process_with_timeout,
-    timeout_message,
+    timed_out,
 )
 from daemon.runtimes.cgroups import PidsCgroup, PidsCgroups
 from daemon.runtimes.hostetc import SandboxEtc
@@ -69,15 +65,14 @@ def switch_user_argv(user: tuple[int, int], setpriv: str, *, nproc: int | None =
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
 
-def build_args(run: ContainerRun, *, etc: str, status_dir: str | None = None,
+def build_args(run: ContainerRun, datum: DatumIO, *, etc: str,
                host_paths: tuple[str, ...] = HOST_PATHS, bwrap: str = "bwrap",
                setpriv: str = "setpriv", nproc: int | None = None) -> list[str]:
-    """The bwrap command line of ``run``.
+    """The bwrap command line running ``run``'s command on ``datum``.
 
     Args:
         etc: the host directory shown read-only at ``/etc`` (see
             :class:`~daemon.runtimes.hostetc.SandboxEtc`).
-        status_dir: where a batch writes statuses.
         setpriv: the host's setpriv, used when ``run.run_as`` is set (the daemon is root).
         nproc: an RLIMIT_NPROC for the command (the fallback for a pids limit).
     """
@@ -105,26 +100,12 @@ def build_args(run: ContainerRun, *, etc: str, status_dir: str | None = None,
             args += ["--ro-bind", path, path]
     args += ["--ro-bind", etc, "/etc"]
     args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
-    if run.batch:
-        assert status_dir is not None
-        # The wrapper, as the datum's user, points /pfs/<repo> and /pfs/out at each
-        # datum's directories in turn: it needs to write in /pfs.
-        args += ["--perms", "1777", "--tmpfs", PFS]
-        for parent in (".in", ".out", ".log"):
-            args += ["--perms", "0755", "--dir", f"{PFS}/{parent}"]
-        for mount in batch_mounts(run, status_dir):
-            args += ["--bind" if mount.writable else "--ro-bind", mount.source, mount.target]
-        env = datum_env(run)
-        command = batch_argv(run)
-    else:
-        datum = run.datums[0]
-        args += ["--perms", "0755", "--dir", PFS,
-                 "--ro-bind", datum.input_dir, f"{PFS}/{run.input_repo}",
-                 "--bind", datum.out_dir, f"{PFS}/out"]
-        env = datum_env(run, datum=datum)
-        command = list(run.cmd)
+    args += ["--perms", "0755", "--dir", PFS,
+             "--ro-bind", datum.input_dir, f"{PFS}/{run.input_repo}",
+             "--bind", datum.out_dir, f"{PFS}/out"]
+    command = list(run.cmd)
     args += ["--chdir", "/", "--clearenv"]
-    for key, value in env.items():
+    for key, value in datum_env(run, datum).items():
         args += ["--setenv", key, value]
     if run_as is not None:
         command = [*switch_user_argv(run_as, setpriv, nproc=nproc), *command]
@@ -179,13 +160,11 @@ class BwrapRuntime(HostRuntime):
                               "datums as an unprivileged user: install util-linux")
         return path
 
-    def check(self, image: str | None, *, batch: bool = False) -> None:
-        super().check(image, batch=batch)
+    def check(self, image: str | None) -> None:
+        super().check(image)
         self._binary()
         if os.geteuid() == 0:
             self._setpriv()
-        if batch and not os.access("/bin/sh", os.X_OK):
-            raise InvalidSpec("datum_batch > 1 needs /bin/sh, which this node lacks")
 
     def unsupported_limits(self, memory: int | None, cpus: float | None,
                            pids: int | None = None) -> list[str]:
@@ -199,51 +178,38 @@ class BwrapRuntime(HostRuntime):
         check_run(run)
         bwrap = self._binary()
         setpriv = self._setpriv() if run.run_as is not None else "setpriv"
-        start = uuid.uuid4().hex[:8]
-        status_dir = None
-        if run.batch:
-            status_dir = os.path.join(run.workdir, f"status-{start}")
-            os.makedirs(status_dir)
-        etc = await trio.to_thread.run_sync(self._prepare, run, status_dir)
-        cgroup: PidsCgroup | None = None
+        etc = await trio.to_thread.run_sync(self._prepare, run)
         nproc = None
-        if run.pids is not None:
-            if self.cgroups.available:
-                cgroup = self.cgroups.create(start, run.pids)
-            elif run.run_as is not None:
-                nproc = run.pids
-        argv = memory_rlimit_argv(run.memory) + build_args(
-            run, etc=etc, status_dir=status_dir, host_paths=self.host_paths, bwrap=bwrap,
-            setpriv=setpriv, nproc=nproc)
-        if cgroup is not None:
+        if run.pids is not None and not self.cgroups.available and run.run_as is not None:
+            nproc = run.pids
+        statuses = []
+        for datum in run.datums:
+            argv = memory_rlimit_argv(run.memory) + build_args(
+                run, datum, etc=etc, host_paths=self.host_paths, bwrap=bwrap,
+                setpriv=setpriv, nproc=nproc)
+            statuses.append(await self._run_datum(run, datum, argv))
+        return statuses
+
+    def _prepare(self, run: ContainerRun) -> str:
+        give_to_user(run)
+        return self.etc.path(run.run_as, network=run.network)
+
+    async def _run_datum(self, run: ContainerRun, datum: DatumIO, argv: list[str]) -> int:
+        """One sandbox for one datum, in a pids cgroup of its own; its status."""
+        cgroup: PidsCgroup | None = None
+        if run.pids is not None and self.cgroups.available:
+            cgroup = self.cgroups.create(uuid.uuid4().hex[:8], run.pids)
             argv = cgroup.wrap(argv)
         try:
-            return await self._run(run, argv, status_dir)
+            # Killing bwrap is enough: --die-with-parent takes its pid 1 with it, and
+            # the kernel kills the rest of a pid namespace when its pid 1 dies. Closing
+            # the cgroup then makes sure that nothing of this datum is left when the
+            # next datum of the batch starts.
+            with open(datum.log_path, "ab") as log:
+                status = await run_process_with_timeout(
+                    argv, timeout=run.timeout, deliver_cancel=kill_process, log=log)
         finally:
             if cgroup is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(cgroup.close)
-
-    def _prepare(self, run: ContainerRun, status_dir: str | None) -> str:
-        give_to_user(run, status_dir)
-        return self.etc.path(run.run_as, network=run.network)
-
-    async def _run(self, run: ContainerRun, argv: list[str], status_dir: str | None
-                   ) -> list[int]:
-        # Killing bwrap is enough: --die-with-parent takes its pid 1 with it, and the
-        # kernel kills the rest of a pid namespace when its pid 1 dies.
-        if not run.batch:
-            datum = run.datums[0]
-            with open(datum.log_path, "ab") as log:
-                status = await run_process_with_timeout(
-                    argv, timeout=run.timeout, deliver_cancel=kill_process, log=log)
-            if status is None:
-                note(datum.log_path, timeout_message(run, True))
-                return [KILLED]
-            return [status]
-        assert status_dir is not None
-        start_log = os.path.join(run.workdir, f"{os.path.basename(status_dir)}.log")
-        with open(start_log, "ab") as log:
-            status = await run_process_with_timeout(
-                argv, timeout=run.timeout, deliver_cancel=kill_process, log=log)
-        return batch_statuses(run, status_dir, status, start_log)
+        return timed_out(run, datum) if status is None else status

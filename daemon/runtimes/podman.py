@@ -21,19 +21,15 @@ import uuid
 import trio
 
 from daemon.runtimes.base import (
-    KILLED,
     PFS,
     ContainerRun,
+    DatumIO,
     Runtime,
-    batch_argv,
-    batch_mounts,
-    batch_statuses,
     check_run,
     datum_env,
     give_to_user,
-    note,
     run_process_with_timeout,
-    timeout_message,
+    timed_out,
 )
 from vfs.errors import InvalidSpec
 
@@ -44,9 +40,10 @@ def _volume(source: str, target: str, writable: bool) -> str:
     return f"{source}:{target}" + ("" if writable else ":ro")
 
 
-def build_args(run: ContainerRun, *, name: str, engine: str = "podman",
-               status_dir: str | None = None) -> list[str]:
-    """The ``<engine> run ...`` command line of ``run``, the container being ``name``."""
+def build_args(run: ContainerRun, datum: DatumIO, *, name: str,
+               engine: str = "podman") -> list[str]:
+    """The ``<engine> run ...`` command line running ``run``'s command on ``datum``, the
+    container being ``name``."""
     args = [engine, "run", "--rm", "--name", name, "--hostname", "vfs", "--workdir", "/"]
     uid, gid = run.run_as or (os.getuid(), os.getgid())
     args += ["--user", f"{uid}:{gid}", "--cap-drop", "ALL",
@@ -60,23 +57,11 @@ def build_args(run: ContainerRun, *, name: str, engine: str = "podman",
         args += ["--memory", str(run.memory)]
     if run.cpus is not None:
         args += ["--cpus", f"{run.cpus:g}"]
-    if run.batch:
-        assert status_dir is not None
-        # The wrapper, as the datum's user, points /pfs/<repo> and /pfs/out at each
-        # datum's directories in turn: it needs to write in /pfs.
-        args += ["--tmpfs", f"{PFS}:mode=1777"]
-        for mount in batch_mounts(run, status_dir):
-            args += ["--volume", _volume(mount.source, mount.target, mount.writable)]
-        env = datum_env(run)
-        command = batch_argv(run)
-    else:
-        datum = run.datums[0]
-        args += ["--volume", _volume(datum.input_dir, f"{PFS}/{run.input_repo}", False),
-                 "--volume", _volume(datum.out_dir, f"{PFS}/out", True)]
-        env = datum_env(run, datum=datum)
-        command = list(run.cmd)
+    args += ["--volume", _volume(datum.input_dir, f"{PFS}/{run.input_repo}", False),
+             "--volume", _volume(datum.out_dir, f"{PFS}/out", True)]
+    command = list(run.cmd)
     # The image's PATH and HOME are better guesses than ours for an image by name.
-    for key, value in env.items():
+    for key, value in datum_env(run, datum).items():
         if key not in ("PATH", "HOME") or key in run.env:
             args += ["--env", f"{key}={value}"]
     assert run.image is not None
@@ -96,7 +81,7 @@ class PodmanRuntime(Runtime):
                               "an OCI image layout directory, e.g. from skopeo copy)")
         return path
 
-    def check(self, image: str | None, *, batch: bool = False) -> None:
+    def check(self, image: str | None) -> None:
         self._binary()
         if not image:
             raise InvalidSpec(f"runtime {self.name} needs 'transform.image' (an image name)")
@@ -125,14 +110,14 @@ class PodmanRuntime(Runtime):
         engine = self._binary()
         if not run.image:
             raise InvalidSpec(f"runtime {self.name} needs 'transform.image' (an image name)")
+        await trio.to_thread.run_sync(give_to_user, run)
+        return [await self._run_container(run, datum, engine) for datum in run.datums]
+
+    async def _run_container(self, run: ContainerRun, datum: DatumIO, engine: str) -> int:
+        """One container for ``datum`` (``run --rm``); its status."""
         job = re.sub(r"[^\w.-]", "_", run.job_id)[:16]
-        name = f"vfs-{job}-{run.datums[0].datum_id[:16]}-{uuid.uuid4().hex[:8]}"
-        status_dir = None
-        if run.batch:
-            status_dir = os.path.join(run.workdir, f"{name}.status")
-            os.makedirs(status_dir)
-        argv = build_args(run, name=name, engine=engine, status_dir=status_dir)
-        await trio.to_thread.run_sync(give_to_user, run, status_dir)
+        name = f"vfs-{job}-{datum.datum_id[:16]}-{uuid.uuid4().hex[:8]}"
+        argv = build_args(run, datum, name=name, engine=engine)
 
         async def remove() -> None:
             await trio.run_process([engine, "rm", "--force", name], check=False,
@@ -146,10 +131,9 @@ class PodmanRuntime(Runtime):
                 await trio.sleep(0.2)
             process.kill()
 
-        log_path = run.datums[0].log_path if not run.batch else f"{status_dir}.log"
         finished = False
         try:
-            with open(log_path, "ab") as log:
+            with open(datum.log_path, "ab") as log:
                 status = await run_process_with_timeout(
                     argv, timeout=run.timeout, deliver_cancel=deliver_cancel, log=log)
             finished = status is not None
@@ -157,13 +141,7 @@ class PodmanRuntime(Runtime):
             if not finished:  # `run --rm` removes it only when it ends by itself
                 with trio.CancelScope(shield=True):
                     await remove()
-        if run.batch:
-            assert status_dir is not None
-            return batch_statuses(run, status_dir, status, log_path)
-        if status is None:
-            note(log_path, timeout_message(run, True))
-            return [KILLED]
-        return [status]
+        return timed_out(run, datum) if status is None else status
 
 
 class DockerRuntime(PodmanRuntime):

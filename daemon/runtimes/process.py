@@ -17,7 +17,6 @@ import trio
 
 from daemon.runtimes.base import (
     DEFAULT_PATH,
-    KILLED,
     ContainerRun,
     DatumIO,
     HostRuntime,
@@ -27,7 +26,7 @@ from daemon.runtimes.base import (
     kill_process_group,
     memory_rlimit_argv,
     note,
-    timeout_message,
+    timed_out,
 )
 from vfs.errors import InvalidSpec
 
@@ -36,8 +35,9 @@ class ProcessRuntime(HostRuntime):
     """Run the command as a plain host process.
 
     There is no ``/pfs`` on the host, so ``VFS_PFS`` names a host directory laid out
-    like it: ``$VFS_PFS/<input repo>`` (a symlink to the datum's input directory) and
-    ``$VFS_PFS/out`` (a symlink to its output directory). **Commands meant to run under
+    like it: the datum's input and output directories are moved to
+    ``$VFS_PFS/<input repo>`` and ``$VFS_PFS/out`` while it runs (real directories, as
+    in the other runtimes), and back afterwards. **Commands meant to run under
     this runtime must use ``${VFS_PFS}`` instead of ``/pfs``**, e.g.
     ``["sh", "-c", "tr a-z A-Z < \"$VFS_PFS/docs/a.txt\" > \"$VFS_PFS/out/a.txt\""]``;
     ``${VFS_PFS}`` is ``/pfs`` in the other runtimes, so such a command runs in all.
@@ -45,10 +45,11 @@ class ProcessRuntime(HostRuntime):
     The environment is the spec's plus ``PATH`` and ``HOME`` of the daemon; the working
     directory is the run's scratch directory. ``memory`` is enforced as an address-space
     limit (RLIMIT_AS); ``cpus``, ``pids`` and ``user`` are not enforced; ``network``
-    is ignored. A batch runs
-    the datums one after the other, ``timeout`` covering all of them. Each datum runs
-    in its own process group, killed at the end, so background processes it leaves
-    behind do not outlive it (one that calls ``setsid`` escapes: no isolation here).
+    is ignored. A batch runs the datums one after the other, each with its own
+    ``$VFS_PFS`` and ``timeout``. Each datum runs in its own process group, killed at
+    the end, so background processes it leaves behind do not outlive it (one that
+    calls ``setsid`` escapes, and any datum can reach any file of the host, other
+    datums' directories included: no isolation here).
     """
 
     name = "process"
@@ -57,8 +58,8 @@ class ProcessRuntime(HostRuntime):
     def __init__(self, *, allow_as_root: bool = False) -> None:
         self.allow_as_root = allow_as_root
 
-    def check(self, image: str | None, *, batch: bool = False) -> None:
-        super().check(image, batch=batch)
+    def check(self, image: str | None) -> None:
+        super().check(image)
         if os.geteuid() == 0 and not self.allow_as_root:
             raise InvalidSpec(
                 "runtime process runs commands unsandboxed, and this vfsd runs as root: "
@@ -69,34 +70,29 @@ class ProcessRuntime(HostRuntime):
     async def run(self, run: ContainerRun) -> list[int]:
         check_run(run)
         self.check(run.image)
-        deadline = math.inf if run.timeout is None else trio.current_time() + run.timeout
-        statuses: list[int] = []
-        reached = True
-        for index, datum in enumerate(run.datums):
-            remaining = deadline - trio.current_time()
-            status = None
-            if remaining > 0:
-                status = await self._run_datum(run, index, datum, remaining)
-            if status is None:
-                note(datum.log_path, timeout_message(run, reached))
-                reached = False
-                status = KILLED
-            statuses.append(status)
-        return statuses
+        return [await self._run_datum(run, index, datum)
+                for index, datum in enumerate(run.datums)]
 
-    async def _run_datum(self, run: ContainerRun, index: int, datum: DatumIO,
-                         timeout: float) -> int | None:
+    async def _run_datum(self, run: ContainerRun, index: int, datum: DatumIO) -> int:
         pfs = os.path.join(run.workdir, f"pfs-{index}")
         os.makedirs(pfs, exist_ok=True)
-        for name, target in ((run.input_repo, datum.input_dir), ("out", datum.out_dir)):
-            link = os.path.join(pfs, name)
-            if os.path.lexists(link):
-                os.unlink(link)
-            os.symlink(os.path.abspath(target), link)
+        moves = [(datum.input_dir, os.path.join(pfs, run.input_repo)),
+                 (datum.out_dir, os.path.join(pfs, "out"))]
+        for home, shown in moves:
+            os.rename(home, shown)
+        try:
+            return await self._run_process(run, datum, pfs)
+        finally:
+            for home, shown in moves:
+                try:
+                    os.rename(shown, home)
+                except FileNotFoundError:  # the command removed it: nothing stops it here
+                    os.makedirs(home)
+
+    async def _run_process(self, run: ContainerRun, datum: DatumIO, pfs: str) -> int:
         host = {"PATH": os.environ.get("PATH", DEFAULT_PATH),
                 "HOME": os.environ.get("HOME", run.workdir)}
-        env = datum_env(run, base=host, datum=datum, pfs=pfs)
-
+        env = datum_env(run, datum, base=host, pfs=pfs)
         try:
             with open(datum.log_path, "ab") as log:
                 process = await trio.lowlevel.open_process(
@@ -108,7 +104,7 @@ class ProcessRuntime(HostRuntime):
             note(datum.log_path, f"cannot run {run.cmd[0]!r}: {exc.strerror}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
         try:
-            with trio.move_on_after(timeout) as scope:
+            with trio.move_on_after(math.inf if run.timeout is None else run.timeout) as scope:
                 await process.wait()
         finally:
             # Whether the leader exited, timed out or we are cancelled: anything left
@@ -117,6 +113,6 @@ class ProcessRuntime(HostRuntime):
             with trio.CancelScope(shield=True):
                 await process.wait()
         if scope.cancelled_caught:
-            return None
+            return timed_out(run, datum)
         assert process.returncode is not None
         return exit_status(process.returncode)

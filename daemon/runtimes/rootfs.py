@@ -29,7 +29,6 @@ from vfs.errors import InvalidSpec
 # The top-level entries of which a root filesystem has at least one.
 _ROOTFS_MARKERS = ("bin", "usr", "sbin", "lib", "etc")
 _READ_SIZE = 1 << 20
-_MAX_SYMLINKS = 40
 
 # Per image root: relative path -> (size, mtime_ns, inode, BLAKE3 of the content).
 _FileHashes = dict[bytes, tuple[int, int, int, bytes]]
@@ -60,12 +59,12 @@ def make_busybox_rootfs(root: str, busybox: str = "/bin/busybox") -> str:
     return root
 
 
-def check_rootfs(path: str, *, batch: bool = False) -> None:
+def check_rootfs(path: str) -> None:
     """Check that ``path`` is a usable root filesystem directory.
 
     Raises:
-        InvalidSpec: it is missing, not a directory, does not look like a root
-            filesystem, or (``batch``) lacks the ``/bin/sh`` and ``ln`` a batch needs.
+        InvalidSpec: it is missing, not a directory, or does not look like a root
+            filesystem.
     """
     if not os.path.exists(path):
         raise InvalidSpec(f"image directory {path} does not exist")
@@ -81,67 +80,6 @@ def check_rootfs(path: str, *, batch: bool = False) -> None:
             f"image directory {path} is neither a root filesystem (none of "
             f"{', '.join(_ROOTFS_MARKERS)} at its top) nor an OCI image layout "
             "(no oci-layout and index.json)")
-    if batch:
-        check_batch_programs(path)
-
-
-def check_batch_programs(root: str) -> None:
-    """Check that the image at ``root`` has what the batch wrapper script runs.
-
-    Raises:
-        InvalidSpec: ``/bin/sh`` or ``ln`` is missing.
-    """
-    for program in ("/bin/sh", "ln"):
-        if find_program(root, program) is None:
-            raise InvalidSpec(
-                f"datum_batch > 1 runs a small /bin/sh script in the image, and image "
-                f"{root} has no {program}: add it to the image or set datum_batch: 1")
-
-
-def find_program(root: str, program: str) -> str | None:
-    """The host path of an executable ``program`` inside ``root`` (an absolute path, or
-    a name looked up in the usual bin directories), following symlinks as the
-    container would see them; None if there is none."""
-    if program.startswith("/"):
-        candidates = [program]
-    else:
-        candidates = [f"{directory}/{program}" for directory in
-                      ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")]
-    for candidate in candidates:
-        host_path = resolve_in_root(root, candidate)
-        if host_path is not None and os.path.isfile(host_path) and os.access(host_path, os.X_OK):
-            return host_path
-    return None
-
-
-def resolve_in_root(root: str, path: str) -> str | None:
-    """Resolve ``path`` as if ``root`` were ``/`` (symlinks, even absolute ones, stay
-    inside); None if it does not exist or has a symlink loop."""
-    parts = [part for part in path.split("/") if part not in ("", ".")]
-    resolved: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        host_path = os.path.join(root, *resolved, part)
-        try:
-            st = os.lstat(host_path)
-        except OSError:
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            hops += 1
-            if hops > _MAX_SYMLINKS:
-                return None
-            target = os.readlink(host_path)
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        resolved.append(part)
-    return os.path.join(root, *resolved)
 
 
 def rootfs_digest(root: str) -> str:

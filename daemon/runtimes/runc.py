@@ -1,10 +1,12 @@
-"""The ``runc`` runtime: an OCI bundle per container start, from a local image directory.
+"""The ``runc`` runtime: a bundle per start and a container per datum, from a local image.
 
 The image is a root filesystem directory, or an OCI image layout directory unpacked
 once into a cached root filesystem (:mod:`daemon.runtimes.oci`). Each start gets a
 bundle in the run's scratch directory: ``config.json`` and a ``root`` directory that
-is only a skeleton. The image's top-level directories and files are bind-mounted
-read-only into that skeleton, and its top-level symlinks copied, instead of using the
+is only a skeleton; each datum of the start (a batch) runs in a container of its own
+made from that bundle, one after the other, ``config.json`` naming its directories.
+The image's top-level directories and files are bind-mounted read-only into that
+skeleton, and its top-level symlinks copied, instead of using the
 image directory itself as the root: runc creates the mount points it needs (``/pfs``,
 ``/proc``...) inside the root directory, and doing that in the user's image would
 change the image (and its digest, and so every datum's hash) behind their back.
@@ -53,22 +55,18 @@ import trio
 
 from daemon.runtimes import oci
 from daemon.runtimes.base import (
-    KILLED,
     PFS,
     ContainerRun,
+    DatumIO,
     Runtime,
-    batch_argv,
-    batch_mounts,
-    batch_statuses,
     check_run,
     datum_env,
     env_list,
     give_to_user,
-    note,
     run_process_with_timeout,
-    timeout_message,
+    timed_out,
 )
-from daemon.runtimes.rootfs import check_batch_programs, check_rootfs, rootfs_digest
+from daemon.runtimes.rootfs import check_rootfs, rootfs_digest
 from vfs.errors import InvalidSpec
 
 log = logging.getLogger("daemon.runtimes.runc")
@@ -111,16 +109,16 @@ def _bind(source: str, destination: str, writable: bool) -> dict:
             "options": ["rbind", "rw" if writable else "ro"]}
 
 
-def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict[str, str],
-                 status_dir: str | None = None, memory_swap: bool = False,
+def build_config(run: ContainerRun, datum: DatumIO, *, image_mounts: list[dict],
+                 image_env: dict[str, str], memory_swap: bool = False,
                  supported: frozenset[str] = frozenset({"memory", "cpus", "pids"}),
                  userns_base: int | None = None) -> dict:
-    """The OCI runtime ``config.json`` of ``run`` (the root is the bundle's ``root``).
+    """The OCI runtime ``config.json`` running ``run``'s command on ``datum`` (the root
+    is the bundle's ``root``).
 
     Args:
         image_mounts: the read-only binds of the image's top-level entries.
         image_env: the image's own environment (under the spec's).
-        status_dir: where a batch's wrapper writes each datum's status.
         memory_swap: also cap memory+swap at the memory limit (no swapping instead).
         supported: the limits this host's cgroups can enforce; others are left out.
         userns_base: the host id of the container's root in a user namespace (None:
@@ -134,23 +132,9 @@ def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict
                   {"destination": "/sys", "type": "bind", "source": "/sys",
                    "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
                   for mount in system]
-    mounts = [*image_mounts, *system]
-    if run.batch:
-        assert status_dir is not None
-        # The wrapper, as the datum's user, points /pfs/<repo> and /pfs/out at each
-        # datum's directories in turn: it needs to write in /pfs.
-        mounts.append({"destination": PFS, "type": "tmpfs", "source": "tmpfs",
-                       "options": ["nosuid", "nodev", "mode=1777"]})
-        mounts += [_bind(mount.source, mount.target, mount.writable)
-                   for mount in batch_mounts(run, status_dir)]
-        args = batch_argv(run)
-        env = datum_env(run, base=image_env)
-    else:
-        datum = run.datums[0]
-        mounts += [_bind(datum.input_dir, f"{PFS}/{run.input_repo}", False),
-                   _bind(datum.out_dir, f"{PFS}/out", True)]
-        args = list(run.cmd)
-        env = datum_env(run, base=image_env, datum=datum)
+    mounts = [*image_mounts, *system,
+              _bind(datum.input_dir, f"{PFS}/{run.input_repo}", False),
+              _bind(datum.out_dir, f"{PFS}/out", True)]
     resources: dict = {"devices": [{"allow": False, "access": "rwm"}]}
     if run.memory is not None and "memory" in supported:
         resources["memory"] = {"limit": run.memory}
@@ -180,8 +164,8 @@ def build_config(run: ContainerRun, *, image_mounts: list[dict], image_env: dict
         "process": {
             "terminal": False,
             "user": {"uid": uid, "gid": gid, "additionalGids": []},
-            "args": args,
-            "env": env_list(env),
+            "args": list(run.cmd),
+            "env": env_list(datum_env(run, datum, base=image_env)),
             "cwd": "/",
             "capabilities": {kind: [] for kind in
                              ("bounding", "effective", "inheritable", "permitted", "ambient")},
@@ -303,7 +287,7 @@ class RuncRuntime(Runtime):
                               "install it (apt-get install runc) or use another runtime")
         return path
 
-    def check(self, image: str | None, *, batch: bool = False) -> None:
+    def check(self, image: str | None) -> None:
         self._binary()
         if not image:
             raise InvalidSpec("runtime runc needs 'transform.image': a root filesystem "
@@ -313,7 +297,7 @@ class RuncRuntime(Runtime):
             oci.read_manifest(image, check_layers=True)
             # Whether a layout has /bin/sh is known once it is unpacked: run() checks.
             return
-        check_rootfs(image, batch=batch)
+        check_rootfs(image)
 
     def image_digest(self, image: str | None) -> str:
         if not image:
@@ -352,30 +336,35 @@ class RuncRuntime(Runtime):
             rootfs = image
             if not os.path.isdir(rootfs):
                 raise InvalidSpec(f"image directory {rootfs} does not exist")
-        if run.batch:
-            check_batch_programs(rootfs)
 
-        container_id = _container_id(run)
-        bundle = os.path.join(run.workdir, container_id)
+        # One bundle for the start: the skeleton of the image is made once, and each
+        # datum gets a container of its own from it, one after the other.
+        bundle = os.path.join(run.workdir, _container_id(run, run.datums[0]))
         base = self.userns(run, bundle, rootfs)
         image_mounts = make_skeleton(rootfs, os.path.join(bundle, "root"), network=run.network,
                                      owner=base)
-        status_dir = None
-        if run.batch:
-            status_dir = os.path.join(bundle, "status")
-            os.mkdir(status_dir)
         owner = None
         if base is not None and run.run_as is not None:
             owner = (base + run.run_as[0], base + run.run_as[1])
-        await trio.to_thread.run_sync(functools.partial(give_to_user, run, status_dir,
-                                                        owner=owner))
+        await trio.to_thread.run_sync(functools.partial(give_to_user, run, owner=owner))
         supported, swap = self._cgroup_support()
-        config = build_config(run, image_mounts=image_mounts, image_env=image_env,
-                              status_dir=status_dir, memory_swap=swap, supported=supported,
-                              userns_base=base)
-        with open(os.path.join(bundle, "config.json"), "w") as f:
-            json.dump(config, f)
+        statuses = []
+        for datum in run.datums:
+            config = build_config(run, datum, image_mounts=image_mounts, image_env=image_env,
+                                  memory_swap=swap, supported=supported, userns_base=base)
+            with open(os.path.join(bundle, "config.json"), "w") as f:
+                json.dump(config, f)
+            statuses.append(await self._run_container(run, datum, runc, bundle))
+        return statuses
 
+    async def _run_container(self, run: ContainerRun, datum: DatumIO, runc: str,
+                             bundle: str) -> int:
+        """``runc run`` of the bundle as it is configured for ``datum``; its status.
+
+        The command is the pid 1 of the container's pid namespace: when ``runc run``
+        returns, no process of this datum is left to meet the next one.
+        """
+        container_id = _container_id(run, datum)
         runc_cmd = [runc, "--root", self.state_root]
 
         async def deliver_cancel(process: trio.Process) -> None:
@@ -388,22 +377,15 @@ class RuncRuntime(Runtime):
                 await trio.sleep(0.05)
             process.kill()  # `runc run` is stuck: the delete below removes the container
 
-        log_path = run.datums[0].log_path if not run.batch else f"{bundle}.log"
         try:
-            with open(log_path, "ab") as log:
+            with open(datum.log_path, "ab") as log:
                 status = await run_process_with_timeout(
                     [*runc_cmd, "run", "--bundle", bundle, container_id],
                     timeout=run.timeout, deliver_cancel=deliver_cancel, log=log)
         finally:
             with trio.CancelScope(shield=True):
                 await self._delete(runc_cmd, container_id)
-        if run.batch:
-            assert status_dir is not None
-            return batch_statuses(run, status_dir, status, log_path)
-        if status is None:
-            note(log_path, timeout_message(run, True))
-            return [KILLED]
-        return [status]
+        return timed_out(run, datum) if status is None else status
 
     def userns(self, run: ContainerRun, bundle: str, rootfs: str) -> int | None:
         """The host id of the container's root if ``run`` gets a user namespace, else
@@ -458,8 +440,8 @@ def _userns_obstacle(directories: set[str]) -> str | None:
     return None
 
 
-def _container_id(run: ContainerRun) -> str:
+def _container_id(run: ContainerRun, datum: DatumIO) -> str:
     """A unique container id that says which job and datum it belongs to."""
     job = re.sub(r"[^\w.+-]", "_", run.job_id)[:16]
-    datum = re.sub(r"[^\w.+-]", "_", run.datums[0].datum_id)[:16]
-    return f"vfs-{job}-{datum}-{uuid.uuid4().hex[:8]}"
+    datum_id = re.sub(r"[^\w.+-]", "_", datum.datum_id)[:16]
+    return f"vfs-{job}-{datum_id}-{uuid.uuid4().hex[:8]}"

@@ -421,6 +421,14 @@ def test_get_drops_setuid_bits_an_older_version_stored(vfsctl: Vfsctl,
     assert [item["mode"] for item in vfsctl.json("ls", "r@main:/tmp")] == [0o755]
 
 
+def test_mount_passes_the_datum_timeout_to_vfsd(vfsctl: Vfsctl, tmp_path: Path) -> None:
+    # vfsd itself judges the value: one it refuses shows that it got it.
+    proc = vfsctl.run("mount", str(tmp_path / "mnt"), "--datum-timeout", "forever")
+    assert proc.returncode == 1, proc.err
+    assert "--datum-timeout must be a positive duration" in proc.err
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
 def test_usage_errors_exit_2(vfsctl: Vfsctl) -> None:
     assert "No such command" in vfsctl.fails("frobnicate", code=2)
     vfsctl.fails("repo", "create", code=2)  # missing NAME

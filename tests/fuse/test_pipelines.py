@@ -18,6 +18,10 @@ from typing import TYPE_CHECKING
 import pytest
 from conftest import _require_fuse, check_after, mounted
 
+from vfs.objstore import open_object_store
+from vfs.pipeline import registry
+from vfs.refs import canonical_json
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -273,3 +277,52 @@ def test_list_inspect_history_and_delete(images, tmp_path) -> None:
     late = put_files(mount, {"b.txt": "b"})
     time.sleep(1)
     assert [j for j in job_json(mount, "upper") if j["input_commit"] == late] == []
+
+
+@pytest.mark.expect_warnings  # the failed job is logged as an error
+def test_a_looping_datum_is_killed_by_the_node_default_timeout(tmp_path) -> None:
+    _require_fuse()
+    with mounted(tmp_path, "--allow-process-runtime", "--datum-timeout", "1") as mount:
+        mount.vfsctl("repo", "create", "images")
+        mount.vfsctl("pipeline", "create", "-f", spec(
+            tmp_path, "looping", "while :; do sleep 0.1; done", datum_tries=1))
+        # The spec's own timeout wins over the node's.
+        mount.vfsctl("pipeline", "create", "-f", spec(
+            tmp_path, "patient", 'sleep 1.5; cp "$VFS_PFS"/images/* "$VFS_PFS/out/"',
+            datum_timeout="1m"))
+        commit = put_files(mount, {"a.txt": "a"})
+        done = wait(mount, f"images@{commit}", check=False)
+        assert done.returncode == 1
+        [looping] = job_json(mount, "looping")
+        assert looping["state"] == "failed"
+        assert "/a.txt" in looping["error"] and "timed out after 1 s" in looping["error"]
+        [patient] = job_json(mount, "patient")
+        assert patient["state"] == "success"
+        assert read_output(mount, "patient") == {"a.txt": "a"}
+    check_after(mount, log=False)
+    assert "Traceback" not in mount.log.read_text()
+
+
+@pytest.mark.expect_warnings  # the failed job is logged as an error
+def test_a_stored_spec_with_a_nan_fails_its_job_clearly(images, tmp_path) -> None:
+    mount = images
+    mount.vfsctl("pipeline", "create", "-f", spec(tmp_path, datum_timeout=60))
+    # An older vfs stored a NaN as it was given (JSON's NaN).
+    objects = open_object_store(str(mount.store_dir))
+    version = registry.current(objects, "upper")
+    document = {**version.to_dict()["spec"], "datum_timeout": float("nan")}
+    objects.put(registry.version_key("upper", 2), canonical_json(
+        {"version": 2, "spec": document, "created": version.created, "author": "old",
+         "keep_outputs": False, "deleted": False}))
+    listed = mount.vfsctl("pipeline", "list").stdout
+    assert "upper" in listed
+    inspected = mount.vfsctl("pipeline", "inspect", "upper").stdout
+    assert "cannot run" in inspected and "'datum_timeout' must be" in inspected
+    commit = put_files(mount, {"a.txt": "a"})
+    done = wait(mount, f"images@{commit}", check=False)
+    assert done.returncode == 1
+    [job] = job_json(mount, "upper")
+    assert job["state"] == "failed"
+    assert "'datum_timeout' must be a positive duration" in job["error"]
+    assert "pipeline update" in job["error"] and "ExceptionGroup" not in job["error"]
+    assert "Traceback" not in mount.log.read_text()

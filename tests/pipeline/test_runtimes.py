@@ -217,16 +217,72 @@ async def test_timeout_kills_and_says_so(case: Case, tmp_path: Path) -> None:
     assert await case.runtime.run(run) == [KILLED]
     assert time.monotonic() - started < 10
     assert log_of(run).startswith("started\n")
-    assert "vfs: killed: the container start ran longer than its timeout" in log_of(run)
+    assert "vfs: killed: the datum ran longer than its timeout (1 s)" in log_of(run)
+    assert run.datums[0].timed_out
 
 
 @pytest.mark.trio
-async def test_batch_timeout_marks_the_rest(case: Case, tmp_path: Path) -> None:
+async def test_batch_timeout_is_per_datum(case: Case, tmp_path: Path) -> None:
     script = '[ "$(cat "$VFS_PFS/images/a.txt")" = quick ] || sleep 60'
     run = make_run(tmp_path, case, script, inputs=[b"quick", b"slow", b"quick"], timeout=2)
-    assert await case.runtime.run(run) == [0, KILLED, KILLED]
+    assert await case.runtime.run(run) == [0, KILLED, 0]
+    assert [datum.timed_out for datum in run.datums] == [False, True, False]
     assert "vfs: killed" in log_of(run, 1)
-    assert "vfs: not run" in log_of(run, 2)
+    assert "vfs:" not in log_of(run, 2)
+
+
+# Each datum of a batch checks that it starts as a single datum does (real, empty
+# directories, a fresh /tmp), then, in a sandbox only (the process runtime would write
+# all over the host), leaves a process behind that tries for a while to write into
+# every output directory it can find but its own, and into /tmp.
+LONE = ('me=$VFS_DATUM_ID; pfs=$VFS_PFS; '
+        'bad() { echo "$me: $1" >> "$pfs/out/wrong"; }; '
+        '[ -d "$pfs/out" ] && [ ! -L "$pfs/out" ] || bad "out is not a directory"; '
+        '[ -d "$pfs/images" ] && [ ! -L "$pfs/images" ] || bad "input is not a directory"; '
+        '[ "$(ls -A "$pfs/out")" = "" ] || bad "out not empty: $(ls -A "$pfs/out")"; '
+        '[ "$(ls -A "$pfs")" = "$(printf "images\\nout")" ] || bad "pfs: $(ls -A "$pfs")"; '
+        '[ "$ISOLATED" = no ] || [ "$(ls -A /tmp)" = "" ] || bad "tmp: $(ls -A /tmp)"; '
+        'touch "$pfs/out/.self"; '
+        'if [ "$ISOLATED" = yes ]; then (for i in 1 2 3 4 5 6 7 8; do '
+        '   for d in /proc/[0-9]*/root/pfs/out /proc/[0-9]*/cwd; do '
+        '     [ -e "$d/.self" ] || echo "$me" > "$d/evil-$me"; done 2>/dev/null; '
+        '   echo "$me" > /tmp/left-by-$me; sleep 0.1; done) & fi; '
+        'cp "$pfs/images/a.txt" "$pfs/out/copy"; sleep 0.3')
+
+
+@pytest.mark.trio
+async def test_each_datum_of_a_batch_runs_alone(case: Case, tmp_path: Path) -> None:
+    run = make_run(tmp_path, case, LONE, inputs=[b"one", b"two", b"three"],
+                   env={"ISOLATED": "yes" if case.isolated else "no"})
+    assert await case.runtime.run(run) == [0, 0, 0]
+    for index, value in enumerate([b"one", b"two", b"three"]):
+        out = Path(run.datums[index].out_dir)
+        if case.isolated:
+            assert sorted(os.listdir(out)) == [".self", "copy"], log_of(run, index)
+        else:  # process: no isolation, but real and empty directories all the same
+            assert not (out / "wrong").exists(), (out / "wrong").read_text()
+        assert (out / "copy").read_bytes() == value
+
+
+@pytest.mark.trio
+async def test_a_batch_has_no_size_limit_of_its_own(case: Case, tmp_path: Path) -> None:
+    # bwrap refuses more than 9,000 arguments, execve more than its ARG_MAX: nothing
+    # per datum may go on one command line. The long version is marked slow.
+    count = 40
+    run = make_run(tmp_path, case, 'cp "$VFS_PFS/images/a.txt" "$VFS_PFS/out/copy"',
+                   inputs=[b"%d" % i for i in range(count)])
+    assert await case.runtime.run(run) == [0] * count
+    assert output_of(run, count - 1, "copy") == b"%d" % (count - 1)
+
+
+@pytest.mark.slow
+@pytest.mark.trio
+async def test_a_batch_of_1200_datums(case: Case, tmp_path: Path) -> None:
+    count = 1200
+    run = make_run(tmp_path, case, 'cp "$VFS_PFS/images/a.txt" "$VFS_PFS/out/copy"',
+                   inputs=[b"%d" % i for i in range(count)])
+    assert await case.runtime.run(run) == [0] * count
+    assert output_of(run, count - 1, "copy") == b"%d" % (count - 1)
 
 
 @pytest.mark.trio
@@ -325,7 +381,7 @@ def test_bwrap_shows_no_host_etc(tmp_path: Path) -> None:
     case = Case("bwrap", BwrapRuntime(), None, True)
     run = make_run(tmp_path, case, "true")
     etc = SandboxEtc(str(tmp_path)).path((65534, 65534), network=False)
-    args = bwrap_args(run, etc=etc)
+    args = bwrap_args(run, run.datums[0], etc=etc)
     binds = [(source, target) for flag, source, target
              in zip(args, args[1:], args[2:], strict=False) if flag in ("--ro-bind", "--bind")]
     assert (etc, "/etc") in binds
@@ -537,7 +593,7 @@ async def test_runc_cpu_limit_is_accepted(busybox_rootfs: Path, tmp_path: Path) 
 def test_runc_config_carries_limits_and_namespaces(tmp_path: Path) -> None:
     case = Case("runc", RuncRuntime(), "/image", True)
     run = make_run(tmp_path, case, "true", memory=256 << 20, cpus=1.5)
-    config = build_config(run, image_mounts=[], image_env={}, memory_swap=True)
+    config = build_config(run, run.datums[0], image_mounts=[], image_env={}, memory_swap=True)
     assert config["linux"]["resources"]["memory"] == {"limit": 256 << 20, "swap": 256 << 20}
     assert config["linux"]["resources"]["cpu"] == {"quota": 150000, "period": 100000}
     kinds = {namespace["type"] for namespace in config["linux"]["namespaces"]}
@@ -549,7 +605,7 @@ def test_runc_config_carries_limits_and_namespaces(tmp_path: Path) -> None:
     assert binds == {"/pfs/images": ["rbind", "ro"], "/pfs/out": ["rbind", "rw"]}
 
     run.network = True
-    unlimited = build_config(run, image_mounts=[], image_env={},
+    unlimited = build_config(run, run.datums[0], image_mounts=[], image_env={},
                              supported=frozenset({"memory"}))
     assert "cpu" not in unlimited["linux"]["resources"]
     assert "swap" not in unlimited["linux"]["resources"]["memory"]
@@ -673,11 +729,11 @@ def test_oci_layout_detects_a_damaged_blob(oci_layout: Path, tmp_path: Path) -> 
 
 def test_check_accepts_good_images(busybox_rootfs: Path, oci_layout: Path) -> None:
     if shutil.which("runc"):
-        get_runtime("runc").check(str(busybox_rootfs), batch=True)
+        get_runtime("runc").check(str(busybox_rootfs))
         get_runtime("runc").check(str(oci_layout))
     if shutil.which("bwrap"):
-        get_runtime("bwrap").check(None, batch=True)
-    get_runtime("process", allow_process_as_root=True).check(None, batch=True)
+        get_runtime("bwrap").check(None)
+    get_runtime("process", allow_process_as_root=True).check(None)
 
 
 @needs_runc
@@ -691,12 +747,6 @@ def test_check_explains_bad_images(busybox_rootfs: Path, oci_layout: Path,
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidSpec, match="neither a root filesystem"):
         runc.check(str(tmp_path / "empty"))
-    no_shell = tmp_path / "no-shell"
-    shutil.copytree(busybox_rootfs, no_shell, symlinks=True)
-    (no_shell / "bin" / "sh").unlink()
-    runc.check(str(no_shell))  # one datum per start needs no shell
-    with pytest.raises(InvalidSpec, match="datum_batch > 1 .* no /bin/sh"):
-        runc.check(str(no_shell), batch=True)
     broken = tmp_path / "broken"
     shutil.copytree(oci_layout, broken)
     manifest = oci.read_manifest(str(broken))
@@ -751,7 +801,7 @@ def test_podman_command_line(tmp_path: Path) -> None:
     run = make_run(tmp_path, case, "true", env={"THRESHOLD": "0.4"}, memory=1 << 30,
                    cpus=0.5)
     run.cmd = ["python3", "/code/edges.py", "--fast"]
-    args = build_args(run, name="vfs-x", engine="podman")
+    args = build_args(run, run.datums[0], name="vfs-x", engine="podman")
     datum = run.datums[0]
     assert args[:4] == ["podman", "run", "--rm", "--name"]
     assert "--network=none" in args
@@ -772,19 +822,16 @@ def test_podman_command_line(tmp_path: Path) -> None:
                          "/code/edges.py", "--fast"]
 
     run.network = True
-    assert "--network=none" not in build_args(run, name="vfs-x", engine="docker")
+    assert "--network=none" not in build_args(run, run.datums[0], name="vfs-x",
+                                               engine="docker")
 
 
-def test_docker_batch_command_line(tmp_path: Path) -> None:
+def test_docker_runs_each_datum_of_a_batch_in_its_own_container(tmp_path: Path) -> None:
     case = Case("docker", DockerRuntime(), "busybox", True)
     run = make_run(tmp_path, case, "true", inputs=[b"a", b"b"])
-    status = tmp_path / "status"
-    args = build_args(run, name="vfs-x", engine="docker", status_dir=str(status))
-    assert args[0] == "docker" and "--tmpfs" in args
+    args = build_args(run, run.datums[1], name="vfs-x", engine="docker")
     volumes = [args[i + 1] for i, arg in enumerate(args) if arg == "--volume"]
-    assert f"{run.datums[1].input_dir}:/pfs/.in/1:ro" in volumes
-    assert f"{run.datums[1].out_dir}:/pfs/.out/1" in volumes
-    assert f"{status}:/pfs/.status" in volumes
-    entrypoint = args.index("--entrypoint")
-    assert args[entrypoint + 1:entrypoint + 4] == ["/bin/sh", "busybox", "-c"]
-    assert args[-5:] == [run.datums[0].datum_id, run.datums[1].datum_id, "sh", "-c", "true"]
+    assert volumes == [f"{run.datums[1].input_dir}:/pfs/images:ro",
+                       f"{run.datums[1].out_dir}:/pfs/out"]
+    assert f"VFS_DATUM_ID={run.datums[1].datum_id}" in args
+    assert args[-4:] == ["sh", "busybox", "-c", "true"]

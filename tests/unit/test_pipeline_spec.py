@@ -9,7 +9,7 @@ import pytest
 from vfs.errors import AlreadyExists, InvalidSpec, PipelineNotFound
 from vfs.pipeline import registry
 from vfs.pipeline.datums import Glob
-from vfs.pipeline.spec import load_spec_text, parse_spec
+from vfs.pipeline.spec import load_spec_text, parse_spec, spec_from_stored
 
 YAML = """
 pipeline: edges
@@ -98,6 +98,53 @@ def test_relative_runc_image_is_taken_from_the_spec_directory(tmp_path) -> None:
 def test_invalid_specs_are_refused_with_the_reason(doc, message) -> None:
     with pytest.raises(InvalidSpec, match=message.replace("[", r"\[").replace("*", r"\*")):
         parse_spec(doc)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("datum_timeout: .nan", "'datum_timeout' must be a positive duration"),
+    ("datum_timeout: .inf", "'datum_timeout' must be a positive duration"),
+    ("datum_timeout: -.inf", "'datum_timeout' must be a positive duration"),
+    ("datum_timeout: 0", "'datum_timeout' must be a positive duration"),
+    ("datum_timeout: -5", "'datum_timeout' must be a positive duration"),
+    ("datum_timeout: 0s", "'datum_timeout' must be a positive duration"),
+    ("datum_timeout: 10 minutes", "'datum_timeout' must be a positive duration"),
+    ("datum_timeout: nans", "'datum_timeout' must be a positive duration"),
+    ("datum_timeout: true", "'datum_timeout' must be a positive duration"),
+    ("resources: {cpu: .nan}", "'resources.cpu' must be a positive number of CPUs"),
+    ("resources: {cpu: .inf}", "'resources.cpu' must be a positive number of CPUs"),
+    ("resources: {cpu: 1e300}", "'resources.cpu' must be a positive number of CPUs"),
+    ("resources: {cpu: '2'}", "'resources.cpu' must be a positive number of CPUs"),
+    ("resources: {memory: .nan}", "'resources.memory': nan is not a size"),
+    ("resources: {memory: .inf}", "'resources.memory': inf is not a size"),
+    ("resources: {memory: 1e30}", "'resources.memory'"),
+    ("resources: {memory: 10000000000000000000000}", "'resources.memory': .* above"),
+    ("resources: {memory: 0.5}", "below 1 MiB"),
+])
+def test_numbers_must_be_finite_and_positive(text: str, message: str) -> None:
+    with pytest.raises(InvalidSpec, match=message) as raised:
+        load_spec_text(YAML + text + "\n")
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (90, 90.0), (0.5, 0.5), ("30s", 30.0), ("10m", 600.0), ("1h", 3600.0),
+    ("1.5h", 5400.0), ("2 h", 7200.0), ("45", 45.0), ("1d", 86400.0),
+])
+def test_datum_timeout_takes_seconds_or_a_duration_with_a_unit(value, seconds) -> None:
+    spec = parse_spec(spec_doc(datum_timeout=value))
+    assert spec.datum_timeout == seconds
+    assert parse_spec(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_a_stored_spec_an_older_version_accepted_still_loads_and_says_why_not() -> None:
+    # Older versions stored these; the registry must still list the pipeline (so that
+    # it can be updated or deleted) and the watcher fail its jobs with the reason.
+    stored = json.loads(json.dumps(spec_doc(datum_timeout=float("nan"),
+                                            resources={"cpu": float("inf")})))
+    spec = spec_from_stored(stored)
+    assert spec.datum_timeout is None and spec.cpu is None
+    assert "'resources.cpu' must be a positive number of CPUs" in spec.invalid
+    assert parse_spec(spec_doc()).invalid == ""
 
 
 def test_malformed_yaml_names_the_line() -> None:

@@ -55,6 +55,25 @@ def test_config_file_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "0 (off) or at least 1M" in capsys.readouterr().err
 
 
+def test_datum_timeout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert load_options([]).datum_timeout == 3600
+    assert load_options(["--datum-timeout", "10m"]).datum_timeout == 600
+    assert load_options(["--datum-timeout", "90"]).datum_timeout == 90
+    assert load_options(["--datum-timeout", "0"]).datum_timeout == 0  # no limit
+    config = tmp_path / "vfsd.toml"
+    config.write_text('datum-timeout = "2h"\n')
+    assert load_options(["--config", str(config)]).datum_timeout == 7200
+    assert load_options(["--config", str(config), "--datum-timeout", "0"]).datum_timeout == 0
+    for bad in ("nan", "inf", "-5", "soon"):
+        with pytest.raises(SystemExit):
+            load_options(["--datum-timeout", bad])
+        assert "--datum-timeout must be a positive duration" in capsys.readouterr().err
+    config.write_text("datum-timeout = nan\n")
+    with pytest.raises(SystemExit):
+        load_options(["--config", str(config)])
+    assert "--datum-timeout must be a positive duration" in capsys.readouterr().err
+
+
 def test_the_default_config_file_may_be_missing() -> None:
     # The systemd unit always names /etc/vfs/vfsd.toml; without it vfsd still starts.
     if Path("/etc/vfs/vfsd.toml").exists():

@@ -11,7 +11,9 @@ binary, the image directory) are the daemon's (``daemon.runtimes``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -35,9 +37,16 @@ _RESOURCE_KEYS = {"memory", "cpu", "pids"}
 DEFAULT_USER = (65534, 65534)
 #: How many processes and threads a datum may have at once unless its spec says otherwise.
 DEFAULT_PIDS = 512
+#: How long (seconds) a datum may run unless its spec or the node (vfsd --datum-timeout)
+#: says otherwise: a datum that never ends must not hold its pipeline forever.
+DEFAULT_DATUM_TIMEOUT = 3600.0
 _MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to the kernel
 _MAX_PIDS = 1 << 22  # the kernel's largest pid_max
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
+_MAX_MEMORY = 1 << 60  # 1 EiB: beyond, a cgroup limit is no longer a number runc takes
+_MAX_CPUS = 8192  # the most CPUs a Linux kernel supports
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -82,6 +91,9 @@ class Spec:
     pids: int = DEFAULT_PIDS
     network: bool = False
     user: tuple[int, int] = DEFAULT_USER
+    #: Why a stored spec cannot run (values an older version accepted); "" if it can.
+    #: Such values are left out of the fields above (see :func:`spec_from_stored`).
+    invalid: str = ""
 
     def to_dict(self) -> dict:
         """The spec in the document form users write (stored, shown by inspect)."""
@@ -232,9 +244,7 @@ def parse_spec(document: object, *, source: str = "spec", base_dir: str | None =
         memory = parse_size(resources["memory"], fail)
     cpu = resources.get("cpu")
     if cpu is not None:
-        if isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or cpu <= 0:
-            raise fail("'resources.cpu' must be a positive number of CPUs, e.g. 1 or 0.5")
-        cpu = float(cpu)
+        cpu = parse_cpus(cpu, fail)
     pids = resources.get("pids", DEFAULT_PIDS)
     if isinstance(pids, bool) or not isinstance(pids, int) or not 1 <= pids <= _MAX_PIDS:
         raise fail(f"'resources.pids' must be a whole number of processes from 1 to "
@@ -252,9 +262,8 @@ def parse_spec(document: object, *, source: str = "spec", base_dir: str | None =
     except VfsError as exc:
         raise fail(f"'output_branch': {exc}") from None
     timeout = top.get("datum_timeout")
-    if timeout is not None and (isinstance(timeout, bool)
-                                or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise fail("'datum_timeout' must be a positive number of seconds")
+    if timeout is not None:
+        timeout = parse_duration(timeout, "'datum_timeout'", fail)
     return Spec(
         pipeline=name,
         input_repo=repo,
@@ -268,7 +277,7 @@ def parse_spec(document: object, *, source: str = "spec", base_dir: str | None =
         parallelism=_positive(top, "parallelism", 1, fail),
         datum_tries=_positive(top, "datum_tries", 3, fail),
         datum_batch=_positive(top, "datum_batch", 1, fail),
-        datum_timeout=float(timeout) if timeout is not None else None,
+        datum_timeout=timeout,
         output_branch=output_branch,
         memory=memory,
         cpu=cpu,
@@ -279,8 +288,37 @@ def parse_spec(document: object, *, source: str = "spec", base_dir: str | None =
 
 
 def spec_from_stored(document: dict) -> Spec:
-    """A spec as stored by the registry (already validated when it was stored)."""
-    return parse_spec(document, source="stored spec")
+    """A spec as stored by the registry.
+
+    It was validated when it was stored, but by the rules of the version that stored
+    it: older versions accepted numbers refused now (``datum_timeout: .nan``, ``cpu:
+    .inf``). Such a spec still loads, so that its pipeline can be listed, inspected,
+    updated and deleted: those values are left out and :attr:`Spec.invalid` says what
+    is wrong, for the watcher to fail the pipeline's jobs with instead of running them.
+    """
+    try:
+        return parse_spec(document, source="stored spec")
+    except InvalidSpec as exc:
+        problem = str(exc)
+    spec = parse_spec(_without_bad_numbers(document), source="stored spec")
+    return dataclasses.replace(spec, invalid=problem)
+
+
+def _without_bad_numbers(document: dict) -> dict:
+    """``document`` without the numbers :func:`parse_spec` refuses."""
+    top = dict(document)
+    resources = dict(top.get("resources") or {})
+    checks = ((top, "datum_timeout", parse_duration), (resources, "cpu", parse_cpus),
+              (resources, "memory", parse_size))
+    for mapping, key, check in checks:
+        if mapping.get(key) is not None:
+            try:
+                check(mapping[key])
+            except InvalidSpec:
+                mapping[key] = None
+    if resources:
+        top["resources"] = resources
+    return top
 
 
 def parse_size(value: object, fail=InvalidSpec) -> int:
@@ -297,7 +335,40 @@ def parse_size(value: object, fail=InvalidSpec) -> int:
         size = int(number * (1 << (10 * " KMGT".index(unit or " "))))
     if size < 1 << 20:
         raise fail(f"'resources.memory': {value!r} is below 1 MiB")
+    if size > _MAX_MEMORY:
+        raise fail(f"'resources.memory': {value!r} is above 1 EiB")
     return size
+
+
+def parse_cpus(value: object, fail=InvalidSpec) -> float:
+    """A number of CPUs (``1``, ``0.5``): finite, positive, at most :data:`_MAX_CPUS`."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 < value <= _MAX_CPUS):  # also refuses NaN
+        raise fail(f"'resources.cpu' must be a positive number of CPUs, e.g. 1 or 0.5, "
+                   f"at most {_MAX_CPUS} (not {value!r})")
+    return float(value)
+
+
+def parse_duration(value: object, what: str = "'datum_timeout'", fail=InvalidSpec) -> float:
+    """``90``, ``0.5``, ``"30s"``, ``"10m"``, ``"1.5h"``, ``"1d"`` -> seconds.
+
+    Raises:
+        InvalidSpec (or what ``fail`` makes): not a finite, positive duration.
+    """
+    seconds = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer too large for a float
+            pass
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match:
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise fail(f"{what} must be a positive duration: seconds, or a number with a unit "
+                   f"s, m, h or d, such as 30s, 10m or 1.5h (not {value!r})")
+    return seconds
 
 
 def parse_user(value: object, fail=InvalidSpec) -> tuple[int, int]:
@@ -361,6 +432,6 @@ def spec_json(spec: Spec) -> str:
     return json.dumps(spec.to_dict(), indent=2, sort_keys=False)
 
 
-__all__ = ["DEFAULT_PIDS", "DEFAULT_USER", "IMAGE_RUNTIMES", "RUNTIMES", "Spec",
-           "load_spec_file", "load_spec_text", "parse_size", "parse_spec", "parse_user",
-           "spec_from_stored"]
+__all__ = ["DEFAULT_DATUM_TIMEOUT", "DEFAULT_PIDS", "DEFAULT_USER", "IMAGE_RUNTIMES",
+           "RUNTIMES", "Spec", "load_spec_file", "load_spec_text", "parse_cpus",
+           "parse_duration", "parse_size", "parse_spec", "parse_user", "spec_from_stored"]
