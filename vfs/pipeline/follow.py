@@ -44,11 +44,13 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
         One result per pipeline reached, in the order they finished.
 
     Raises:
-        JobFailed: a job that had to process the commit failed or was cancelled.
+        JobFailed: a job that had to process the commit failed or was cancelled (once
+            every other pipeline downstream has finished: all failures are named).
         Timeout: ``timeout`` seconds passed first.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     results: list[WaitResult] = []
+    failures: list[str] = []
     frontier = [(repo, commit_id)]
     while frontier:
         current_repo, current = frontier.pop(0)
@@ -73,15 +75,18 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
                 if (job is not None and job.state in FAILED_STATES
                         and job.version == version.version
                         and covers(store, job.input_commit, current)):
-                    raise JobFailed(
+                    failures.append(
                         f"pipeline {spec.pipeline} did not process {current_repo}@"
                         f"{current[:12]}: job {job.id} {job.state}: {job.error}")
+                    break
                 if deadline is not None and time.monotonic() > deadline:
                     raise Timeout(
                         f"timed out waiting for pipeline {spec.pipeline} to process "
                         f"{current_repo}@{current[:12]} (is vfsd running? see "
                         f"'vfsctl job list {spec.pipeline}')")
                 time.sleep(poll)
+    if failures:
+        raise JobFailed("; ".join(failures))
     return results
 
 
