@@ -187,6 +187,7 @@ class BranchView(View):
         self.state: RefState
         self.open_commit: OpenCommit
         self._checked = 0.0
+        self._stale = False  # a reload failed: the next check reloads, head moved or not
         self.reload()
 
     # -- state ---------------------------------------------------------------------------
@@ -200,7 +201,12 @@ class BranchView(View):
         """
         with self.lock:
             old = getattr(self, "open_commit", None)
-            self.state, self.open_commit = self.store.open_commit(self.repo, self.branch)
+            try:
+                self.state, self.open_commit = self.store.open_commit(self.repo, self.branch)
+            except VfsError:
+                self._stale = True
+                raise
+            self._stale = False
             self._checked = time.monotonic()
             changes = Reload(old, self.open_commit)
             for path, spool in list(self.spools.items()):
@@ -220,7 +226,7 @@ class BranchView(View):
         with self.lock:
             self._checked = time.monotonic()
             current = read_ref(self.store.objects, self.repo, self.branch)
-            if current.commit != self.state.commit:
+            if current.commit != self.state.commit or self._stale:
                 return self.reload()
         return None
 
