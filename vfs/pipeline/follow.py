@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from vfs.errors import JobFailed, Timeout
+from vfs.errors import JobFailed, NotFound, Timeout
 from vfs.names import RefSpec
 from vfs.pipeline import registry
-from vfs.pipeline.records import covers, last_processed, latest_job
+from vfs.pipeline.records import covers, last_processed, latest_job, load_pipeline_error
 from vfs.refs import Commit
 
 FAILED_STATES = ("failed", "cancelled")
@@ -42,8 +42,13 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
     Returns:
         One result per pipeline reached, in the order they finished.
 
+    Only the pipelines on the way are looked at: another pipeline's trouble (its
+    input gone, its jobs failing) is none of this wait's business.
+
     Raises:
-        JobFailed: a job that had to process the commit failed or was cancelled.
+        JobFailed: a job that had to process the commit failed or was cancelled, or
+            a pipeline that has to cannot run (a watcher recorded why, at a head
+            that contains the commit).
         Timeout: ``timeout`` seconds passed first.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -55,7 +60,10 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
             spec = version.spec
             assert spec is not None
             while True:
-                head = store.head(spec.input_repo, spec.input_branch).commit
+                try:
+                    head = store.head(spec.input_repo, spec.input_branch).commit
+                except NotFound:  # its input branch or repository is gone
+                    break
                 if head is None or not covers(store, head, current):
                     break  # not on the input branch: this pipeline will never see it
                 done = last_processed(store, spec.pipeline, spec.output_branch)
@@ -70,6 +78,12 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
                     raise JobFailed(
                         f"pipeline {spec.pipeline} did not process {current_repo}@"
                         f"{current[:12]}: job {job.id} {job.state}: {job.error}")
+                trouble = load_pipeline_error(store.objects, spec.pipeline)
+                if (trouble is not None and trouble.input_commit
+                        and covers(store, trouble.input_commit, current)):
+                    raise JobFailed(
+                        f"pipeline {spec.pipeline} cannot run (vfsd on {trouble.node}, "
+                        f"{trouble.since}): {trouble.error}")
                 if deadline is not None and time.monotonic() > deadline:
                     raise Timeout(
                         f"timed out waiting for pipeline {spec.pipeline} to process "
