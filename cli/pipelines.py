@@ -109,10 +109,14 @@ def pipeline_list(options: Options, as_json: bool) -> None:
         spec = version.spec
         assert spec is not None
         job = records.latest_job(objects, spec.pipeline)
-        documents.append({**version.to_dict(), "last_job": job.to_dict() if job else None})
+        trouble = records.load_pipeline_error(objects, spec.pipeline)
+        documents.append({**version.to_dict(), "last_job": job.to_dict() if job else None,
+                          "error": trouble.error if trouble else None})
+        last = f"{job.state} {job.id}" if job else "no jobs yet"
+        if trouble:
+            last += f"; cannot run: {trouble.error}"
         rows.append((spec.pipeline, version.version,
-                     f"{spec.input_repo}@{spec.input_branch}", spec.glob, spec.runtime,
-                     f"{job.state} {job.id}" if job else "no jobs yet"))
+                     f"{spec.input_repo}@{spec.input_branch}", spec.glob, spec.runtime, last))
     if as_json:
         emit_json(documents)
         return
@@ -144,8 +148,10 @@ def pipeline_inspect(options: Options, name: str, history: bool, as_json: bool) 
         return
     version = registry.get(objects, name)
     job = records.latest_job(objects, name)
+    trouble = records.load_pipeline_error(objects, name)
     if as_json:
-        emit_json({**version.to_dict(), "last_job": job.to_dict() if job else None})
+        emit_json({**version.to_dict(), "last_job": job.to_dict() if job else None,
+                   "error": trouble.to_dict() if trouble else None})
         return
     spec = version.spec
     assert spec is not None
@@ -167,6 +173,8 @@ def pipeline_inspect(options: Options, name: str, history: bool, as_json: bool) 
         ("network", "yes" if spec.network else "no"),
         *([("cannot run", spec.invalid)] if spec.invalid else []),
         ("last job", f"{job.id} {job.state}" if job else "none"),
+        *([("error", f"cannot run: {trouble.error} (vfsd on {trouble.node}, since "
+                     f"{local_time(trouble.since)})")] if trouble else []),
     ])
 
 
@@ -194,8 +202,8 @@ def _duration(job: JobRecord) -> str:
     return f"{parse_time(job.finished) - parse_time(job.started):.1f}s"
 
 
-def _job_json(job: JobRecord) -> dict:
-    return job.to_dict()
+def _job_json(job: JobRecord, deleted: bool = False) -> dict:
+    return {**job.to_dict(), "pipeline_deleted": deleted}
 
 
 @click.group()
@@ -208,22 +216,23 @@ def job() -> None:
 @json_option
 @pass_options
 def job_list(options: Options, pipeline_name: str | None, as_json: bool) -> None:
-    """Jobs, oldest first (of one pipeline, or of all)."""
+    """Jobs, oldest first (of one pipeline, or of all, deleted pipelines' included)."""
     objects = options.store().objects
     if pipeline_name:
         if not registry.versions(objects, pipeline_name):
             registry.get(objects, pipeline_name)
-        names = [pipeline_name]
+        jobs = records.list_jobs(objects, pipeline_name)
     else:
-        names = [v.name for v in registry.list_pipelines(objects)]
-    jobs = [j for name in names for j in records.list_jobs(objects, name)]
+        jobs = records.list_all_jobs(objects)
+    existing = {v.name for v in registry.list_pipelines(objects)}
     if as_json:
-        emit_json([_job_json(j) for j in jobs])
+        emit_json([_job_json(j, j.pipeline not in existing) for j in jobs])
         return
     if not jobs:
         note("no jobs yet")
         return
-    table([(j.id, j.state, f"{j.input_repo}@{short(j.input_commit)}", j.datums_processed,
+    table([(j.id, j.state + ("" if j.pipeline in existing else " (pipeline deleted)"),
+            f"{j.input_repo}@{short(j.input_commit)}", j.datums_processed,
             j.datums_skipped, j.datums_failed, local_time(j.started), _duration(j),
             short(j.output_commit) if j.output_commit else "-") for j in jobs],
           ("JOB", "STATE", "INPUT", "RUN", "SKIPPED", "FAILED", "STARTED", "TOOK", "OUTPUT"))
@@ -235,23 +244,29 @@ def job_list(options: Options, pipeline_name: str | None, as_json: bool) -> None
 @pass_options
 def job_inspect(options: Options, job_id: str, as_json: bool) -> None:
     """One job: state, datums processed / skipped / failed, times, output commit."""
-    found = records.find_job(options.store().objects, job_id)
+    objects = options.store().objects
+    found = records.find_job(objects, job_id)
+    deleted = registry.current(objects, found.pipeline) is None
     if as_json:
-        emit_json(_job_json(found))
+        emit_json(_job_json(found, deleted))
         return
     pairs: list[tuple[str, object]] = [
         ("job", found.id), ("state", found.state),
-        ("pipeline", f"{found.pipeline} version {found.version}"),
+        ("pipeline", f"{found.pipeline} version {found.version}"
+                     + (" (pipeline deleted)" if deleted else "")),
         ("input", f"{found.input_repo}@{found.input_branch} {found.input_commit}"),
         ("datums", f"{found.datums_processed} processed, {found.datums_skipped} skipped, "
                    f"{found.datums_failed} failed, {found.datums_removed} removed "
                    f"(of {found.datums_total}{', full run' if found.full else ''})"),
         ("started", local_time(found.started)),
-        ("finished", local_time(found.finished) if found.finished else "-"),
+        ("finished", (local_time(found.finished) if found.finished else "-")
+                     + (" (last seen running; vfsd stopped)" if found.state == "killed"
+                        else "")),
         ("output", found.output_commit or "-"),
     ]
     if found.error:
         pairs.append(("error", found.error))
+    pairs += [(f"log of {datum}", f"lost: {why}") for datum, why in found.logs_lost.items()]
     fields(pairs)
 
 
@@ -264,21 +279,29 @@ def job_logs(options: Options, job_id: str, datum: str | None) -> None:
     objects = options.store().objects
     found = records.find_job(objects, job_id)
     logs = records.job_logs(objects, found.id)
+    lost = dict(found.logs_lost)
     if datum:
-        matches = [d for d in logs if d.startswith(datum)]
-        if not matches:
-            raise JobNotFound(f"job {found.id} has no log for datum {datum}")
-        logs = {d: logs[d] for d in matches}
+        logs = {d: data for d, data in logs.items() if d.startswith(datum)}
+        lost = {d: why for d, why in lost.items() if d.startswith(datum)}
+        if not logs and not lost:
+            raise JobNotFound(f"job {found.id} has no log for datum {datum} (it printed "
+                              f"nothing, or did not run in this job)")
     out = click.get_binary_stream("stdout")
-    for name, data in logs.items():
-        if len(logs) > 1 or not datum:
+    for name in sorted(logs.keys() | lost.keys()):
+        if len(logs) + len(lost) > 1 or not datum:
             click.echo(f"==> datum {name} <==")
+        if name in lost:  # said first: what follows is incomplete, or nothing
+            click.echo(f"[vfs: the log of datum {name} was lost: {lost[name]}]")
+        data = logs.get(name, b"")
         out.write(data)
         if data and not data.endswith(b"\n"):
             out.write(b"\n")
         out.flush()
-    if not logs:
-        note(f"job {found.id} has no logs (its datums printed nothing)")
+    if not logs and not lost:
+        if found.datums_processed + found.datums_failed == 0:
+            note(f"job {found.id} has no logs (no datum ran in it)")
+        else:
+            note(f"job {found.id} has no logs (its datums printed nothing)")
 
 
 @job.command("cancel")

@@ -8,6 +8,7 @@ reloads the branch view it touched. ``dispatch`` runs in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -20,6 +21,7 @@ from vfs.names import parse_ref
 from vfs.pipeline import registry
 from vfs.pipeline.spec import parse_spec
 
+log = logging.getLogger("daemon.handler")
 
 class ControlHandler:
     """Executes control requests against the store and the mounted views."""
@@ -51,7 +53,10 @@ class ControlHandler:
 
         The view is reloaded before the lock goes: a change staged through the mount
         right after must be staged on the new head, not on the one the view had.
-        The kernel's caches are dropped after it went (see daemon.coherence.Coherence.drop_cached).
+        The kernel's caches are dropped after it went (see
+        daemon.coherence.Coherence.drop_cached). A reload that fails (the node's disk
+        is full, say) does not fail the request: the change is made in the store,
+        which is the truth; the view reloads when the mount next looks at the branch.
         """
         reloaded = None
         try:
@@ -59,7 +64,12 @@ class ControlHandler:
                 try:
                     yield
                 finally:
-                    reloaded = self.operations.views.reload_branch(repo, branch)
+                    try:
+                        reloaded = self.operations.views.reload_branch(repo, branch)
+                    except VfsError as exc:
+                        log.warning("the mount cannot reload %s@%s after a change: %s; "
+                                    "it tries again when the branch is next read",
+                                    repo, branch, exc)
         finally:
             self.operations.coherence.drop_cached(reloaded)
             if self.watcher is not None:
@@ -118,7 +128,11 @@ class ControlHandler:
         self.operations.views.flush_branch(repo, branch)
         with self._sealing(repo, branch):
             commit = self.store.commit(repo, branch, message, author=author)
-        self.store.index.sync()
+        try:
+            self.store.index.sync()
+        except VfsError as exc:  # made in the store all the same: say so, not "failed"
+            log.warning("commit %s was made but the local index cannot be synced: %s",
+                        commit.id[:12], exc)
         return commit_to_dict(commit)
 
     def op_discard(self, repo: str, branch: str) -> dict:

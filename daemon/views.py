@@ -189,6 +189,7 @@ class BranchView(View):
         self.state: RefState
         self.open_commit: OpenCommit
         self._checked = 0.0
+        self._stale = False  # a reload failed: the next check reloads, head moved or not
         self.reload()
 
     # -- state ---------------------------------------------------------------------------
@@ -202,7 +203,12 @@ class BranchView(View):
         """
         with self.lock:
             old = getattr(self, "open_commit", None)
-            self.state, self.open_commit = self.store.open_commit(self.repo, self.branch)
+            try:
+                self.state, self.open_commit = self.store.open_commit(self.repo, self.branch)
+            except VfsError:
+                self._stale = True
+                raise
+            self._stale = False
             try:  # asked again whenever the head moves (a pipeline's first job moves it)
                 refuse_hand_commits(self.store.objects, self.repo, self.branch)
                 self.refused: ReadOnly | None = None
@@ -227,7 +233,7 @@ class BranchView(View):
         with self.lock:
             self._checked = time.monotonic()
             current = read_ref(self.store.objects, self.repo, self.branch)
-            if current.commit != self.state.commit:
+            if current.commit != self.state.commit or self._stale:
                 return self.reload()
         return None
 

@@ -14,6 +14,18 @@ datums that have no recorded output (``parallelism`` container starts at once,
 datum's output as soon as it succeeds (so a job cut short by a crash resumes
 where it was: the next job reuses them), then commit the merged outputs. A datum
 that fails every try fails the job; nothing is committed.
+
+Each pipeline's step of a tick is on its own: a pipeline that cannot run (its
+input branch or repository is gone, its runtime refuses it) is logged once,
+recorded in the store for ``pipeline list``/``inspect`` and ``wait``
+(:class:`vfs.pipeline.records.PipelineError`), and holds up no other pipeline.
+
+Restarts: a job that failed or was cancelled is not run again for the same input
+head, version and transform, whether this daemon ran it or an earlier one (its job
+record says so); a new head or a pipeline update runs it again. A job that was
+running when its daemon died is marked killed, finished when it was last seen
+(``last_seen``, saved at least every ``JOB_HEARTBEAT_SECONDS``), and the next
+job resumes it: the datums it finished are reused.
 """
 
 from __future__ import annotations
@@ -49,6 +61,11 @@ from vfs.refs import current_user, now_iso
 log = logging.getLogger("daemon.watcher")
 
 PROGRESS_SAVE_SECONDS = 2.0
+JOB_HEARTBEAT_SECONDS = 30.0  # a running job's record is saved at least this often
+RERUN_ONLY_ON_CHANGE = ("failed", "cancelled")  # job states not run again for the same head
+# Free bytes under which the scratch disk counts as full: what a datum printed then
+# may be lost (its command writes its log there directly).
+_SCRATCH_FULL_BELOW = 1 << 20
 
 
 class DatumFailed(Exception):
@@ -70,7 +87,10 @@ class _State:
 
     done: tuple[str, int] | None = None  # (input head, version) known to need nothing
     running: _Running | None = None
-    last_error: str = ""
+    last_error: str | None = None  # why it cannot run ("": it can; None: not known yet)
+    error_head: str | None = None  # the input head last_error was recorded at
+    error_stored: bool = True  # last_error is in the store (False: store it again)
+    looked: bool = False  # its job records were read since this daemon started
 
 
 class Watcher:
@@ -95,6 +115,9 @@ class Watcher:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
+        self._saving: dict[str, trio.Lock] = {}  # job id -> its saves, one at a time
+        self._saved_at: dict[str, float] = {}  # job id -> monotonic time of its last save
+        self._logged: dict[str, set[str]] = {}  # job id -> datums whose log is stored
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -114,6 +137,7 @@ class Watcher:
                     self._wake = trio.Event()  # commits during the debounce: same tick
                 try:
                     await self._tick()
+                    await self._heartbeat()
                 except VfsError as exc:
                     log.error("pipeline watcher: %s", exc)
                 except Exception:  # a bug must not take the mount down with it
@@ -163,7 +187,8 @@ class Watcher:
             for job in records.list_jobs(self.store.objects, version.name):
                 if job.state == "running" and job.node == self.node:
                     job.state = "killed"
-                    job.finished = now_iso()
+                    # When it was last known to run, not now: the daemon was down between.
+                    job.finished = job.last_seen or job.first_start or job.started
                     job.error = ("vfsd stopped during the job; the next job reuses the "
                                  "datums it finished")
                     records.save_job(self.store.objects, job)
@@ -201,27 +226,94 @@ class Watcher:
             state = self._states.setdefault(version.name, _State())
             if state.running is not None:
                 continue
-            assert version.spec is not None
-            head = await trio.to_thread.run_sync(
-                self.store.head, version.spec.input_repo, version.spec.input_branch)
-            key = (head.commit or "", version.version)
-            if state.done == key:
-                continue
+            # Whatever goes wrong here is this pipeline's: the others still run.
+            head: str | None = None
             try:
-                plan = await trio.to_thread.run_sync(self._plan, version)
+                assert version.spec is not None
+                head = (await trio.to_thread.run_sync(
+                    self.store.head, version.spec.input_repo, version.spec.input_branch)
+                        ).commit
+                plan = await self._next_job(version, state, head or "")
             except VfsError as exc:
-                if str(exc) != state.last_error:
-                    log.error("pipeline %s: cannot start a job: %s", version.name, exc)
-                    state.last_error = str(exc)
+                await self._cannot_run(version, state, str(exc), head)
                 continue
+            except Exception as exc:  # a bug: keep it to this pipeline (and say it once)
+                if f"{type(exc).__name__}: {exc}" != state.last_error:
+                    log.exception("pipeline %s: unexpected error", version.name)
+                await self._cannot_run(version, state, f"{type(exc).__name__}: {exc}", head)
+                continue
+            await self._cannot_run(version, state, "", head)
             if plan is None:
-                state.done = key
                 continue
-            state.last_error = ""
             assert self._nursery is not None
             scope = trio.CancelScope()
             state.running = _Running(plan.job, scope)
             self._nursery.start_soon(self._job_task, state, plan, scope)
+
+    async def _next_job(self, version: PipelineVersion, state: _State, head: str
+                        ) -> JobPlan | None:
+        """The job to run for ``version`` now, or None (nothing to do, or a job for this
+        head, version and transform failed or was cancelled: not again)."""
+        key = (head, version.version)
+        if state.done == key:
+            return None
+        plan = await trio.to_thread.run_sync(self._plan, version)
+        if plan is None:
+            state.done = key
+            return None
+        if not state.looked:
+            # What this daemon did not see itself (a job before a restart) is in the
+            # store: the latest job tells whether this head already failed.
+            last = await trio.to_thread.run_sync(records.latest_job, self.store.objects,
+                                                 version.name)
+            state.looked = True
+            if (last is not None and last.state in RERUN_ONLY_ON_CHANGE
+                    and (last.input_commit, last.version, last.transform)
+                    == (plan.job.input_commit, version.version, plan.job.transform)):
+                log.info("pipeline %s: job %s %s on %s@%s; not run again until the input "
+                         "moves or the pipeline is updated", version.name, last.id,
+                         last.state, last.input_repo, last.input_commit[:12])
+                state.done = (plan.job.input_commit, version.version)
+                return None
+        return plan
+
+    async def _cannot_run(self, version: PipelineVersion, state: _State, error: str,
+                          head: str | None) -> None:
+        """Record why a pipeline cannot run ("": it can), when that changes: logged
+        once, stored for ``pipeline list``/``inspect`` and ``wait`` (again when the
+        input head moves: ``wait`` must know the new head cannot be processed either)."""
+        if error != state.last_error:
+            if error:
+                log.error("pipeline %s: cannot run: %s", version.name, error)
+            elif state.last_error is not None:
+                log.info("pipeline %s: runs again", version.name)
+        elif state.error_stored and (not error or head == state.error_head):
+            return
+        state.last_error, state.error_head = error, head
+        try:
+            if error:
+                await trio.to_thread.run_sync(records.save_pipeline_error, self.store.objects,
+                                              records.PipelineError(
+                                                  version.name, error, now_iso(), self.node,
+                                                  version.version, head))
+            else:
+                await trio.to_thread.run_sync(records.clear_pipeline_error,
+                                              self.store.objects, version.name)
+            state.error_stored = True
+        except VfsError as exc:
+            if state.error_stored:
+                log.warning("pipeline %s: cannot record whether it can run: %s",
+                            version.name, exc)
+            state.error_stored = False  # again at the next tick
+
+    async def _heartbeat(self) -> None:
+        """Save the record of every job that has not been saved for a while, so that
+        ``last_seen`` says when a job cut short by a daemon's death last ran."""
+        for state in list(self._states.values()):
+            running = state.running
+            if running is not None and not running.job.done and time.monotonic() - \
+                    self._saved_at.get(running.job.id, 0.0) > JOB_HEARTBEAT_SECONDS:
+                await self._save(running.job)
 
     def runtime(self, name: str):
         if name not in self._runtimes:
@@ -266,6 +358,8 @@ class Watcher:
                                           else "stopped before it finished")
                 with trio.CancelScope(shield=True):
                     await self._save(job)
+            for table in (self._saving, self._saved_at, self._logged):
+                table.pop(job.id, None)
             # A big job leaves many files: never remove them in the trio thread (the
             # mount would stop answering meanwhile).
             with trio.CancelScope(shield=True):
@@ -276,11 +370,19 @@ class Watcher:
     # -- one job -----------------------------------------------------------------------------
 
     async def _save(self, job: JobRecord) -> None:
-        """Store the job record; a failure is logged (the job's own outcome stands)."""
-        try:
-            await trio.to_thread.run_sync(records.save_job, self.store.objects, job)
-        except (VfsError, OSError) as exc:
-            log.error("cannot save the record of job %s: %s", job.id, exc)
+        """Store the job record; a failure is logged (the job's own outcome stands).
+
+        One save of a job at a time: saves that overlapped could land out of order,
+        and an older state overwrite a newer one.
+        """
+        async with self._saving.setdefault(job.id, trio.Lock()):
+            if not job.done:
+                job.last_seen = now_iso()
+            self._saved_at[job.id] = time.monotonic()
+            try:
+                await trio.to_thread.run_sync(records.save_job, self.store.objects, job)
+            except (VfsError, OSError) as exc:
+                log.error("cannot save the record of job %s: %s", job.id, exc)
 
     async def _run_job(self, plan: JobPlan) -> None:
         job = plan.job
@@ -317,8 +419,8 @@ class Watcher:
             job.state = "failed"
             job.datums_failed = len(job.failed)
             job.error = (f"datum {failure.id} (/{failure.root}) failed after {failure.tries} "
-                         f"tr{'y' if failure.tries == 1 else 'ies'}: {failure.error}; see "
-                         f"'vfsctl job logs {job.id} --datum {failure.id}'")
+                         f"tr{'y' if failure.tries == 1 else 'ies'}: {failure.error}; "
+                         f"{self._where_its_log_is(job, failure.id)}")
             job.finished = now_iso()
             await self._save(job)
             log.error("job %s failed: %s", job.id, job.error)
@@ -339,6 +441,14 @@ class Watcher:
         log.info("job %s: committed %s@%s", job.id, spec.pipeline, commit.id[:12])
         await trio.to_thread.run_sync(self.on_commit, spec.pipeline, spec.output_branch)
         self._wake.set()  # pipelines downstream of the output
+
+    def _where_its_log_is(self, job: JobRecord, datum: str) -> str:
+        """Where to read what a datum printed, or why there is nothing to read."""
+        if datum in self._logged.get(job.id, ()):
+            return f"see 'vfsctl job logs {job.id} --datum {datum}'"
+        if datum in job.logs_lost:
+            return f"its log was lost: {job.logs_lost[datum]}"
+        return "it printed nothing"
 
     async def _run_batch(self, plan: JobPlan, runtime, batch: list[DatumTask],
                          limiter: trio.CapacityLimiter, ran: dict[str, DatumRecord]) -> None:
@@ -371,20 +481,51 @@ class Watcher:
             self._saved = time.monotonic()
             await self._save(job)
 
+    def _keep_log(self, job_id: str, task: DatumTask, io: DatumIO) -> tuple[bool, str]:
+        """Store a datum's log. Returns whether one was stored, and what was lost of
+        it ("" if nothing): a log that cannot be kept must not pass for an empty one."""
+        lost = ""
+        try:
+            free = os.statvfs(self.scratch_dir)
+            full = free.f_bavail * free.f_frsize < _SCRATCH_FULL_BELOW
+        except OSError:
+            full = False
+        if full:
+            # The command writes its log here itself: its writes failed unseen.
+            lost = (f"the disk of vfsd's scratch directory {self.scratch_dir} was full "
+                    f"when the datum ended: what it printed may be missing")
+        if not (os.path.exists(io.log_path) and os.path.getsize(io.log_path)):
+            return False, lost
+        try:
+            records.save_log(self.store.objects, job_id, task.id, io.log_path)
+        except (VfsError, OSError) as exc:
+            return False, f"it could not be stored: {exc}"
+        return True, lost
+
     def _finish_datum(self, pipeline: str, job_id: str, task: DatumTask, io: DatumIO,
-                      succeeded: bool) -> DatumRecord | None:
-        """Store a datum's outputs and record them (if it succeeded), and keep its log."""
-        record = None
-        if succeeded:
+                      succeeded: bool) -> tuple[DatumRecord | None, str, bool, str]:
+        """Keep a datum's log, then store its outputs and record them (if it succeeded).
+
+        Returns:
+            The datum's record (None: it failed, or its outputs could not be stored),
+            why its outputs could not be stored (or ""), and :meth:`_keep_log`'s answer.
+        """
+        kept, lost = self._keep_log(job_id, task, io)
+        if lost:
+            log.warning("job %s: the log of datum %s (/%s) was lost: %s", job_id, task.id,
+                        task.root, lost)
+        if not succeeded:
+            return None, "", kept, lost
+        try:
             # Stored and checked, then recorded, under the node's lock: the datum record
             # is what keeps its outputs alive for gc (docs/format.md §10.4).
             with self.store.lock():
                 record = DatumRecord(task.root, job_id,
                                      collect_outputs(self.store, io.out_dir))
                 records.save_datum(self.store.objects, pipeline, task.hash, record)
-        if os.path.exists(io.log_path) and os.path.getsize(io.log_path):
-            records.save_log(self.store.objects, job_id, task.id, io.log_path)
-        return record
+        except (VfsError, OSError) as exc:
+            return None, f"cannot store its outputs: {exc}", kept, lost
+        return record, "", kept, lost
 
     async def _start(self, plan: JobPlan, runtime, tasks: list[DatumTask]
                      ) -> tuple[list[int | None], dict[str, str], dict[str, DatumRecord]]:
@@ -437,14 +578,16 @@ class Watcher:
                     "(this node's default datum timeout, vfsd --datum-timeout; set "
                     "datum_timeout in the spec to allow more)")
         for index, (task, io, status) in enumerate(zip(tasks, ios, statuses, strict=True)):
-            try:
-                record = await trio.to_thread.run_sync(self._finish_datum, spec.pipeline,
-                                                       job.id, task, io, status == 0)
-            except (VfsError, OSError) as exc:
+            record, error, kept, lost = await trio.to_thread.run_sync(
+                self._finish_datum, spec.pipeline, job.id, task, io, status == 0)
+            if kept:
+                self._logged.setdefault(job.id, set()).add(task.id)
+            if lost:  # the log holds every try: what one try lost stays lost
+                job.logs_lost[task.id] = lost
+            if error:
                 statuses[index] = None
-                errors[task.root] = f"cannot store its outputs: {exc}"
-                continue
-            if record is not None:
+                errors[task.root] = error
+            elif record is not None:
                 results[task.root] = record
         return statuses, errors, results
 

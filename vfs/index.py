@@ -102,6 +102,7 @@ _DATABASES = (
 )
 _REBUILDABLE = (b"blobs", b"packs", b"commits")
 _MAP_SIZE = 1 << 40  # address space only; the file grows as needed
+_FULL_BELOW = 1 << 20  # free bytes under which a failed write is put down to a full disk
 
 
 def encode_location(loc: BlobLocation) -> bytes:
@@ -194,8 +195,18 @@ class Index:
         self.env.close()
 
     def sync(self) -> None:
-        """Force everything written so far to disk."""
-        self.env.sync(True)
+        """Force everything written so far to disk.
+
+        Raises:
+            StoreError: the disk holding the index failed (or is full).
+        """
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            if _disk_full(self.path):
+                raise StoreFull(f"no space left to sync the local index at {self.path}: "
+                                f"{exc}") from exc
+            raise StoreError(f"cannot sync the local index at {self.path}: {exc}") from exc
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
@@ -213,8 +224,10 @@ class Index:
         except lmdb.MapFullError as exc:
             raise StoreFull(f"the local index at {self.path} is full: {exc}") from exc
         except lmdb.Error as exc:
-            if "No space left" in str(exc):
-                raise StoreFull(f"no space left for the local index at {self.path}") from exc
+            # LMDB reports a write the full disk cut short as an I/O error.
+            if "No space left" in str(exc) or _disk_full(self.path):
+                raise StoreFull(f"no space left for the local index at {self.path}: "
+                                f"{exc}") from exc
             raise StoreError(f"the local index at {self.path} failed: {exc}") from exc
 
     @contextmanager
@@ -535,6 +548,16 @@ class Index:
 
     def files_cache_put_txn(self, txn: lmdb.Transaction, path: str, value: bytes) -> None:
         txn.put(_fit(path.encode()), value, db=self.db["files"])
+
+
+def _disk_full(path: str) -> bool:
+    """Whether the filesystem holding ``path`` has (nearly) no room left: a few pages,
+    less than an LMDB transaction may need to grow the file."""
+    try:
+        free = os.statvfs(path)
+    except OSError:
+        return False
+    return free.f_bavail * free.f_frsize < _FULL_BELOW
 
 
 def _read_elsewhere(txn: lmdb.Transaction, digest: bytes, pack_id: bytes,

@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from vfs.errors import JobFailed, Timeout
+from vfs.errors import JobFailed, NotFound, Timeout
 from vfs.names import RefSpec
 from vfs.pipeline import registry
-from vfs.pipeline.records import covers, last_processed, latest_job
+from vfs.pipeline.records import covers, last_processed, latest_job, load_pipeline_error
 from vfs.refs import Commit
 
 FAILED_STATES = ("failed", "cancelled")
@@ -43,9 +43,14 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
     Returns:
         One result per pipeline reached, in the order they finished.
 
+    Only the pipelines on the way are looked at: another pipeline's trouble (its
+    input gone, its jobs failing) is none of this wait's business.
+
     Raises:
-        JobFailed: a job that had to process the commit failed or was cancelled (once
-            every other pipeline downstream has finished: all failures are named).
+        JobFailed: a job that had to process the commit failed or was cancelled, or
+            a pipeline that has to cannot run (a watcher recorded why, at a head
+            that contains the commit); raised once every other pipeline downstream
+            has finished, naming every failure.
         Timeout: ``timeout`` seconds passed first.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -61,7 +66,10 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
                 spec = version.spec if version is not None else None
                 if spec is None or spec.input_repo != current_repo:
                     break  # deleted, or reads another repository now
-                head = store.head(spec.input_repo, spec.input_branch).commit
+                try:
+                    head = store.head(spec.input_repo, spec.input_branch).commit
+                except NotFound:  # its input branch or repository is gone
+                    break
                 if head is None or not covers(store, head, current):
                     break  # not on the input branch: this pipeline will never see it
                 done = last_processed(store, spec.pipeline, spec.output_branch)
@@ -78,6 +86,13 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
                     failures.append(
                         f"pipeline {spec.pipeline} did not process {current_repo}@"
                         f"{current[:12]}: job {job.id} {job.state}: {job.error}")
+                    break
+                trouble = load_pipeline_error(store.objects, spec.pipeline)
+                if (trouble is not None and trouble.input_commit
+                        and covers(store, trouble.input_commit, current)):
+                    failures.append(
+                        f"pipeline {spec.pipeline} cannot run (vfsd on {trouble.node}, "
+                        f"{trouble.since}): {trouble.error}")
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise Timeout(

@@ -8,7 +8,10 @@ Store keys (see docs/format.md):
   entry row}}``, written once when a datum succeeds. A later job that meets the
   same hash reuses these outputs instead of running the datum (gc keeps the blobs
   they name alive).
-* ``joblogs/<pipeline>/<job id>/<datum id>``: the last bytes of a datum's output.
+* ``joblogs/<pipeline>/<job id>/<datum id>``: the last bytes of a datum's output
+  (a first line says how much was cut).
+* ``pipelineerrors/<pipeline>``: JSON :class:`PipelineError`, present while the
+  pipeline cannot run (its input is gone, its runtime refuses it...).
 
 Output commits carry ``provenance`` ``{"pipeline", "version", "job", "image",
 "transform", "transforms", "glob", "keep_outputs", "datums", "inputs": [{"repo",
@@ -74,6 +77,10 @@ class JobRecord:
     error: str = ""
     node: str = ""
     failed: list[FailedDatum] = field(default_factory=list)
+    # When the job was last known to run (every save of a running job): a job killed
+    # with its daemon finished then, not when a new daemon found it.
+    last_seen: str | None = None
+    logs_lost: dict[str, str] = field(default_factory=dict)  # datum id -> what happened
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +138,13 @@ def latest_job(objects, pipeline: str) -> JobRecord | None:
     for info in objects.list(f"jobs/{pipeline}/"):
         last = info.key
     return JobRecord.from_dict(json.loads(objects.get(last))) if last else None
+
+
+def list_all_jobs(objects) -> list[JobRecord]:
+    """Every job of every pipeline, deleted pipelines' included: by pipeline, oldest
+    first within one."""
+    return [JobRecord.from_dict(json.loads(objects.get(info.key)))
+            for info in objects.list("jobs/")]
 
 
 def find_job(objects, prefix: str) -> JobRecord:
@@ -201,13 +215,17 @@ def log_key(job_id: str, datum: str) -> str:
 
 
 def save_log(objects, job_id: str, datum: str, path: str) -> None:
-    """Store the end of a datum's log file (at most LOG_LIMIT bytes)."""
+    """Store the end of a datum's log file: its last LOG_LIMIT bytes, after a line
+    that says how many bytes before them were cut, if any were."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
+            marker = b""
             if size > LOG_LIMIT:
                 f.seek(size - LOG_LIMIT)
-            data = f.read()
+                marker = (f"[... {size - LOG_LIMIT} bytes cut: the log keeps the last "
+                          f"{LOG_LIMIT >> 20} MiB]\n").encode()
+            data = marker + f.read()
     except FileNotFoundError:
         data = b""
     objects.put_deferred(log_key(job_id, datum), data)
@@ -217,6 +235,49 @@ def job_logs(objects, job_id: str) -> dict[str, bytes]:
     """Datum id -> stored log of a job."""
     prefix = f"joblogs/{pipeline_of_job(job_id)}/{job_id}/"
     return {info.key[len(prefix):]: objects.get(info.key) for info in objects.list(prefix)}
+
+
+# -- pipelines that cannot run -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineError:
+    """Why a pipeline cannot run, as the watcher of ``node`` last saw it."""
+
+    pipeline: str
+    error: str
+    since: str
+    node: str
+    version: int
+    input_commit: str | None = None  # the input head it was seen at, if there is one
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pipeline_error_key(pipeline: str) -> str:
+    return f"pipelineerrors/{pipeline}"
+
+
+def save_pipeline_error(objects, error: PipelineError) -> None:
+    objects.put(pipeline_error_key(error.pipeline), canonical_json(error.to_dict()))
+
+
+def clear_pipeline_error(objects, pipeline: str) -> None:
+    objects.delete(pipeline_error_key(pipeline))
+
+
+def load_pipeline_error(objects, pipeline: str) -> PipelineError | None:
+    """Why ``pipeline`` cannot run, or None if nothing keeps it from running."""
+    try:
+        raw = json.loads(objects.get(pipeline_error_key(pipeline)))
+        return PipelineError(**{k: v for k, v in raw.items()
+                                if k in PipelineError.__dataclass_fields__})
+    except ObjectNotFound:
+        return None
+    except (ValueError, TypeError) as exc:
+        log.warning("ignoring the damaged record %s: %s", pipeline_error_key(pipeline), exc)
+        return None
 
 
 # -- provenance -------------------------------------------------------------------------------
@@ -284,6 +345,8 @@ def now() -> float:
     return time.time()
 
 
-__all__ = ["DatumRecord", "FailedDatum", "JobRecord", "Processed", "covers", "find_job",
-           "job_logs", "last_processed", "list_jobs", "load_datum", "load_job", "new_job_id",
-           "provenance", "save_datum", "save_job", "save_log"]
+__all__ = ["DatumRecord", "FailedDatum", "JobRecord", "PipelineError", "Processed",
+           "clear_pipeline_error", "covers", "find_job", "job_logs", "last_processed",
+           "list_all_jobs", "list_jobs", "load_datum", "load_job", "load_pipeline_error",
+           "new_job_id", "provenance", "save_datum", "save_job", "save_log",
+           "save_pipeline_error"]
