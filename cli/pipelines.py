@@ -1,9 +1,11 @@
 """Pipelines: ``pipeline create|update|list|inspect|delete``, ``job ...``, ``wait``, ``provenance``.
 
-Specs are validated here first (the document, the store, and the runtime on this
-node), so a mistake is reported at once rather than by a failed job later.
-While a vfsd owns the store, create/update/delete and job cancel go through it
-so its watcher reacts at once; ``wait`` and ``provenance`` only read the store.
+Specs are validated at once (the document here, the runtime and image by the vfsd
+that takes the request), so a mistake is reported now rather than by a failed job
+later. While a vfsd owns the store, create/update/delete and job cancel go through
+it so its watcher reacts at once; without one, the spec is stored and the runtime
+is checked by the vfsd that runs it (``pipeline list`` shows why one cannot).
+``wait`` and ``provenance`` only read the store.
 """
 
 from __future__ import annotations
@@ -24,18 +26,16 @@ from vfs.refs import current_user
 
 
 def _load(path: str) -> Spec:
-    from daemon.runtimes import get_runtime  # imports trio: only for the commands that check
-
     if path == "-":
-        spec = load_spec_text(sys.stdin.read(), source="stdin")
-    else:
-        spec = load_spec_file(path)
-    # Whether a root vfsd may use the process runtime is that vfsd's to say.
-    runtime = get_runtime(spec.runtime, allow_process_as_root=True)
-    runtime.check(spec.image)
-    for limit in runtime.unsupported_limits(spec.memory, spec.cpu, spec.pids):
-        note(f"vfsctl: warning: runtime {spec.runtime} cannot enforce the {limit} limit")
-    return spec
+        return load_spec_text(sys.stdin.read(), source="stdin")
+    return load_spec_file(path)
+
+
+def _warn(answer: dict) -> int:
+    """Print what the daemon could not enforce; return the version number."""
+    for warning in answer.get("warnings", []):
+        note(f"vfsctl: warning: {warning}")
+    return answer["version"]
 
 
 def _version_line(version: registry.PipelineVersion, verb: str) -> str:
@@ -62,8 +62,8 @@ def pipeline_create(options: Options, path: str, as_json: bool) -> None:
     daemon = options.daemon()
     if daemon is not None:
         version = registry.version(options.store().objects, spec.pipeline,
-                                   daemon.call("pipeline_create", spec=spec.to_dict(),
-                                               author=current_user())["version"])
+                                   _warn(daemon.call("pipeline_create", spec=spec.to_dict(),
+                                                     author=current_user())))
     else:
         version = registry.create(options.store(), spec)
     if as_json:
@@ -86,8 +86,8 @@ def pipeline_update(options: Options, path: str, keep_outputs: bool, as_json: bo
     spec = _load(path)
     daemon = options.daemon()
     if daemon is not None:
-        number = daemon.call("pipeline_update", spec=spec.to_dict(),
-                             keep_outputs=keep_outputs, author=current_user())["version"]
+        number = _warn(daemon.call("pipeline_update", spec=spec.to_dict(),
+                                   keep_outputs=keep_outputs, author=current_user()))
         version = registry.version(options.store().objects, spec.pipeline, number)
     else:
         version = registry.update(options.store(), spec, keep_outputs=keep_outputs)

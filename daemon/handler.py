@@ -19,7 +19,7 @@ from daemon.reader import DiskCache
 from vfs.errors import VfsError
 from vfs.names import parse_ref
 from vfs.pipeline import registry
-from vfs.pipeline.spec import parse_spec
+from vfs.pipeline.spec import Spec, parse_spec
 
 log = logging.getLogger("daemon.handler")
 
@@ -174,17 +174,33 @@ class ControlHandler:
     # -- pipelines ---------------------------------------------------------------------
 
     def op_pipeline_create(self, spec: dict, author: str | None = None) -> dict:
-        version = registry.create(self.store, parse_spec(spec, source="request"),
-                                  author=author)
+        parsed = parse_spec(spec, source="request")
+        warnings = self._check_runtime(parsed)
+        version = registry.create(self.store, parsed, author=author)
         self._pipelines_changed()
-        return {"version": version.version}
+        return {"version": version.version, "warnings": warnings}
 
     def op_pipeline_update(self, spec: dict, keep_outputs: bool = False,
                            author: str | None = None) -> dict:
-        version = registry.update(self.store, parse_spec(spec, source="request"),
-                                  keep_outputs=keep_outputs, author=author)
+        parsed = parse_spec(spec, source="request")
+        warnings = self._check_runtime(parsed)
+        version = registry.update(self.store, parsed, keep_outputs=keep_outputs,
+                                  author=author)
         self._pipelines_changed()
-        return {"version": version.version}
+        return {"version": version.version, "warnings": warnings}
+
+    def _check_runtime(self, spec: Spec) -> list[str]:
+        """Can this node run the spec (runtime installed, image usable, the process
+        runtime allowed)? Raises InvalidSpec if not; returns what it cannot enforce."""
+        if self.watcher is not None:
+            runtime = self.watcher.runtime(spec.runtime)
+        else:  # a node that runs no pipelines: check what any node would need
+            from daemon.runtimes import get_runtime
+
+            runtime = get_runtime(spec.runtime, allow_process_as_root=True)
+        runtime.check(spec.image)
+        return [f"runtime {spec.runtime} cannot enforce the {limit} limit"
+                for limit in runtime.unsupported_limits(spec.memory, spec.cpu, spec.pids)]
 
     def op_pipeline_delete(self, name: str, author: str | None = None) -> dict:
         version = registry.delete(self.store, name, author=author)

@@ -21,6 +21,9 @@ from conftest import _require_fuse, check_after, mounted
 from disks import small_tmpfs
 from test_pipelines import job_json, put_files, read_output, spec, wait
 
+import vfs
+from vfs.pipeline import registry
+from vfs.pipeline.spec import load_spec_file
 from vfs.refs import parse_time
 
 if TYPE_CHECKING:
@@ -114,14 +117,30 @@ def test_a_pipeline_whose_input_is_gone_holds_up_no_other(mount, tmp_path) -> No
     _until(lambda: _pipelines(mount)["aaa"]["error"] is None, "aaa's error to clear")
 
 
+def test_the_daemon_checks_the_runtime_when_a_pipeline_is_created(tmp_path) -> None:
+    """The vfsd that takes the request says whether it can run the spec: a root vfsd
+    without --allow-process-runtime refuses a process pipeline at once."""
+    _require_fuse()
+    with mounted(tmp_path) as mount:
+        mount.vfsctl("repo", "create", "images")
+        refused = mount.vfsctl("pipeline", "create", "-f", spec(tmp_path), check=False)
+        assert refused.returncode == 1
+        assert "--allow-process-runtime" in refused.stderr, refused.stderr
+        assert mount.vfsctl("pipeline", "list", "--json").stdout.strip() == "[]"
+    check_after(mount, log=False)
+
+
 def test_wait_says_why_a_pipeline_on_its_path_cannot_start(tmp_path) -> None:
     """The daemon refuses the process runtime (it runs as root without
-    --allow-process-runtime): wait must say so, not time out."""
+    --allow-process-runtime) of a pipeline another node created: wait must say so,
+    not time out."""
     _require_fuse()
     with mounted(tmp_path) as mount:
         mount.vfsctl("repo", "create", "images")
         mount.vfsctl("repo", "create", "side")
-        mount.vfsctl("pipeline", "create", "-f", spec(tmp_path))
+        # Created by a node that may run it (here: this process, on the store itself).
+        with vfs.open_store(str(mount.store_dir), cache_dir=str(tmp_path / "other")) as other:
+            registry.create(other, load_spec_file(spec(tmp_path)))
         commit = put_files(mount, {"a.txt": "a"})
         started = time.monotonic()
         done = wait(mount, f"images@{commit}", check=False, timeout=60)
