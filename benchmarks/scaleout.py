@@ -125,8 +125,9 @@ def run(work: Path, endpoint: str, proxy, nodes: int, args) -> dict:
                         'while [ $(date +%s) -lt $end ]; do :; done')
         else:
             work_cmd = f"sleep {args.seconds}"
-        script = (f'{work_cmd}; echo "$VFS_DATUM_ID ${{VFS_NODE:-?}} $(hostname)" '
-                  f'>> {runs_log}; cp "$VFS_PFS"/inputs/* "$VFS_PFS/out/"')
+        script = (f'started=$(date +%s.%N); {work_cmd}; '
+                  f'echo "$VFS_DATUM_ID ${{VFS_NODE:-?}} $started" >> {runs_log}; '
+                  'cp "$VFS_PFS"/inputs/* "$VFS_PFS/out/"')
         spec = {"pipeline": "scale", "input": {"repo": "inputs", "glob": "/*"},
                 "transform": {"cmd": ["sh", "-c", script]}, "runtime": args.runtime,
                 "parallelism": 1}
@@ -144,6 +145,7 @@ def run(work: Path, endpoint: str, proxy, nodes: int, args) -> dict:
         idle = proxy.take()
         idle_minutes = (time.monotonic() - idle_started) / 60
         t0 = time.monotonic()
+        committed_at = time.time()
         commit = first.ctl("commit", "inputs@main", "-m", "inputs").strip()
         last.ctl("wait", f"inputs@{commit}", "--timeout", "3600")
         wall = time.monotonic() - t0
@@ -156,11 +158,14 @@ def run(work: Path, endpoint: str, proxy, nodes: int, args) -> dict:
         except ValueError:
             output_commits = -1
         per_node = Counter(line.split()[1] for line in lines)
+        remote = [float(line.split()[2]) for line in lines if line.split()[1] != first.name]
+        first_remote = min(remote) - committed_at if remote else None
         return {"nodes": nodes, "wall": wall, "runs": len(lines),
                 "distinct": len({line.split()[0] for line in lines}),
                 "ran_on": dict(per_node), "output_commits": output_commits,
                 "requests": busy["total"], "requests_by_op": busy["by_op"],
-                "idle_requests_per_min_per_node": idle["total"] / idle_minutes / nodes}
+                "idle_requests_per_min_per_node": idle["total"] / idle_minutes / nodes,
+                "first_remote_start": first_remote}
     finally:
         for node in started:
             node.stop()
@@ -191,13 +196,16 @@ def main() -> None:
     base = results[0]["wall"] if results else 0
     kind = "cpu-bound" if args.cpu else "sleeping"
     print(f"| nodes | wall s | speedup | datum runs ({args.datums} datums, {kind}) | "
-          "ran on | output commits | S3 requests per datum | idle polls /min/node |")
-    print("|---|---|---|---|---|---|---|---|")
+          "ran on | output commits | S3 requests per datum | idle requests /min/node | "
+          "commit to first datum on another node, s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['nodes']} | {r['wall']:.1f} | {base / r['wall']:.2f}x | {r['runs']} "
               f"({r['distinct']} distinct) | {len(r['ran_on'])} | {r['output_commits']} | "
               f"{r['requests'] / args.datums:.1f} | "
-              f"{r['idle_requests_per_min_per_node']:.0f} |")
+              f"{r['idle_requests_per_min_per_node']:.0f} | "
+              + (f"{r['first_remote_start']:.2f} |" if r["first_remote_start"] is not None
+                 else "- |"))
     shutil.rmtree(work, ignore_errors=True)
 
 
