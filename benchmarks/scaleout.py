@@ -73,7 +73,7 @@ class Node:
             self.process = subprocess.Popen(
                 [PYTHON, "-m", "daemon.main", "--store", url, "--cache", str(self.cache),
                  "--mount", str(self.mount), "--socket", str(self.socket),
-                 "--node-name", name, "--allow-process-runtime", "--poll-interval", "1"],
+                 "--node-name", name, "--allow-process-runtime"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 60
         while not self.socket.exists():
