@@ -308,15 +308,15 @@ def job_logs(options: Options, job_id: str, datum: str | None) -> None:
 @click.argument("job_id", metavar="JOB")
 @pass_options
 def job_cancel(options: Options, job_id: str) -> None:
-    """Stop a running job and its containers; nothing is committed."""
+    """Stop a running job and its containers on every node; nothing is committed."""
     found = records.find_job(options.store().objects, job_id)
     if found.done:
         raise VfsError(f"job {found.id} already finished ({found.state})")
     daemon = options.daemon()
-    if daemon is None:
-        raise VfsError(f"job {found.id} runs in a vfsd that is not on this node or not "
-                       "running")
-    daemon.call("job_cancel", job=found.id)
+    if daemon is not None:  # its node stops its part at once
+        daemon.call("job_cancel", job=found.id)
+    else:  # the nodes running it stop when they next look at its record
+        records.cancel_job(options.store().objects, found.id)
     note(f"cancelled job {found.id}")
 
 

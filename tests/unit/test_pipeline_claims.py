@@ -76,7 +76,7 @@ def test_an_expired_lease_is_taken_over_once_and_fences_the_old_holder(objects) 
 
 def test_tries_count_across_nodes_until_the_datum_fails(objects) -> None:
     held = claims.claim(objects, JOB, "d1", A, now=0.0, ttl=TTL)
-    claims.release(objects, held, now=1.0, error="exit status 3", max_tries=3)
+    claims.release(objects, held, error="exit status 3", max_tries=3)
     seen = claims.read_claim(objects, JOB, "d1")
     assert seen.expired(1.0) and seen.error == "exit status 3"  # any node, at once
     second = claims.take_over(objects, seen, B, now=1.0, ttl=TTL, max_tries=3)
@@ -86,14 +86,14 @@ def test_tries_count_across_nodes_until_the_datum_fails(objects) -> None:
                              ttl=TTL, max_tries=3)
     assert third.tries == 3
     # ...which fails too: that was the last one.
-    last = claims.release(objects, third, now=41.0, error="exit status 4", max_tries=3)
+    last = claims.release(objects, third, error="exit status 4", max_tries=3)
     assert last.state == FAILED and last.error == "exit status 4"
     assert claims.read_claim(objects, JOB, "d1").state == FAILED
 
 
 def test_a_try_interrupted_by_a_stopping_node_does_not_count(objects) -> None:
     held = claims.claim(objects, JOB, "d1", A, now=0.0, ttl=TTL)
-    claims.release(objects, held, now=1.0, count_try=False, max_tries=1)
+    claims.release(objects, held, count_try=False, max_tries=1)
     seen = claims.read_claim(objects, JOB, "d1")
     again = claims.take_over(objects, seen, B, now=1.0, ttl=TTL, max_tries=1)
     assert again is not None and again.state == RUNNING and again.tries == 1

@@ -39,6 +39,7 @@ from vfs.refs import canonical_json
 
 log = logging.getLogger("vfs.pipeline")
 
+DEFAULT_LEASE_TTL = 30.0  # seconds a claim stays valid without a renewal (vfsd --lease-ttl)
 RUNNING = "running"
 DONE = "done"
 FAILED = "failed"
@@ -246,9 +247,10 @@ def finish(objects: ObjectStore, lease: Claim) -> Claim:
     return _holder_write(objects, lease, replace(lease, state=DONE, error=""))
 
 
-def release(objects: ObjectStore, lease: Claim, *, now: float, error: str = "",
+def release(objects: ObjectStore, lease: Claim, *, error: str = "",
             max_tries: int | None = None, count_try: bool = True) -> Claim:
-    """Give a held claim back so that any node may take it over at once.
+    """Give a held claim back so that any node may take it over at once (its lease
+    ends at time 0: expired for every clock).
 
     ``error`` says why the try failed; a try that was only interrupted (this node
     is stopping) does not count (``count_try=False``). When the failed try was the
@@ -257,8 +259,8 @@ def release(objects: ObjectStore, lease: Claim, *, now: float, error: str = "",
     tries = lease.tries if count_try else lease.tries - 1
     if max_tries is not None and count_try and tries >= max_tries:
         return _holder_write(objects, lease, replace(lease, state=FAILED, error=error,
-                                                     expires=now))
-    return _holder_write(objects, lease, replace(lease, tries=tries, expires=now,
+                                                     expires=0.0))
+    return _holder_write(objects, lease, replace(lease, tries=tries, expires=0.0,
                                                  error=error or lease.error))
 
 
@@ -297,6 +299,6 @@ def delete_claims(objects: ObjectStore, job_id: str) -> None:
         objects.delete(info.key)
 
 
-__all__ = ["COMMIT", "DONE", "FAILED", "RUNNING", "Claim", "Current", "check", "claim",
-           "delete_claims", "finish", "load_plan", "move_current", "read_claim",
+__all__ = ["COMMIT", "DEFAULT_LEASE_TTL", "DONE", "FAILED", "RUNNING", "Claim", "Current",
+           "check", "claim", "delete_claims", "finish", "load_plan", "move_current", "read_claim",
            "read_current", "release", "renew", "save_plan", "scan", "spread", "take_over"]

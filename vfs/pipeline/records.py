@@ -40,7 +40,7 @@ from vfs.errors import (
 )
 from vfs.names import check_name
 from vfs.pipeline.claims import read_current
-from vfs.refs import canonical_json
+from vfs.refs import canonical_json, now_iso
 from vfs.tree import Entry
 
 log = logging.getLogger("vfs.pipeline")
@@ -170,6 +170,26 @@ def update_job(objects, job_id: str, change: Callable[[JobRecord], bool], *,
         except PreconditionFailed:
             continue  # another node wrote it meanwhile (or our write landed): again
     raise Conflict(f"the record of job {job_id} keeps changing: gave up")
+
+
+def cancel_job(objects, job_id: str, why: str = "cancelled by the user") -> JobRecord:
+    """Set a running job cancelled, whichever node runs it (they stop its datums when
+    they next look at the record). Returns the record as stored.
+
+    Raises:
+        JobNotFound: no such job.
+        VfsError: it finished already.
+    """
+    def cancel(job: JobRecord) -> bool:
+        if job.done:
+            return False
+        job.state, job.error, job.finished = "cancelled", why, now_iso()
+        return True
+
+    job = update_job(objects, job_id, cancel)
+    if job.state != "cancelled" or job.error != why:
+        raise VfsError(f"job {job_id} already finished ({job.state})")
+    return job
 
 
 def load_job(objects, job_id: str) -> JobRecord:
@@ -426,7 +446,8 @@ def now() -> float:
 
 
 __all__ = ["DatumRecord", "FailedDatum", "JobRecord", "PipelineError", "Processed",
-           "clear_pipeline_error", "covers", "create_job", "find_job", "job_logs", "last_processed",
+           "cancel_job", "clear_pipeline_error", "covers", "create_job", "find_job",
+           "job_logs", "last_processed",
            "list_all_jobs", "list_jobs", "load_datum", "load_job", "load_pipeline_error",
            "new_job_id", "provenance", "save_datum", "save_datum_once", "save_job",
            "save_log", "save_pipeline_error", "update_job"]
