@@ -543,6 +543,8 @@ class JobRun:
                 made = committed_by(self.store, plan)
                 if made is None:
                     raise JobFailure(str(exc)) from None
+                log.info("job %s: another node made its output commit %s meanwhile",
+                         self.job.id, made.id[:12])
             else:
                 log.info("job %s: committed %s@%s", self.job.id, spec.pipeline, made.id[:12])
 
