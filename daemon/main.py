@@ -27,6 +27,7 @@ from daemon.handler import ControlHandler
 from daemon.protocol import default_socket_path, remove_daemon_file, write_daemon_file
 from daemon.reader import MEMORY_LIMIT, ChunkCache, DiskCache, limit_malloc_arenas
 from daemon.spools import recover_spools
+from vfs.pipeline.claims import DEFAULT_LEASE_TTL
 from vfs.pipeline.spec import DEFAULT_DATUM_TIMEOUT, parse_duration
 
 log = logging.getLogger("daemon")
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a datum may run when its pipeline's spec sets no "
                              "datum_timeout: seconds or e.g. 30s, 10m, 1h (default 1h; 0: "
                              "no limit)")
+    parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL, metavar="S",
+                        help="how long this node's claim of a pipeline datum (or of a job's "
+                             "output commit) stays valid in the store; vfsd renews it every "
+                             "third of that while the datum runs, and other nodes take the "
+                             "datum over once it expires, e.g. when this node dies "
+                             f"(default {DEFAULT_LEASE_TTL:g} s)")
     parser.add_argument("--no-pipelines", action="store_true",
                         help="do not run pipeline jobs on this node")
     parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
@@ -137,6 +144,8 @@ def load_options(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--encode-ahead: 0 (off) or at least 1M")
     if not options.node_ttl >= 3:  # also refuses NaN
         parser.error("--node-ttl: at least 3 seconds")
+    if not 3 <= options.lease_ttl <= 86400:  # also refuses NaN
+        parser.error("--lease-ttl: from 3 seconds to a day")
     if options.userns_base and not 1 <= options.userns_base <= (1 << 32) - 1 - (1 << 16):
         parser.error("--userns-base: a host id from 1 to 4294901759, or 0 for none")
     return options
@@ -245,6 +254,7 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
                                   allow_process_runtime=options.allow_process_runtime,
                                   userns_base=options.userns_base or None,
                                   datum_timeout=options.datum_timeout or None,
+                                  lease_ttl=options.lease_ttl,
                                   on_commit=operations.branch_changed)
                 handler.watcher = watcher
                 await nursery.start(watcher.run)

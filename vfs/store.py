@@ -524,10 +524,11 @@ class Store:
     def commit(self, repo: str, branch: str, message: str = "", *, author: str | None = None,
                provenance: dict | None = None, metadata: dict | None = None,
                tree: str | None = None, why: str = "commit",
-               allow_empty: bool = False) -> Commit:
+               allow_empty: bool = False, **exact) -> Commit:
         """Seal the open commit of a branch (or commit ``tree`` as is) and move the branch.
 
-        The protocol is :func:`vfs.commit.commit`, which documents its steps.
+        The protocol is :func:`vfs.commit.commit`, which documents its steps (and
+        ``exact``: its ``expect_head`` and ``fence``).
 
         Raises:
             NothingToCommit: nothing is staged, or the result equals the head.
@@ -535,7 +536,7 @@ class Store:
         """
         return commit_protocol.commit(self, repo, branch, message, author=author,
                                       provenance=provenance, metadata=metadata, tree=tree,
-                                      why=why, allow_empty=allow_empty)
+                                      why=why, allow_empty=allow_empty, **exact)
 
     def rollback(self, repo: str, branch: str, target: RefSpec, message: str = "", *,
                  author: str | None = None) -> Commit:
