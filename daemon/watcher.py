@@ -44,6 +44,7 @@ import trio
 from daemon.runtimes import ContainerRun, DatumIO, get_runtime
 from daemon.runtimes.runc import DEFAULT_STATE_ROOT, DEFAULT_USERNS_BASE
 from vfs.errors import InvalidSpec, VfsError
+from vfs.heads import Heads
 from vfs.pipeline import records, registry
 from vfs.pipeline.jobs import (
     DatumTask,
@@ -62,6 +63,9 @@ log = logging.getLogger("daemon.watcher")
 
 PROGRESS_SAVE_SECONDS = 2.0
 JOB_HEARTBEAT_SECONDS = 30.0  # a running job's record is saved at least this often
+# pipelines/ is listed at least this often; more often when something says it changed
+# (see Watcher._look)
+PIPELINES_RELIST_SECONDS = 30.0
 RERUN_ONLY_ON_CHANGE = ("failed", "cancelled")  # job states not run again for the same head
 # Free bytes under which the scratch disk counts as full: what a datum printed then
 # may be lost (its command writes its log there directly).
@@ -118,6 +122,13 @@ class Watcher:
         self._saving: dict[str, trio.Lock] = {}  # job id -> its saves, one at a time
         self._saved_at: dict[str, float] = {}  # job id -> monotonic time of its last save
         self._logged: dict[str, set[str]] = {}  # job id -> datums whose log is stored
+        # A round's look at the store: one listing of refs/ whatever the number of
+        # pipelines (vfs/heads.py), pipelines/ listed again only when needed (_look).
+        self.heads = Heads(store)
+        self._registry = registry.Pipelines(store.objects)
+        self._pipelines: list[PipelineVersion] | None = None
+        self._pipelines_listed = 0.0  # monotonic time of the last listing of pipelines/
+        self._relist = True  # list pipelines/ at the next round
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -145,6 +156,7 @@ class Watcher:
 
     def nudge(self) -> None:
         """Something changed (a commit, a pipeline): look now. Thread-safe."""
+        self._relist = True
         if self._token is None:
             return
         try:
@@ -215,7 +227,7 @@ class Watcher:
                             container["id"])
 
     async def _tick(self) -> None:
-        pipelines = await trio.to_thread.run_sync(registry.list_pipelines, self.store.objects)
+        pipelines = await trio.to_thread.run_sync(self._look)
         names = {p.name for p in pipelines}
         for name, state in self._states.items():
             if name not in names and state.running is not None:
@@ -231,7 +243,7 @@ class Watcher:
             try:
                 assert version.spec is not None
                 head = (await trio.to_thread.run_sync(
-                    self.store.head, version.spec.input_repo, version.spec.input_branch)
+                    self.heads.head, version.spec.input_repo, version.spec.input_branch)
                         ).commit
                 plan = await self._next_job(version, state, head or "")
             except VfsError as exc:
@@ -249,6 +261,27 @@ class Watcher:
             scope = trio.CancelScope()
             state.running = _Running(plan.job, scope)
             self._nursery.start_soon(self._job_task, state, plan, scope)
+
+    def _look(self) -> list[PipelineVersion]:
+        """This round's pipelines, after one listing of every branch head.
+
+        ``pipelines/`` is listed again only when this daemon was nudged (a commit or a
+        pipeline change made through it), when a branch moved, came or went (creating
+        a pipeline makes its output branch), and at least every
+        ``PIPELINES_RELIST_SECONDS`` (an update or a delete made through another node).
+        """
+        moved = self.heads.poll()
+        now = time.monotonic()
+        if (moved or self._relist or self._pipelines is None
+                or now - self._pipelines_listed >= PIPELINES_RELIST_SECONDS):
+            self._relist = False  # before the listing: a nudge meanwhile lists again
+            try:
+                self._pipelines = self._registry.poll()
+            except BaseException:
+                self._relist = True
+                raise
+            self._pipelines_listed = now
+        return self._pipelines
 
     async def _next_job(self, version: PipelineVersion, state: _State, head: str
                         ) -> JobPlan | None:
