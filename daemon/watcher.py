@@ -129,6 +129,7 @@ class Watcher:
         self._pipelines: list[PipelineVersion] | None = None
         self._pipelines_listed = 0.0  # monotonic time of the last listing of pipelines/
         self._relist = True  # list pipelines/ at the next round
+        self._datums_running = 0  # datums being prepared or run now
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -187,6 +188,11 @@ class Watcher:
 
     def running_jobs(self) -> list[JobRecord]:
         return [s.running.job for s in self._states.values() if s.running is not None]
+
+    def running_datums(self) -> int:
+        """How many datums this node is running now (its heartbeat says so).
+        Thread-safe."""
+        return self._datums_running
 
     # -- ticks -------------------------------------------------------------------------------
 
@@ -585,6 +591,7 @@ class Watcher:
         errors: dict[str, str] = {}
         results: dict[str, DatumRecord] = {}
         timeout = spec.datum_timeout or self.datum_timeout
+        self._datums_running += len(tasks)
         try:
             await trio.to_thread.run_sync(prepare)
             if job.first_start is None:
@@ -603,6 +610,8 @@ class Watcher:
                           tasks[0].id, tasks[0].root)
             statuses = [None] * len(tasks)
             errors = {task.root: describe(exc) for task in tasks}
+        finally:
+            self._datums_running -= len(tasks)
         for task, io in zip(tasks, ios, strict=True):
             if io.timed_out:
                 assert timeout is not None
