@@ -265,7 +265,11 @@ def unique_name(objects: ObjectStore, identity: NodeIdentity, *, chosen: bool) -
         AlreadyExists: ``chosen`` and a live vfsd of another node has that name.
     """
     now = store_now(objects, identity.id)
-    for record in read_records(objects):
+    try:
+        records = read_records(objects)
+    except Corruption:
+        return identity.name  # gc reports the damaged record; a name is no reason to stop
+    for record in records:
         if (record.node != identity.id and record.name == identity.name and record.vfsd
                 and record.alive(now)):
             if not chosen:
