@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ from vfs.errors import (
     StoreError,
     VfsError,
 )
+from vfs.heads import Heads
 from vfs.pipeline import claims, records, registry
 from vfs.pipeline.claims import DEFAULT_LEASE_TTL
 from vfs.pipeline.jobs import JobPlan, plan_document, plan_from_document, plan_job
@@ -64,6 +66,9 @@ __all__ = ["Watcher", "describe"]
 
 log = logging.getLogger("daemon.watcher")
 
+# pipelines/ is listed at least this often; more often when something says it changed
+# (see Watcher._look)
+PIPELINES_RELIST_SECONDS = 30.0
 RERUN_ONLY_ON_CHANGE = ("failed", "cancelled")  # job states not run again for the same head
 
 
@@ -110,6 +115,13 @@ class Watcher:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
+        # A round's look at the store: one listing of refs/ whatever the number of
+        # pipelines (vfs/heads.py), pipelines/ listed again only when needed (_look).
+        self.heads = Heads(store)
+        self._registry = registry.Pipelines(store.objects)
+        self._pipelines: list[PipelineVersion] | None = None
+        self._pipelines_listed = 0.0  # monotonic time of the last listing of pipelines/
+        self._relist = True  # list pipelines/ at the next round
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -136,6 +148,7 @@ class Watcher:
 
     def nudge(self) -> None:
         """Something changed (a commit, a pipeline): look now. Thread-safe."""
+        self._relist = True
         if self._token is None:
             return
         try:
@@ -167,6 +180,13 @@ class Watcher:
     def running_jobs(self) -> list[JobRecord]:
         return [s.running.run.job if s.running.run is not None else s.running.job
                 for s in self._states.values() if s.running is not None]
+
+    def running_datums(self) -> int:
+        """How many datums this node is running now (its heartbeat says so). Any
+        thread: the tables are copied first."""
+        runs = [s.running.run for s in list(self._states.values())
+                if s.running is not None and s.running.run is not None]
+        return sum(len(run.leases) for run in runs)
 
     # -- ticks -------------------------------------------------------------------------------
 
@@ -211,7 +231,7 @@ class Watcher:
                             container["id"])
 
     async def _tick(self) -> None:
-        pipelines = await trio.to_thread.run_sync(registry.list_pipelines, self.store.objects)
+        pipelines = await trio.to_thread.run_sync(self._look)
         names = {p.name for p in pipelines}
         for name, state in self._states.items():
             if name not in names and state.running is not None:
@@ -228,7 +248,7 @@ class Watcher:
             try:
                 assert version.spec is not None
                 head = (await trio.to_thread.run_sync(
-                    self.store.head, version.spec.input_repo, version.spec.input_branch)
+                    self.heads.head, version.spec.input_repo, version.spec.input_branch)
                         ).commit
                 plan = await self._next_job(version, state, head or "")
             except VfsError as exc:
@@ -246,6 +266,27 @@ class Watcher:
             scope = trio.CancelScope()
             state.running = _Running(plan.job, scope)
             self._nursery.start_soon(self._job_task, state, plan, scope)
+
+    def _look(self) -> list[PipelineVersion]:
+        """This round's pipelines, after one listing of every branch head.
+
+        ``pipelines/`` is listed again only when this daemon was nudged (a commit or a
+        pipeline change made through it), when a branch moved, came or went (creating
+        a pipeline makes its output branch), and at least every
+        ``PIPELINES_RELIST_SECONDS`` (an update or a delete made through another node).
+        """
+        moved = self.heads.poll()
+        now = time.monotonic()
+        if (moved or self._relist or self._pipelines is None
+                or now - self._pipelines_listed >= PIPELINES_RELIST_SECONDS):
+            self._relist = False  # before the listing: a nudge meanwhile lists again
+            try:
+                self._pipelines = self._registry.poll()
+            except BaseException:
+                self._relist = True
+                raise
+            self._pipelines_listed = now
+        return self._pipelines
 
     async def _next_job(self, version: PipelineVersion, state: _State, head: str
                         ) -> JobPlan | None:

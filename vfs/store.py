@@ -39,7 +39,7 @@ from vfs.errors import (
 from vfs.gclog import deleted_commits
 from vfs.index import Index
 from vfs.names import RefSpec, check_name, looks_like_commit
-from vfs.nodes import ACTIVE, IDLE, Presence, node_identity
+from vfs.nodes import ACTIVE, IDLE, Presence, node_identity, rename_identity, unique_name
 from vfs.objstore import ObjectStore, open_object_store
 from vfs.refs import (
     Commit,
@@ -147,11 +147,28 @@ class Store:
         lives, and :meth:`heartbeat` must be called every ``ttl / 3`` seconds."""
         self.stays_active = True
         self.presence.ttl = ttl
+        self.presence.vfsd = True  # the record is this vfsd's heartbeat
         # Held shared for the life of the process: a command-line process on the same
         # node sees it and does not mark the node idle under the daemon's feet.
         self._active_fd = self._lock_file("active.lock")
         fcntl.flock(self._active_fd, fcntl.LOCK_SH)
         self.heartbeat()
+
+    def claim_node_name(self, *, chosen: bool) -> str:
+        """Make sure no other live vfsd goes by this node's name (vfsd, before
+        :meth:`keep_active`); see :func:`vfs.nodes.unique_name`.
+
+        Args:
+            chosen: the user named the node (``--node-name``, ``$VFS_NODE_NAME``).
+
+        Raises:
+            AlreadyExists: a chosen name is taken by another live vfsd.
+        """
+        name = unique_name(self.objects, self.node, chosen=chosen)
+        if name != self.node.name:
+            self.node = rename_identity(self.cache_dir, self.node, name)
+            self.presence.identity = self.node
+        return name
 
     def heartbeat(self) -> None:
         """Refresh this node's record; acknowledge gc if no write is in flight."""
