@@ -185,10 +185,11 @@ class BranchView(View):
     """A branch head plus its open commit plus files being written; read-write.
 
     All methods are called with the view's lock held by the caller
-    (:attr:`lock`), so FUSE requests on one branch apply in order. The lock is
-    never held while the store is read (see :meth:`reload`), except on rare
-    paths (a reload that raced a change, a failed staging): the FUSE loop still
-    never waits for it (``daemon.fs._with_lock``).
+    (:attr:`lock`), so FUSE requests on one branch apply in order. Lookups,
+    listings and reloads read the store without it (:meth:`locked`,
+    :meth:`reload`); rarer work still reads under it (copying a stored file into
+    its spool to write into it, a reload that raced a change). The FUSE loop
+    never waits for it either way (``daemon.fs._with_lock``).
 
     Args:
         trees: the cache of decoded trees (default: one of its own); it is kept
@@ -252,6 +253,9 @@ class BranchView(View):
         except VfsError:
             self._stale = True
             raise
+        for path in list(self.spools):  # the trees _install compares them in, read now
+            with contextlib.suppress(VfsError):  # unreadable: compare says changed
+                open_commit.lookup(path)
         return state, open_commit, refused
 
     def _install(self, state: RefState, open_commit: OpenCommit,
