@@ -52,10 +52,14 @@ class Writer:
 
 
 @pytest.fixture
-def slow_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto_endpoint: str,
+def slow_mount(request: pytest.FixtureRequest, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch, moto_endpoint: str,
                aws_env: None) -> Iterator[tuple[Mount, FaultProxy, Writer]]:
     """A vfsd whose store is behind a FaultProxy, with ``data@main`` and ``data@other``
-    filled by another node (``warm/``, ``cold/``, ``g``) before it started."""
+    filled by another node (``warm/``, ``cold/``, ``g``) before it started.
+
+    Its log must be free of warnings, unless the test is marked ``expect_warnings``
+    (then the test checks them)."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse on this machine")
     bucket = f"pfs-{uuid.uuid4().hex[:12]}"
@@ -84,7 +88,8 @@ def slow_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto_endpoint: s
             proxy.restore()
             stop_vfsd(mount)
     problems = daemon_log_problems(mount.log)
-    assert not problems, "vfsd logged:\n" + "\n".join(problems)
+    if not request.node.get_closest_marker("expect_warnings"):
+        assert not problems, "vfsd logged:\n" + "\n".join(problems)
 
 
 def warm(mount: Mount) -> None:
@@ -171,3 +176,32 @@ def test_a_vfsctl_command_waiting_for_the_store_does_not_stop_the_mount(slow_mou
     assert out == [0]
     proxy.restore()
     assert not (mount.path / "data@main" / "g").exists()
+
+
+@pytest.mark.expect_warnings
+def test_an_unreachable_store_leaves_the_branches_as_they_were(slow_mount) -> None:
+    mount, proxy, writer = slow_mount
+    warm(mount)
+
+    def failed() -> list[str]:
+        """The branches whose failing check was logged (as a warning)."""
+        return sorted(line.split("cannot check the head of ")[1].split()[0]
+                      for line in daemon_log_problems(mount.log)
+                      if "cannot check the head of" in line)
+
+    proxy.cut()  # every connection refused: each check of a head fails
+    took = answers_promptly(mount)
+    assert took < PROMPT, f"stat and ls of warm paths took {took:.2f} s"
+    # The checks fail once the store's retries give up.
+    both = ["data@main", "data@other"]
+    assert wait_for(failed, both, timeout=30) == both
+    time.sleep(1.2)  # checked again, failing again
+    took = answers_promptly(mount)
+    assert took < PROMPT, f"stat and ls of warm paths took {took:.2f} s"
+    proxy.restore()
+    tmp = mount.path.parent / "back"
+    tmp.write_bytes(b"back")
+    writer("put", "data@main:/back", str(tmp))
+    writer("commit", "data@main", "-m", "back")
+    assert wait_for(lambda: (mount.path / "data@main" / "back").exists(), True, timeout=30)
+    assert failed() == both  # said once, however often it failed
