@@ -270,6 +270,11 @@ class Coherence:
         self._checking: dict[BranchView, _Check] = {}  # checks of heads under way
         self._failing: set[BranchView] = set()  # views whose last check failed
 
+    def due(self, view: BranchView) -> bool:
+        """Would :meth:`refresh` do anything? (Cheap: the warm path of every
+        request on a branch asks, and skips the call when it would not.)"""
+        return bool(self._checking) or view.refresh_due()
+
     async def refresh(self, view: BranchView, *, wait: bool = True) -> None:
         """Notice a head moved by another node (a request handler calls it in passing):
         what the kernel caches of the files it changed is dropped soon after.

@@ -223,7 +223,7 @@ class VfsOperations(pyfuse3.Operations):
         """The entry at ``path`` in ``view``: from memory in the FUSE loop, else (a
         tree to read from the store) in a worker thread. On a branch, checks its
         head in passing (:meth:`Coherence.refresh`; ``wait``: see there)."""
-        if isinstance(view, BranchView):
+        if isinstance(view, BranchView) and self.coherence.due(view):
             await self.coherence.refresh(view, wait=wait)
         try:
             return view.lookup_nowait(path)
@@ -463,7 +463,8 @@ class VfsOperations(pyfuse3.Operations):
         else:
             view = node.view
             assert isinstance(view, BranchView)
-            await self.coherence.refresh(view)
+            if self.coherence.due(view):
+                await self.coherence.refresh(view)
             # Many rows to decode: not in the trio thread.
             listing = await trio.to_thread.run_sync(
                 view.locked, functools.partial(view.listdir, node.path),

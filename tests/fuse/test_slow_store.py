@@ -157,6 +157,8 @@ def test_a_tree_read_from_the_store_does_not_stop_the_mount(slow_mount) -> None:
     thread.join(timeout=30)
     assert took < PROMPT, f"stat and ls of warm paths took {took:.2f} s"
     assert out == [["a", "d"]]  # the slow listing itself is right
+    # The trees of cold/ and cold/a/ are read now (the listing counted the
+    # subdirectories of a/ and d/), not that of cold/a/b/: its link count needs it.
     thread, out = in_background(lambda: os.stat(mount.path / "data@other" / "cold" / "a" / "b")
                                 .st_nlink)
     took = answers_promptly(mount)
