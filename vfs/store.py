@@ -54,7 +54,7 @@ from vfs.refs import (
     read_reflog,
     ref_key,
 )
-from vfs.snapshot import Change, Snapshot, diff_trees
+from vfs.snapshot import Change, Snapshot, TreeCache, diff_trees
 from vfs.staging import OpenCommit, decode_change, encode_change
 from vfs.tree import DIR, Entry
 
@@ -481,19 +481,26 @@ class Store:
 
     # -- open commits --------------------------------------------------------------------
 
-    def open_commit(self, repo: str, branch: str) -> tuple[RefState, OpenCommit]:
-        """The head of a branch and its open commit (possibly empty)."""
-        state, open_commit, _ = self._open_commit(repo, branch)
+    def open_commit(self, repo: str, branch: str, *,
+                    trees: TreeCache | None = None) -> tuple[RefState, OpenCommit]:
+        """The head of a branch and its open commit (possibly empty).
+
+        Args:
+            trees: the cache of decoded trees its head snapshot uses (trees are
+                named by their content: a long-lived view keeps one across heads).
+        """
+        state, open_commit, _ = self._open_commit(repo, branch, trees)
         return state, open_commit
 
-    def _open_commit(self, repo: str, branch: str) -> tuple[RefState, OpenCommit,
-                                                            dict[str, bytes]]:
+    def _open_commit(self, repo: str, branch: str, trees: TreeCache | None = None
+                     ) -> tuple[RefState, OpenCommit, dict[str, bytes]]:
         """:meth:`open_commit`, plus the staged changes as the index holds them."""
         state = self.head(repo, branch)
         self._recover_seal(state)
         staged = self.index.staged(repo, branch)
         changes = {p: decode_change(v) for p, v in staged.items()}
-        head = Snapshot(self.blobs, self.read_commit(state.commit).tree if state.commit else None)
+        head = Snapshot(self.blobs, self.read_commit(state.commit).tree if state.commit else None,
+                        trees)
         return state, OpenCommit(head, changes), staged
 
     def stage(self, state: RefState, changes: dict[str, object]) -> None:
