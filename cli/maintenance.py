@@ -70,7 +70,13 @@ def gc(options: Options, dry_run: bool, grace: float, reflog_retention: float,
 @json_option
 @pass_options
 def nodes(options: Options, expiry: float, as_json: bool) -> None:
-    """The nodes using the store: name, id, last heartbeat (store time), gc status."""
+    """The nodes using the store: name, id, last heartbeat, alive, running datums.
+
+    Every vfsd is a node: its record in the store is its heartbeat, refreshed every
+    third of its --node-ttl; a node silent for longer is not alive. Ages are in the
+    store's time. Command-line processes working on the store directly show as
+    nodes too (idle once they finished). STATUS is what gc makes of a node.
+    """
     from vfs.nodes import describe_nodes
 
     store = options.store()
@@ -81,9 +87,10 @@ def nodes(options: Options, expiry: float, as_json: bool) -> None:
     if not found:
         note("no node has written to this store yet")
         return
-    table([[n["name"], n["id"][:12], n["status"], f"{n['seen_seconds_ago']:.0f}s ago",
-            n["gc_seen"]] for n in found],
-          headers=["NAME", "ID", "STATUS", "LAST SEEN", "GC SEEN"])
+    table([[n["name"], n["id"][:12], "yes" if n["alive"] else "no",
+            n["running"] if n["vfsd"] else "-", f"{n['seen_seconds_ago']:.0f}s ago",
+            n["status"], n["gc_seen"]] for n in found],
+          headers=["NAME", "ID", "ALIVE", "RUNNING", "LAST SEEN", "STATUS", "GC SEEN"])
 
 
 @click.command()

@@ -16,9 +16,10 @@ import click
 
 from cli.options import Options, json_option, pass_options
 from cli.output import emit_json, fields, local_time, note, short, table
-from vfs.errors import JobNotFound, VfsError
+from vfs.errors import Corruption, JobNotFound, ObjectNotFound, VfsError
 from vfs.names import parse_ref
-from vfs.pipeline import records, registry
+from vfs.pipeline import claims, records, registry
+from vfs.pipeline.datums import datum_id
 from vfs.pipeline.follow import Origin, provenance_of, wait_for
 from vfs.pipeline.records import JobRecord
 from vfs.pipeline.spec import Spec, load_spec_file, load_spec_text
@@ -243,12 +244,14 @@ def job_list(options: Options, pipeline_name: str | None, as_json: bool) -> None
 @json_option
 @pass_options
 def job_inspect(options: Options, job_id: str, as_json: bool) -> None:
-    """One job: state, datums processed / skipped / failed, times, output commit."""
+    """One job: state, datums processed / skipped / failed, times, output commit, and
+    which node ran each datum, in how many tries."""
     objects = options.store().objects
     found = records.find_job(objects, job_id)
     deleted = registry.current(objects, found.pipeline) is None
+    datums = _datum_claims(objects, found.id)
     if as_json:
-        emit_json(_job_json(found, deleted))
+        emit_json({**_job_json(found, deleted), "datums": datums})
         return
     pairs: list[tuple[str, object]] = [
         ("job", found.id), ("state", found.state),
@@ -268,6 +271,30 @@ def job_inspect(options: Options, job_id: str, as_json: bool) -> None:
         pairs.append(("error", found.error))
     pairs += [(f"log of {datum}", f"lost: {why}") for datum, why in found.logs_lost.items()]
     fields(pairs)
+    if datums:
+        click.echo()
+        table([(d["id"], "/" + d["root"] if d["root"] is not None else "?", d["state"],
+                d["node"], d["tries"], d["error"] or "-") for d in datums],
+              ("DATUM", "ROOT", "STATE", "NODE", "TRIES", "LAST ERROR"))
+
+
+def _datum_claims(objects, job_id: str) -> list[dict]:
+    """The datums the job ran, from their claims (docs/format.md §10b): which node
+    holds or held each, in how many tries, and how it ended."""
+    try:
+        plan = claims.load_plan(objects, job_id)
+        roots = {digest: root for root, digest in plan.get("tasks", [])}
+    except (ObjectNotFound, Corruption):
+        roots = {}  # a job of a vfs before shared jobs, or its plan is damaged
+    out = []
+    for name, claim in sorted(claims.scan(objects, job_id, {}).items(),
+                              key=lambda item: roots.get(item[0], item[0])):
+        if name == claims.COMMIT:
+            continue
+        out.append({"id": datum_id(name), "hash": name, "root": roots.get(name),
+                    "node": claim.node_name, "node_id": claim.node, "tries": claim.tries,
+                    "state": claim.state, "error": claim.error})
+    return out
 
 
 @job.command("logs")
@@ -308,15 +335,15 @@ def job_logs(options: Options, job_id: str, datum: str | None) -> None:
 @click.argument("job_id", metavar="JOB")
 @pass_options
 def job_cancel(options: Options, job_id: str) -> None:
-    """Stop a running job and its containers; nothing is committed."""
+    """Stop a running job and its containers on every node; nothing is committed."""
     found = records.find_job(options.store().objects, job_id)
     if found.done:
         raise VfsError(f"job {found.id} already finished ({found.state})")
     daemon = options.daemon()
-    if daemon is None:
-        raise VfsError(f"job {found.id} runs in a vfsd that is not on this node or not "
-                       "running")
-    daemon.call("job_cancel", job=found.id)
+    if daemon is not None:  # its node stops its part at once
+        daemon.call("job_cancel", job=found.id)
+    else:  # the nodes running it stop when they next look at its record
+        records.cancel_job(options.store().objects, found.id)
     note(f"cancelled job {found.id}")
 
 

@@ -39,9 +39,16 @@ from daemon.views import BranchView, Reload, SpoolFile
 from vfs.blobstore import BlobStore
 from vfs.errors import VfsError
 from vfs.names import parent_and_name
+from vfs.snapshot import NotCached
 from vfs.tree import FILE, Entry
 
 log = logging.getLogger("daemon.fs")
+
+# How long a request waits for a check of its branch's head that is under way
+# before it is answered from the view as it is: a store that answers in time
+# (the usual case) shows another node's commit to the next request, and a slow
+# or unreachable one delays requests on that branch by this much, once a check.
+REFRESH_WAIT = 0.05
 
 # -- read-only handles follow their file ----------------------------------------------------
 
@@ -57,7 +64,10 @@ def reads_current(handle: Handle, view: BranchView) -> bool:
     spool = view.spools.get(path)
     if spool is not None:
         return spool is handle.spool
-    entry = view.open_commit.lookup(path)
+    try:
+        entry = view.open_commit.lookup_nowait(path)
+    except NotCached:
+        return False  # follow_spool decides, in a worker thread
     if entry is None or entry.kind != FILE:
         return True  # gone: its handles read on what they had (see let_go)
     return handle.reader is not None and handle.reader.entry.ref == entry.ref
@@ -211,6 +221,14 @@ def gone(view: BranchView, changes: Reload, nodes: Iterable[Node]) -> list[tuple
     return out
 
 
+class _Check:
+    """A check of a branch's head under way (:meth:`Coherence.refresh`)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # requests wait for it until then (trio's clock)
+        self.done = trio.Event()
+
+
 def drop(inodes: Iterable[int], names: Iterable[tuple[int, bytes]]) -> None:
     """Have the kernel forget the pages and attributes of ``inodes``, then the
     ``names`` (parent inode, name) of files that went away.
@@ -249,23 +267,83 @@ class Coherence:
         self.handles = handles
         self.blobs = blobs
         self.nursery: trio.Nursery | None = None  # set while mounted
+        self._checking: dict[BranchView, _Check] = {}  # checks of heads under way
+        self._failing: set[BranchView] = set()  # views whose last check failed
 
-    def refresh(self, view: BranchView) -> None:
+    def due(self, view: BranchView) -> bool:
+        """Would :meth:`refresh` do anything? (Cheap: the warm path of every
+        request on a branch asks, and skips the call when it would not.)"""
+        return bool(self._checking) or view.refresh_due()
+
+    async def refresh(self, view: BranchView, *, wait: bool = True) -> None:
         """Notice a head moved by another node (a request handler calls it in passing):
-        what the kernel caches of the files it changed is dropped soon after."""
-        changes = view.maybe_refresh()
+        what the kernel caches of the files it changed is dropped soon after.
+
+        The check reads the store, so it runs in a worker thread, at most one per
+        branch at a time; the request waits for it up to :data:`REFRESH_WAIT`
+        after it started (``wait=False``: not at all), then is answered from
+        the view as it is. Never raises: a store that cannot be read leaves the
+        view as it was, and is logged.
+        """
+        check = self._checking.get(view) if self._checking else None
+        if check is None:
+            if not view.refresh_due():
+                return  # the warm path: one clock read
+            if self.nursery is None:  # handlers called without a mount (tests)
+                await self._check(view, _Check(trio.current_time()))
+                return
+            check = self._checking[view] = _Check(trio.current_time() + REFRESH_WAIT)
+            self.nursery.start_soon(self._check, view, check)
+        if wait and trio.current_time() < check.deadline:
+            with trio.move_on_at(check.deadline):
+                await check.done.wait()
+
+    async def _check(self, view: BranchView, check: _Check) -> None:
+        """Check a branch's head in a worker thread (:meth:`refresh`), and drop
+        what the kernel caches of what a moved head changed."""
+        changes = None
+        try:
+            changes = await trio.to_thread.run_sync(view.maybe_refresh, abandon_on_cancel=True)
+        except VfsError as exc:
+            if view not in self._failing:
+                self._failing.add(view)
+                log.warning("cannot check the head of %s in the store: %s (answering from "
+                            "what this node has; checked again in a second)", view.name, exc)
+            else:
+                log.debug("cannot check the head of %s: %s", view.name, exc)
+        except Exception:  # a bug: logged, and the mount keeps serving
+            log.exception("internal error checking the head of %s", view.name)
+        else:
+            if view in self._failing:
+                self._failing.discard(view)
+                log.info("the head of %s can be checked again", view.name)
+        finally:
+            if self._checking.get(view) is check:
+                del self._checking[view]
+            check.done.set()
         if changes is not None and self.nursery is not None:
-            self.nursery.start_soon(self._drop_changed_soon, view, changes)
+            try:
+                await self._drop_changed_soon(view, changes)
+            except VfsError as exc:  # a manifest of a file that went cannot be read
+                log.warning("cannot follow the change of %s everywhere: %s", view.name, exc)
+            except Exception:
+                log.exception("internal error following the change of %s", view.name)
 
     async def follow(self, handle: Handle, view: BranchView) -> None:
         """Point a read-only handle at what its file holds now: the spool it is being
         written to, or its stored bytes (a changed file, not the one opened)."""
 
+        def choose() -> Entry | None:  # holding the lock
+            if not handle.follows:
+                return None  # its file lost its name meanwhile
+            return follow_spool(handle, view)
+
+        def choose_nowait() -> Entry | None:
+            view.lookup_nowait(handle.node.path)  # all follow_spool looks up
+            return choose()
+
         def follow() -> None:
-            with view.lock:
-                if not handle.follows:
-                    return  # its file lost its name meanwhile
-                entry = follow_spool(handle, view)
+            entry = view.locked(choose, choose_nowait)
             if entry is not None:  # its manifest is read without the lock
                 reader = FileReader.load(self.blobs, entry)
                 with view.lock:

@@ -33,6 +33,7 @@ from daemon.views import BranchView, CommitView, View
 from daemon.viewtable import ViewTable
 from vfs.errors import Corruption, InvalidName, InvalidRef, NotFound, ReadOnly, VfsError
 from vfs.names import MAX_COMPONENT_BYTES, MAX_PATH_BYTES, join, normalize_path
+from vfs.snapshot import NotCached
 from vfs.store import Store
 from vfs.tree import DIR, FILE, SYMLINK, Entry, permission_bits
 
@@ -92,7 +93,8 @@ def _errors_unanswered(handler: Callable) -> Callable:
     return wrapper
 
 
-async def _with_lock(view: BranchView, work: Callable[[], T]) -> T:
+async def _with_lock(view: BranchView, work: Callable[[], T],
+                     nowait: Callable[[], T] | None = None) -> T:
     """Run short work on a branch view while holding its lock.
 
     For bookkeeping and a few local syscalls (create a spool, write a sidecar, close a
@@ -100,12 +102,22 @@ async def _with_lock(view: BranchView, work: Callable[[], T]) -> T:
     most of what a small-file writer waits for: run it right here when the lock is
     free, and in a worker thread only when another thread holds it (never block the
     FUSE loop on a lock).
+
+    Args:
+        nowait: the same work from what is in memory, for work that may read
+            trees: it raises :class:`NotCached` (before changing anything) where
+            ``work`` would read the store; it then goes on in a worker thread,
+            which reads the trees without the lock (:meth:`BranchView.locked`).
     """
     if view.lock.acquire(blocking=False):
         try:
-            return work()
+            return (nowait or work)()
+        except NotCached:
+            pass  # a tree to read from the store: not in the FUSE loop
         finally:
             view.lock.release()
+    if nowait is not None:
+        return await trio.to_thread.run_sync(view.locked, work, nowait)
 
     def locked() -> T:
         with view.lock:
@@ -195,10 +207,10 @@ class VfsOperations(pyfuse3.Operations):
 
     # -- views ---------------------------------------------------------------------------
 
-    def _entry(self, node: Node) -> Entry:
+    async def _entry(self, node: Node) -> Entry:
         if node.view is None:
             return Entry("", DIR, 0o755, 0, 0, "")
-        entry = self._view_entry(node.view, node.path)
+        entry = await self._view_entry(node.view, node.path)
         if entry is None:
             entry = self.handles.entry_of(node)
         if entry is None and node.path == DELETED:
@@ -207,10 +219,16 @@ class VfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
 
-    def _view_entry(self, view: View, path: str) -> Entry | None:
-        if isinstance(view, BranchView):
-            self.coherence.refresh(view)
-        return view.lookup(path)
+    async def _view_entry(self, view: View, path: str, *, wait: bool = True) -> Entry | None:
+        """The entry at ``path`` in ``view``: from memory in the FUSE loop, else (a
+        tree to read from the store) in a worker thread. On a branch, checks its
+        head in passing (:meth:`Coherence.refresh`; ``wait``: see there)."""
+        if isinstance(view, BranchView) and self.coherence.due(view):
+            await self.coherence.refresh(view, wait=wait)
+        try:
+            return view.lookup_nowait(path)
+        except NotCached:
+            return await trio.to_thread.run_sync(_lookup, view, path)
 
     async def _subdirectories_of(self, view: View | None, path: str, entry: Entry) -> int:
         """How many directories ``entry`` (at ``path`` in ``view``) holds, for its link count.
@@ -221,7 +239,8 @@ class VfsOperations(pyfuse3.Operations):
         if entry.kind != DIR or path == DELETED:
             return 0
         if isinstance(view, BranchView):
-            return await _with_lock(view, functools.partial(view.subdirectories, path))
+            return await _with_lock(view, functools.partial(view.subdirectories, path),
+                                    functools.partial(view.subdirectories_nowait, path))
         if isinstance(view, CommitView) and entry.ref:
             return await self.commits.subdirectories(view, entry.ref)
         return 0
@@ -315,7 +334,7 @@ class VfsOperations(pyfuse3.Operations):
                 # Numbered only if it is there: a shell searching its PATH, or a
                 # stat of every name a build tries, would otherwise leave one
                 # Node behind per miss.
-                entry = self._view_entry(view, path)
+                entry = await self._view_entry(view, path)
                 if entry is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 subdirectories = await self._subdirectories_of(view, path, entry)
@@ -323,7 +342,7 @@ class VfsOperations(pyfuse3.Operations):
                 node.lookups += 1
                 return self._attrs(node, entry, subdirectories)
             node = known
-        entry = self._entry(node)
+        entry = await self._entry(node)
         attrs = self._attrs(node, entry,
                             await self._subdirectories_of(node.view, node.path, entry))
         node.lookups += 1
@@ -333,7 +352,7 @@ class VfsOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         node = self.inodes.nodes.get(inode)
         if node is not None:
-            entry = self._entry(node)
+            entry = await self._entry(node)
             return self._attrs(node, entry,
                                await self._subdirectories_of(node.view, node.path, entry))
         return await self.commits.getattr(inode)
@@ -343,7 +362,7 @@ class VfsOperations(pyfuse3.Operations):
         node = self.inodes.nodes.get(inode)
         if node is None:
             return await self.commits.lookup_inode(inode)
-        entry = self._entry(node)
+        entry = await self._entry(node)
         attrs = self._attrs(node, entry,
                             await self._subdirectories_of(node.view, node.path, entry))
         node.lookups += 1
@@ -411,7 +430,7 @@ class VfsOperations(pyfuse3.Operations):
 
     @_errors
     async def readlink(self, inode: int, ctx=None) -> bytes:
-        entry = self._entry(self._get(inode))
+        entry = await self._entry(self._get(inode))
         if entry.kind != SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(entry.ref)
@@ -444,13 +463,12 @@ class VfsOperations(pyfuse3.Operations):
         else:
             view = node.view
             assert isinstance(view, BranchView)
-            self.coherence.refresh(view)
-
-            def listdir() -> dict[str, Entry]:  # many rows to decode: not in the trio thread
-                with view.lock:
-                    return view.listdir(node.path)
-
-            listing = await trio.to_thread.run_sync(listdir)
+            if self.coherence.due(view):
+                await self.coherence.refresh(view)
+            # Many rows to decode: not in the trio thread.
+            listing = await trio.to_thread.run_sync(
+                view.locked, functools.partial(view.listdir, node.path),
+                functools.partial(view.listdir_nowait, node.path))
             handle.entries = [(name, entry, view) for name, entry in listing.items()]
         return self.handles.add(handle)
 
@@ -473,7 +491,8 @@ class VfsOperations(pyfuse3.Operations):
                     view = await trio.to_thread.run_sync(self.views.get, name)
                 except (VfsError, pyfuse3.FUSEError):
                     continue
-                path, entry = "", self._view_entry(view, "")
+                # Many branches: their heads are checked, but not waited for.
+                path, entry = "", await self._view_entry(view, "", wait=False)
             else:
                 path = join(handle.node.path, name)
             assert entry is not None
@@ -500,10 +519,12 @@ class VfsOperations(pyfuse3.Operations):
             return {}
 
         def count() -> dict[str, int]:
-            with view.lock:
-                return {path: view.subdirectories(path) for path in paths}
+            return {path: view.subdirectories(path) for path in paths}
 
-        return await trio.to_thread.run_sync(count)
+        def count_nowait() -> dict[str, int]:
+            return {path: view.subdirectories_nowait(path) for path in paths}
+
+        return await _with_lock(view, count, count_nowait)
 
     @_errors
     async def releasedir(self, fh: int) -> None:
@@ -559,6 +580,7 @@ class VfsOperations(pyfuse3.Operations):
 
         def remove() -> None:
             with view.staging(), self.coherence.freezing(view, path):
+                view.prefetch(path)
                 # In the trio thread: no request sees the name gone from the branch
                 # and still on its inode (see rename).
                 trio.from_thread.run_sync(unlink_now)
@@ -619,6 +641,7 @@ class VfsOperations(pyfuse3.Operations):
 
         def move() -> None:
             with view.staging(), self.coherence.freezing(view, dst if dst != src else None):
+                view.prefetch(src, dst)
                 # In the trio thread, with the locks held here: no request (a getattr
                 # of the file replaced, an open through a name looked up before) sees
                 # the branch renamed and the inodes not yet, or the reverse.
@@ -666,7 +689,7 @@ class VfsOperations(pyfuse3.Operations):
         if isinstance(view, CommitView):
             if wants_write:
                 raise ReadOnly("commits are read-only")
-            entry = self._entry(node)
+            entry = await self._entry(node)
             reader = await trio.to_thread.run_sync(FileReader.load, self.store.blobs, entry)
             return pyfuse3.FileInfo(fh=self.handles.add(Handle(node, reader=reader)),
                                     keep_cache=True)
@@ -676,26 +699,37 @@ class VfsOperations(pyfuse3.Operations):
         if node.path == DELETED:
             return await self._open_kept(node, view, wants_write)
 
+        def choose() -> Handle | Entry | None:  # holding the lock
+            if node.path == DELETED:
+                return None  # gone meanwhile: what it kept (see below)
+            if view.lookup(node.path) is None:
+                # Changed from outside since the kernel looked the name up:
+                # ESTALE has it look again and open what is there now (or
+                # answer ENOENT).
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            if wants_write or view.spool(node.path) is not None:
+                spool = view.open_spool(node.path, truncate=bool(flags & os.O_TRUNC))
+                spool.opens += 1
+                spool.writers += wants_write
+                return Handle(node, spool=spool, follows=not wants_write,
+                              writes=wants_write)
+            entry = view.lookup(node.path)
+            assert entry is not None
+            if entry.kind == DIR:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            return entry
+
+        def choose_nowait() -> Handle | Entry | None:
+            if node.path != DELETED:
+                view.lookup_nowait(node.path)  # all choose looks up
+            return choose()
+
         def prepare() -> Handle | None:
-            with view.lock:
-                if node.path == DELETED:
-                    return None  # gone meanwhile: what it kept (see below)
-                if view.lookup(node.path) is None:
-                    # Changed from outside since the kernel looked the name up:
-                    # ESTALE has it look again and open what is there now (or
-                    # answer ENOENT).
-                    raise pyfuse3.FUSEError(errno.ESTALE)
-                if wants_write or view.spool(node.path) is not None:
-                    spool = view.open_spool(node.path, truncate=bool(flags & os.O_TRUNC))
-                    spool.opens += 1
-                    spool.writers += wants_write
-                    return Handle(node, spool=spool, follows=not wants_write,
-                                  writes=wants_write)
-                entry = view.lookup(node.path)
-                assert entry is not None
-                if entry.kind == DIR:
-                    raise pyfuse3.FUSEError(errno.EISDIR)
-            return Handle(node, reader=FileReader.load(self.store.blobs, entry), follows=True)
+            chosen = view.locked(choose, choose_nowait)
+            if isinstance(chosen, Entry):  # its manifest is read without the lock
+                return Handle(node, reader=FileReader.load(self.store.blobs, chosen),
+                              follows=True)
+            return chosen
 
         handle = await trio.to_thread.run_sync(prepare)
         if handle is None:
@@ -745,11 +779,15 @@ class VfsOperations(pyfuse3.Operations):
             spool.writers += 1
             return spool
 
-        spool = await _with_lock(view, make)
+        def make_nowait() -> SpoolFile:
+            view.lookup_nowait(path)  # its parents too: all make looks up
+            return make()
+
+        spool = await _with_lock(view, make, make_nowait)
         node = self._node(view, path)
         node.lookups += 1
         fh = self.handles.add(Handle(node, spool=spool, writes=True))
-        return pyfuse3.FileInfo(fh=fh), self._attrs(node, self._entry(node))
+        return pyfuse3.FileInfo(fh=fh), self._attrs(node, await self._entry(node))
 
     @_errors
     async def read(self, fh: int, off: int, size: int):
@@ -828,6 +866,14 @@ class VfsOperations(pyfuse3.Operations):
         make the kernel drop what it cached of the files that changed (call it in a
         worker thread holding no lock)."""
         self.coherence.drop_cached(self.views.reload_branch(repo, branch))
+
+
+def _lookup(view: View, path: str) -> Entry | None:
+    """``view.lookup`` in a worker thread (it reads trees from the store)."""
+    if isinstance(view, BranchView):  # as in the FUSE loop, no change is seen half made
+        return view.locked(functools.partial(view.lookup, path),
+                           functools.partial(view.lookup_nowait, path))
+    return view.lookup(path)
 
 
 def _kept_entry(node: Node) -> Entry | None:

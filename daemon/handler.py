@@ -18,7 +18,7 @@ from daemon.protocol import commit_to_dict
 from daemon.reader import DiskCache
 from vfs.errors import VfsError
 from vfs.names import parse_ref
-from vfs.pipeline import registry
+from vfs.pipeline import records, registry
 from vfs.pipeline.spec import Spec, parse_spec
 
 log = logging.getLogger("daemon.handler")
@@ -208,8 +208,11 @@ class ControlHandler:
         return {"version": version.version}
 
     def op_job_cancel(self, job: str) -> dict:
-        if self.watcher is None or not self.watcher.cancel_job(job):
-            raise VfsError(f"job {job} is not running in this vfsd")
+        # In the store first: every node taking part stops at its next look; this
+        # one at once.
+        records.cancel_job(self.store.objects, job)
+        if self.watcher is not None:
+            self.watcher.cancel_job(job)
         return {}
 
     def _pipelines_changed(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from daemon.handler import ControlHandler
 from daemon.protocol import default_socket_path, remove_daemon_file, write_daemon_file
 from daemon.reader import MEMORY_LIMIT, ChunkCache, DiskCache, limit_malloc_arenas
 from daemon.spools import recover_spools
+from vfs.pipeline.claims import DEFAULT_LEASE_TTL
 from vfs.pipeline.spec import DEFAULT_DATUM_TIMEOUT, parse_duration
 
 log = logging.getLogger("daemon")
@@ -80,15 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "closed)")
     parser.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
                         help="how often the pipeline watcher looks for branch heads moved "
-                             "by other writers (default 2 s; commits made through this "
-                             "daemon start jobs at once)")
+                             "by other writers, with one listing of the store's refs "
+                             "whatever the number of pipelines (default 2 s; commits made "
+                             "through this daemon start jobs at once)")
     parser.add_argument("--node-name", default=None, metavar="NAME",
-                        help="this node's name in the store, for 'vfsctl gc --ignore-node' "
-                             "(default $VFS_NODE_NAME, then the host name)")
+                        help="this node's name in the store, shown by 'vfsctl nodes' and "
+                             "used by 'vfsctl gc --ignore-node' (default $VFS_NODE_NAME, then "
+                             "the host name; a vfsd refuses a name another running vfsd "
+                             "has, and a taken host name becomes HOST-<id prefix>)")
     parser.add_argument("--node-ttl", type=float, default=60.0, metavar="S",
                         help="how long this node's record in the store stays fresh; vfsd "
-                             "refreshes it every third of that, and gc refuses to delete "
-                             "while a node's record is older (default 60 s)")
+                             "refreshes it (its heartbeat) every third of that, 'vfsctl "
+                             "nodes' shows a node silent for longer as not alive, and gc "
+                             "refuses to delete while a node's record is older (default 60 s)")
     parser.add_argument("--allow-process-runtime", action="store_true",
                         help="let pipelines use the unsandboxed 'process' runtime although "
                              "vfsd runs as root (development machines only: its commands "
@@ -102,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a datum may run when its pipeline's spec sets no "
                              "datum_timeout: seconds or e.g. 30s, 10m, 1h (default 1h; 0: "
                              "no limit)")
+    parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL, metavar="S",
+                        help="how long this node's claim of a pipeline datum (or of a job's "
+                             "output commit) stays valid in the store; vfsd renews it every "
+                             "third of that while the datum runs, and other nodes take the "
+                             "datum over once it expires, e.g. when this node dies "
+                             f"(default {DEFAULT_LEASE_TTL:g} s)")
     parser.add_argument("--no-pipelines", action="store_true",
                         help="do not run pipeline jobs on this node")
     parser.add_argument("--debug", action="store_true", help="log at DEBUG level")
@@ -137,6 +149,10 @@ def load_options(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--encode-ahead: 0 (off) or at least 1M")
     if not options.node_ttl >= 3:  # also refuses NaN
         parser.error("--node-ttl: at least 3 seconds")
+    if not 3 <= options.lease_ttl <= 86400:  # also refuses NaN
+        parser.error("--lease-ttl: from 3 seconds to a day")
+    if not 0 < options.poll_interval <= 3600:
+        parser.error("--poll-interval: more than 0 and at most 3600 seconds")
     if options.userns_base and not 1 <= options.userns_base <= (1 << 32) - 1 - (1 << 16):
         parser.error("--userns-base: a host id from 1 to 4294901759, or 0 for none")
     return options
@@ -195,8 +211,12 @@ async def _heartbeat(store: vfs.Store, ttl: float) -> None:
 
 
 async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
+    name = await trio.to_thread.run_sync(functools.partial(
+        store.claim_node_name, chosen=bool(os.environ.get("VFS_NODE_NAME"))))
+    log.info("node %s (id %s)", name, store.node.id)
     # Active before anything of this process writes: the node's record tells gc that
-    # writes may be in flight for as long as vfsd runs.
+    # writes may be in flight for as long as vfsd runs. It is also the node's
+    # heartbeat (vfsctl nodes), refreshed every node_ttl / 3.
     await trio.to_thread.run_sync(store.keep_active, options.node_ttl)
     spool_dir = os.path.join(store.cache_dir, "spool")
     os.makedirs(spool_dir, exist_ok=True)
@@ -245,8 +265,10 @@ async def serve(options: argparse.Namespace, store: vfs.Store) -> None:
                                   allow_process_runtime=options.allow_process_runtime,
                                   userns_base=options.userns_base or None,
                                   datum_timeout=options.datum_timeout or None,
+                                  lease_ttl=options.lease_ttl,
                                   on_commit=operations.branch_changed)
                 handler.watcher = watcher
+                store.presence.running_datums = watcher.running_datums
                 await nursery.start(watcher.run)
             write_daemon_file(store.cache_dir, {"socket": socket_path, "pid": os.getpid(),
                                                 "mount": mountpoint,

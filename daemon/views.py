@@ -18,8 +18,8 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 from daemon.spools import (
     Sidecar,
@@ -43,7 +43,7 @@ from vfs.ingest import EncodedPrefix
 from vfs.names import parent_and_name
 from vfs.pipeline.registry import refuse_hand_commits
 from vfs.refs import Commit, RefState, read_ref
-from vfs.snapshot import Snapshot, TreeCache, changed_paths
+from vfs.snapshot import NotCached, Snapshot, TreeCache, changed_paths
 from vfs.staging import OpenCommit, new_dir
 from vfs.store import Store
 from vfs.tree import DIR, FILE, SYMLINK, Entry, Tree, permission_bits
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from daemon.flusher import Flusher
 
 BRANCH_RECHECK_SECONDS = 1.0
+_MAX_TREE_READS = 64  # trees BranchView.locked reads without the lock, at most
+T = TypeVar("T")
 
 
 class View:
@@ -65,6 +67,14 @@ class View:
         self.repo = repo
 
     def lookup(self, path: str) -> Entry | None:
+        raise NotImplementedError
+
+    def lookup_nowait(self, path: str) -> Entry | None:
+        """:meth:`lookup` from what is in memory (cheap, no I/O).
+
+        Raises:
+            NotCached: the answer needs a tree read from the store.
+        """
         raise NotImplementedError
 
     def listdir(self, path: str) -> Mapping[str, Entry]:
@@ -88,6 +98,9 @@ class CommitView(View):
 
     def lookup(self, path: str) -> Entry | None:
         return self.snapshot.lookup(path)
+
+    def lookup_nowait(self, path: str) -> Entry | None:
+        return self.snapshot.lookup_nowait(path)
 
     def listdir(self, path: str) -> Mapping[str, Entry]:
         return self.snapshot.listdir(path)
@@ -172,16 +185,25 @@ class BranchView(View):
     """A branch head plus its open commit plus files being written; read-write.
 
     All methods are called with the view's lock held by the caller
-    (:attr:`lock`), so FUSE requests on one branch apply in order.
+    (:attr:`lock`), so FUSE requests on one branch apply in order. Lookups,
+    listings and reloads read the store without it (:meth:`locked`,
+    :meth:`reload`); rarer work still reads under it (copying a stored file into
+    its spool to write into it, a reload that raced a change). The FUSE loop
+    never waits for it either way (``daemon.fs._with_lock``).
+
+    Args:
+        trees: the cache of decoded trees (default: one of its own); it is kept
+            across reloads, so a new head reuses the trees it shares with the old.
     """
 
     writable = True
 
     def __init__(self, store: Store, name: str, repo: str, branch: str,
-                 flusher: Flusher) -> None:
+                 flusher: Flusher, trees: TreeCache | None = None) -> None:
         super().__init__(store, name, repo)
         self.branch = branch
         self.flusher = flusher
+        self.trees = trees if trees is not None else TreeCache()
         self.spool_files: SpoolFiles = flusher.spool_files
         self.lock = threading.RLock()
         self.spools: dict[str, SpoolFile] = {}
@@ -190,6 +212,9 @@ class BranchView(View):
         self.open_commit: OpenCommit
         self._checked = 0.0
         self._stale = False  # a reload failed: the next check reloads, head moved or not
+        # Counts the changes of the open commit made here (under the lock): a reload
+        # that read the store meanwhile must not lay an older open commit over them.
+        self._changes = 0
         self.reload()
 
     # -- state ---------------------------------------------------------------------------
@@ -197,44 +222,78 @@ class BranchView(View):
     def reload(self) -> Reload:
         """Re-read the head and the open commit from the store and the index.
 
+        The store is read without the view's lock: requests on the branch go on
+        meanwhile, answered from the view as it was. The new state then replaces
+        the old under the lock, unless a change was staged here in between: then
+        it is read again, under the lock (rare).
+
         A clean spool (stored, and kept only for the handles still open on it)
         whose path now holds something else stops standing for that path: it
         lives on through those handles, like a file replaced by a rename.
+
+        Raises:
+            VfsError: the store cannot be read (the view stays as it was).
         """
+        seen = self._changes
+        loaded = self._load()
         with self.lock:
-            old = getattr(self, "open_commit", None)
-            try:
-                self.state, self.open_commit = self.store.open_commit(self.repo, self.branch)
-            except VfsError:
-                self._stale = True
-                raise
-            self._stale = False
+            if self._changes != seen:
+                loaded = self._load()
+            return self._install(*loaded)
+
+    def _load(self) -> tuple[RefState, OpenCommit, ReadOnly | None]:
+        try:
+            state, open_commit = self.store.open_commit(self.repo, self.branch,
+                                                        trees=self.trees)
             try:  # asked again whenever the head moves (a pipeline's first job moves it)
                 refuse_hand_commits(self.store.objects, self.repo, self.branch)
-                self.refused: ReadOnly | None = None
+                refused = None
             except ReadOnly as exc:
-                self.refused = exc
-            self._checked = time.monotonic()
-            changes = Reload(old, self.open_commit)
-            for path, spool in list(self.spools.items()):
-                if not spool.dirty and changes.compare(path)[0]:
-                    del self.spools[path]
-                    self._forget(spool)
-            return changes
+                refused = exc
+        except VfsError:
+            self._stale = True
+            raise
+        for path in list(self.spools):  # the trees _install compares them in, read now
+            with contextlib.suppress(VfsError):  # unreadable: compare says changed
+                open_commit.lookup(path)
+        return state, open_commit, refused
+
+    def _install(self, state: RefState, open_commit: OpenCommit,
+                 refused: ReadOnly | None) -> Reload:
+        """Make a loaded state the view's (holding the lock)."""
+        old = getattr(self, "open_commit", None)
+        self.state, self.open_commit = state, open_commit
+        self.refused: ReadOnly | None = refused
+        self._stale = False
+        self._changes += 1
+        self._checked = time.monotonic()
+        changes = Reload(old, self.open_commit)
+        for path, spool in list(self.spools.items()):
+            if not spool.dirty and changes.compare(path)[0]:
+                del self.spools[path]
+                self._forget(spool)
+        return changes
+
+    def refresh_due(self) -> bool:
+        """Is it time to check the head again (at most once a second)? Cheap."""
+        return time.monotonic() - self._checked >= BRANCH_RECHECK_SECONDS
 
     def maybe_refresh(self) -> Reload | None:
-        """Notice a head moved by another writer (checked at most once a second).
+        """Notice a head moved by another writer: reload if it did.
+
+        Reads the store (call it in a worker thread), without the view's lock
+        but for a moment at the end of a reload.
 
         Returns:
             What the reload changed, or None if the head had not moved.
+
+        Raises:
+            VfsError: the store cannot be read (the view stays as it was).
         """
-        if time.monotonic() - self._checked < BRANCH_RECHECK_SECONDS:
-            return None
-        with self.lock:
-            self._checked = time.monotonic()
-            current = read_ref(self.store.objects, self.repo, self.branch)
-            if current.commit != self.state.commit or self._stale:
-                return self.reload()
+        self._checked = time.monotonic()
+        current = read_ref(self.store.objects, self.repo, self.branch)
+        if current.commit != self.state.commit or self._stale:
+            return self.reload()
         return None
 
     # -- reading -------------------------------------------------------------------------
@@ -249,12 +308,66 @@ class BranchView(View):
                          spool.mtime_ns, "")
         return self.open_commit.lookup(path)
 
+    def lookup_nowait(self, path: str) -> Entry | None:
+        spool = self.spools.get(path)
+        if spool is not None:
+            return self.lookup(path)
+        return self.open_commit.lookup_nowait(path)
+
     def subdirectories(self, path: str) -> int:
         """How many directories the directory at ``path`` holds (spools are files)."""
         return self.open_commit.subdirectories(path)
 
+    def subdirectories_nowait(self, path: str) -> int:
+        """:meth:`subdirectories` from what is in memory.
+
+        Raises:
+            NotCached: the answer needs a tree read from the store.
+        """
+        return self.open_commit.subdirectories_nowait(path)
+
+    def locked(self, work: Callable[[], T], nowait: Callable[[], T]) -> T:
+        """Run ``nowait`` holding the lock, with the trees it needs read without it.
+
+        ``nowait`` is ``work`` from what is in memory: it raises
+        :class:`NotCached` before changing anything. Each tree it misses is read
+        with the lock released, then it runs again: a tree read from a slow store
+        holds up the request that needs it, not every request on the branch.
+        Call it in a worker thread.
+        """
+        for _ in range(_MAX_TREE_READS):
+            with self.lock:
+                try:
+                    return nowait()
+                except NotCached as exc:
+                    snapshot, missing = self.open_commit.head, exc.tree_hex
+            snapshot.tree(missing)  # into the cache every snapshot here shares
+        with self.lock:  # the cache does not keep them (far too small): read holding it
+            return work()
+
+    def prefetch(self, *paths: str) -> None:
+        """Read the trees a rename or unlink of ``paths`` looks at into the cache
+        (holding the lock, in a worker thread): the change itself then runs in
+        the FUSE loop without reading the store."""
+        for path in paths:
+            entry = self.lookup(path)
+            if entry is not None and entry.kind == DIR:
+                self.listdir(path)
+                for below in self.open_commit.below(path):
+                    self.lookup(below)
+
     def listdir(self, path: str) -> dict[str, Entry]:
-        entries = self.open_commit.listdir(path)
+        return self._with_spools(path, self.open_commit.listdir(path))
+
+    def listdir_nowait(self, path: str) -> dict[str, Entry]:
+        """:meth:`listdir` from what is in memory.
+
+        Raises:
+            NotCached: the answer needs a tree read from the store.
+        """
+        return self._with_spools(path, self.open_commit.listdir_nowait(path))
+
+    def _with_spools(self, path: str, entries: dict[str, Entry]) -> dict[str, Entry]:
         added = False
         for spool_path in self.spools:
             parent, name = parent_and_name(spool_path)
@@ -279,6 +392,7 @@ class BranchView(View):
     def _stage(self, changes: dict[str, Entry | None]) -> None:
         self.store.stage(self.state, changes)
         self.open_commit.apply(changes)
+        self._changes += 1  # after the index holds them (see reload)
 
     def _parent_dir(self, path: str) -> None:
         parent = parent_and_name(path)[0]
@@ -602,6 +716,7 @@ class BranchView(View):
         except BaseException:
             self.reload()  # undo what was applied in memory only
             raise
+        self._changes += 1  # after the index holds them (see reload)
         for item in staged:
             spool = item.spool
             if spool.generation != item.generation:

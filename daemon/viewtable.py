@@ -28,7 +28,7 @@ class ViewTable:
     def __init__(self, store: Store, flusher: Flusher) -> None:
         self.store = store
         self.flusher = flusher
-        # The decoded trees of every commit view: one budget for the whole mount.
+        # The decoded trees of every view: one budget for the whole mount.
         self.trees = TreeCache(_DECODED_TREE_BYTES)
         self._views: dict[str, View] = {}
         self._lock = threading.Lock()
@@ -52,7 +52,8 @@ class ViewTable:
                 if spec.ancestor:
                     raise BranchNotFound("ancestor")
                 self.store.head(spec.repo, spec.ref)
-                view = BranchView(self.store, name, spec.repo, spec.ref, self.flusher)
+                view = BranchView(self.store, name, spec.repo, spec.ref, self.flusher,
+                                  self.trees)
             except BranchNotFound:
                 commit = self.store.resolve(spec)
                 if commit is None:

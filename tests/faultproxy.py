@@ -9,6 +9,7 @@ makes that node's store slow or unreachable while the others keep working::
         proxy.delay_if = b"/refs/"         # ...only requests whose first bytes hold this
         proxy.cut()                        # drop every connection, refuse new ones
         proxy.restore()                    # back to normal
+        proxy.requests, proxy.request_lines  # what went through: a count, request lines
 
 It works on bytes, not HTTP: a delay applies to each chunk a client sends that
 starts a request (a keep-alive connection carries one request after another).
@@ -37,6 +38,7 @@ class FaultProxy:
         self.delay = 0.0
         self.delay_if: bytes | None = None  # only requests whose first chunk holds this
         self.requests = 0
+        self.request_lines: list[str] = []  # "GET /bucket?list-type=2&prefix=... HTTP/1.1"
         self._cut = False
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
@@ -111,6 +113,8 @@ class FaultProxy:
                     break
                 if from_client and data.startswith(_REQUEST_STARTS):
                     self.requests += 1
+                    self.request_lines.append(
+                        data.split(b"\r\n", 1)[0].decode("latin-1", "replace"))
                     if self.delay and (self.delay_if is None or self.delay_if in data):
                         time.sleep(self.delay)
                     if self._cut:

@@ -24,10 +24,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import suppress
 
 from vfs.blobstore import BlobWriter
-from vfs.errors import Conflict, NothingToCommit, PreconditionFailed, StoreChanged, VfsError
+from vfs.errors import (
+    Conflict,
+    HeadMoved,
+    NothingToCommit,
+    PreconditionFailed,
+    StoreChanged,
+    VfsError,
+)
 from vfs.names import ancestors
 from vfs.pipeline.registry import refuse_hand_commits
 from vfs.refs import Commit, RefState, commit_key, current_user, move_ref, now_iso, read_ref
@@ -38,25 +46,40 @@ _log = logging.getLogger(__name__)
 _CAS_ATTEMPTS = 10
 
 
+ANY_HEAD = object()  # commit(expect_head=...): rebuild on whatever head the branch has
+
+
 def commit(store, repo: str, branch: str, message: str = "", *, author: str | None = None,
            provenance: dict | None = None, metadata: dict | None = None,
-           tree: str | None = None, why: str = "commit", allow_empty: bool = False) -> Commit:
+           tree: str | None = None, why: str = "commit", allow_empty: bool = False,
+           expect_head: object = ANY_HEAD, fence: Callable[[], None] | None = None) -> Commit:
     """Seal the open commit of a branch (or commit ``tree`` as is) and move the branch.
 
     ``allow_empty`` (with ``tree``) commits even when the tree equals the head's:
     a pipeline records every input commit it processed this way.
+
+    ``expect_head`` (a commit id, or None for a branch without commits) makes the
+    commit go on exactly that head: a branch found elsewhere, before or during the
+    swap, raises HeadMoved instead of rebuilding on the new head. A pipeline job's
+    commit uses it, so that two nodes committing one job cannot both succeed.
+    ``fence`` is called right before the swap and may raise to stop the commit (a
+    node that lost its lease on the job).
 
     Raises:
         NothingToCommit: nothing is staged, or the result equals the head.
         Conflict: the branch moved and touched paths the open commit overlaps.
         StoreChanged: gc deleted a pack the commit needed (run it again).
         ReadOnly: the branch is a pipeline's output and the commit is not its job's.
+        HeadMoved: the branch is not (or no longer) at ``expect_head``.
     """
     if (provenance or {}).get("pipeline") != repo:
         refuse_hand_commits(store.objects, repo, branch)
     with store.lock():
         for _ in range(_CAS_ATTEMPTS):
             state, open_commit, sealed = store._open_commit(repo, branch)
+            if expect_head is not ANY_HEAD and state.commit != expect_head:
+                raise HeadMoved(f"{repo}@{branch} is at {(state.commit or 'no commit')[:12]}, "
+                                f"not at {str(expect_head or 'no commit')[:12]}")
             if tree is None:
                 _check_staged(store, state, open_commit)
             head = store.read_commit(state.commit) if state.commit else None
@@ -79,7 +102,11 @@ def commit(store, repo: str, branch: str, message: str = "", *, author: str | No
                 # A check this old may predate a condemnation that this node has since
                 # acknowledged: check again before the swap publishes (§10.4).
                 verify_packs(store, writer)
+            if fence is not None:
+                fence()
             if not swap_ref(store, state, made):
+                if expect_head is not ANY_HEAD:
+                    raise HeadMoved(f"{repo}@{branch} moved while the commit was made")
                 continue  # the branch moved meanwhile: rebuild on the new head
             record(store, state, made, why, sealed if tree is None else None)
             return made

@@ -122,6 +122,17 @@ class Conflict(VfsError):
     errno = _errno.EAGAIN
 
 
+class HeadMoved(Conflict):
+    """A commit that must go on one exact head found the branch elsewhere."""
+
+
+class LeaseLost(VfsError):
+    """Another node took over a claim this node held (its lease expired): what this
+    node did under it must be forgotten."""
+
+    errno = _errno.EAGAIN
+
+
 class NothingToCommit(VfsError):
     errno = _errno.EINVAL
 

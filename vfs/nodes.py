@@ -10,6 +10,11 @@ marks it *idle* again. The record also names the node's **pins** (the base commi
 and staged entries of its open commits, which no ref names yet) and its
 **acknowledgement** ``gc_seen``: the newest condemnation it had read. gc carries a
 condemnation out only when every active node acknowledged it.
+
+A vfsd's record is also its **heartbeat** (docs/format.md §10.2): it says ``vfsd``,
+how many datums the node runs now, and is refreshed every third of its ttl, so
+``vfsctl nodes`` shows every worker node, what it does, and whether it is alive. Two
+live vfsd never share a name (:func:`unique_name`).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import json
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import blake3
 
-from vfs.errors import Corruption, ObjectNotFound, PreconditionFailed
+from vfs.errors import AlreadyExists, Corruption, ObjectNotFound, PreconditionFailed
 from vfs.objstore.base import ObjectStore
 from vfs.refs import canonical_json, now_iso
 from vfs.staging import decode_change
@@ -61,11 +67,7 @@ def node_identity(directory: str) -> NodeIdentity:
             f"{path} is damaged ({exc}): delete it to give the node a new id") from exc
     identity = NodeIdentity(secrets.token_hex(16),
                             os.environ.get("VFS_NODE_NAME") or socket.gethostname())
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"id": identity.id, "name": identity.name}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _write_identity(path, identity)
     try:
         os.link(tmp, path)  # two processes starting at once agree on one id
     except FileExistsError:
@@ -73,6 +75,25 @@ def node_identity(directory: str) -> NodeIdentity:
         return node_identity(directory)
     os.unlink(tmp)
     return identity
+
+
+def _write_identity(path: str, identity: NodeIdentity) -> str:
+    """Write ``identity`` to a temporary file beside ``path``; return its name."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"id": identity.id, "name": identity.name}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def rename_identity(directory: str, identity: NodeIdentity, name: str) -> NodeIdentity:
+    """Keep ``name`` as this node's default name from now on (``$VFS_NODE_NAME``
+    still overrides it)."""
+    path = os.path.join(directory, "node.json")
+    renamed = NodeIdentity(identity.id, name)
+    os.replace(_write_identity(path, renamed), path)
+    return renamed
 
 
 def store_now(objects: ObjectStore, node_id: str) -> float:
@@ -98,12 +119,19 @@ class NodeRecord:
     pins: str | None
     written: str
     mtime: float = 0.0
+    vfsd: bool = False  # a vfsd's heartbeat: refreshed every ttl / 3 while it runs
+    running: int = 0  # datums the node was running when it wrote the record
 
     def encode(self) -> bytes:
         return canonical_json({"v": 1, "node": self.node, "name": self.name,
                                "state": self.state, "ttl": self.ttl,
                                "gc_seen": self.gc_seen, "pins": self.pins,
-                               "written": self.written})
+                               "written": self.written, "vfsd": self.vfsd,
+                               "running": self.running})
+
+    def alive(self, now: float) -> bool:
+        """Active and refreshed within its ttl at store time ``now``."""
+        return self.state == ACTIVE and now - self.mtime <= self.ttl
 
     def matches(self, name_or_id: str) -> bool:
         return name_or_id in (self.node, self.name)
@@ -126,7 +154,8 @@ def read_records(objects: ObjectStore) -> list[NodeRecord]:
         try:
             record = NodeRecord(str(raw["node"]), str(raw["name"]), str(raw["state"]),
                                 float(raw["ttl"]), int(raw["gc_seen"]), raw["pins"],
-                                str(raw["written"]), info.mtime)
+                                str(raw["written"]), info.mtime,
+                                bool(raw.get("vfsd", False)), int(raw.get("running", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise Corruption(f"node record {info.key} is damaged: {exc!r}") from exc
         if record.pins is not None and not isinstance(record.pins, str):
@@ -189,6 +218,10 @@ class Presence:
         self.index = index
         self.identity = identity
         self.ttl = ttl
+        #: Set by vfsd (Store.keep_active): the record is a heartbeat.
+        self.vfsd = False
+        #: How many datums the node runs now (vfsd sets it to its pipeline watcher's).
+        self.running_datums: Callable[[], int] = lambda: 0
 
     def publish(self, state: str, *, gc_seen: int | None = None) -> NodeRecord:
         """Write the node's record with fresh pins.
@@ -210,7 +243,8 @@ class Presence:
                 except PreconditionFailed:
                     pass  # the same pins are stored already
         record = NodeRecord(self.identity.id, self.identity.name, state, self.ttl, seen,
-                            pins_key, now_iso())
+                            pins_key, now_iso(), vfsd=self.vfsd,
+                            running=self.running_datums() if self.vfsd else 0)
         self.objects.put(record_key(self.identity.id), record.encode())
         self.index.set_node_state(state, seen, pins_key)
         if last.pins and last.pins != pins_key:
@@ -220,6 +254,34 @@ class Presence:
         return record
 
 
+def unique_name(objects: ObjectStore, identity: NodeIdentity, *, chosen: bool) -> str:
+    """The name this node's vfsd should go by: none of another live vfsd's.
+
+    Two vfsd on one host (each with its own cache, so its own id) would both default
+    to the host name. A default name that another live vfsd holds becomes
+    ``<name>-<first 6 digits of the id>``; a name the user chose is refused.
+
+    Raises:
+        AlreadyExists: ``chosen`` and a live vfsd of another node has that name.
+    """
+    now = store_now(objects, identity.id)
+    try:
+        records = read_records(objects)
+    except Corruption:
+        return identity.name  # gc reports the damaged record; a name is no reason to stop
+    for record in records:
+        if (record.node != identity.id and record.name == identity.name and record.vfsd
+                and record.alive(now)):
+            if not chosen:
+                return f"{identity.name}-{identity.id[:6]}"
+            raise AlreadyExists(
+                f"node name {identity.name!r} is taken by the running vfsd of node "
+                f"{record.node[:12]} (heartbeat {max(0.0, now - record.mtime):.0f} s ago): "
+                "give this vfsd a name of its own with --node-name (or $VFS_NODE_NAME); if "
+                f"that node is gone, its record goes stale within {record.ttl:g} s")
+    return identity.name
+
+
 def describe_nodes(objects: ObjectStore, node_id: str, *,
                    expiry: float = 86400.0) -> list[dict]:
     """Every node record with its age in store time and what gc makes of it.
@@ -227,6 +289,8 @@ def describe_nodes(objects: ObjectStore, node_id: str, *,
     ``status`` is ``idle`` (no write in flight), ``alive`` (active and fresh),
     ``stale`` (active, silent longer than its ttl: gc will not delete) or
     ``expired`` (silent longer than ``expiry``: gc no longer waits for it).
+    ``alive`` is true for the ``alive`` status; ``vfsd`` marks a vfsd's heartbeat, and
+    ``running`` the datums that node ran at its last heartbeat (0 unless alive).
     """
     now = store_now(objects, node_id)
     out = []
@@ -238,7 +302,10 @@ def describe_nodes(objects: ObjectStore, node_id: str, *,
             status = IDLE
         else:
             status = "alive" if age <= record.ttl else "stale"
+        alive = status == "alive"
         out.append({"name": record.name, "id": record.node, "state": record.state,
-                    "status": status, "seen_seconds_ago": round(age, 1), "ttl": record.ttl,
+                    "status": status, "alive": alive, "vfsd": record.vfsd,
+                    "running": record.running if alive else 0,
+                    "seen_seconds_ago": round(age, 1), "ttl": record.ttl,
                     "gc_seen": record.gc_seen, "pins": record.pins})
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from vfs.blobstore import BlobStore
@@ -28,6 +28,19 @@ from vfs.tree import (
 )
 
 _NO_ENTRIES: Mapping[str, Entry] = decode_tree(EMPTY_TREE)
+
+
+class NotCached(Exception):  # noqa: N818 - not an error: the answer needs a read
+    """A ``*_nowait`` method would have to read a tree from the store to answer.
+
+    Raised before anything changed: the caller asks the blocking method instead,
+    where waiting for the store is fine (a worker thread), or reads
+    :attr:`tree_hex` and asks again.
+    """
+
+    def __init__(self, tree_hex: str) -> None:
+        super().__init__(tree_hex)
+        self.tree_hex = tree_hex
 
 
 class TreeCache:
@@ -102,14 +115,36 @@ class Snapshot:
         """The tree if it is decoded already (never reads or decodes)."""
         return self.trees.get(tree_hex)
 
+    def tree_nowait(self, tree_hex: str) -> Tree:
+        """:meth:`tree`, from the cache only.
+
+        Raises:
+            NotCached: it is not decoded yet.
+        """
+        tree = self.trees.get(tree_hex)
+        if tree is None:
+            raise NotCached(tree_hex)
+        return tree
+
     def root_entries(self) -> Mapping[str, Entry]:
         return self.tree(self.root) if self.root else _NO_ENTRIES
 
     def lookup(self, path: str) -> Entry | None:
         """The entry at a normalized path, None if absent. The root is a DIR entry."""
+        return self._lookup(path, self.tree)
+
+    def lookup_nowait(self, path: str) -> Entry | None:
+        """:meth:`lookup` from decoded trees only (no I/O, cheap).
+
+        Raises:
+            NotCached: a tree on the path is not decoded yet.
+        """
+        return self._lookup(path, self.tree_nowait)
+
+    def _lookup(self, path: str, tree: Callable[[str], Tree]) -> Entry | None:
         if not path:
             return Entry("", DIR, 0o755, 0, 0, self.root or "")
-        entries = self.root_entries()
+        entries: Mapping[str, Entry] = tree(self.root) if self.root else _NO_ENTRIES
         parts = path.split("/")
         for i, part in enumerate(parts):
             entry = entries.get(part)
@@ -119,7 +154,7 @@ class Snapshot:
                 return entry
             if entry.kind != DIR:
                 return None
-            entries = self.tree(entry.ref)
+            entries = tree(entry.ref)
         return None
 
     def listdir(self, path: str) -> Mapping[str, Entry]:

@@ -16,7 +16,7 @@ their tree blobs, and returns the new root.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vfs.blobs import BlobKind
@@ -24,7 +24,7 @@ from vfs.blobstore import BlobWriter
 from vfs.errors import NotADirectory, PathNotFound
 from vfs.names import ancestors, join, parent_and_name
 from vfs.snapshot import Snapshot
-from vfs.tree import DIR, Entry, dir_entry, encode_tree
+from vfs.tree import DIR, Entry, Tree, dir_entry, encode_tree
 
 DELETED = b"D"
 
@@ -80,25 +80,47 @@ class OpenCommit:
         Invariant (kept by :meth:`apply`): every staged path's ancestors exist in
         the view, so a staged entry can be returned without checking them.
         """
+        return self._lookup(path, self.head.tree)
+
+    def lookup_nowait(self, path: str) -> Entry | None:
+        """:meth:`lookup` from decoded trees only (no I/O).
+
+        Raises:
+            NotCached: a tree it needs is not decoded yet.
+        """
+        return self._lookup(path, self.head.tree_nowait)
+
+    def _lookup(self, path: str, tree: Callable[[str], Tree]) -> Entry | None:
         if path in self.changes:
             return self.changes[path]
         if not path:
             return self.head.lookup("")
         parent, name = parent_and_name(path)
-        parent_entry = self.lookup(parent)
+        parent_entry = self._lookup(parent, tree)
         if parent_entry is None or parent_entry.kind != DIR or not parent_entry.ref:
             return None  # absent, not a directory, or a new directory (staged children only)
-        return self.head.tree(parent_entry.ref).get(name)
+        return tree(parent_entry.ref).get(name)
 
     def listdir(self, path: str) -> dict[str, Entry]:
         """The entries of a directory in the view (sorted by name)."""
-        entry = self.lookup(path)
+        return self._listdir(path, self.head.tree)
+
+    def listdir_nowait(self, path: str) -> dict[str, Entry]:
+        """:meth:`listdir` from decoded trees only (no I/O).
+
+        Raises:
+            NotCached: a tree it needs is not decoded yet.
+        """
+        return self._listdir(path, self.head.tree_nowait)
+
+    def _listdir(self, path: str, tree: Callable[[str], Tree]) -> dict[str, Entry]:
+        entry = self._lookup(path, tree)
         if entry is None:
             raise PathNotFound(f"no such file or directory: /{path}")
         if entry.kind != DIR:
             raise NotADirectory(f"/{path} is not a directory")
         # Row after row (a tree is in name order): no lookup per name.
-        base: dict[str, Entry] = dict(self.head.tree(entry.ref).items()) if entry.ref else {}
+        base: dict[str, Entry] = dict(tree(entry.ref).items()) if entry.ref else {}
         children = self._children.get(path)
         if not children:
             return base
@@ -116,15 +138,26 @@ class OpenCommit:
         once and then kept up to date by :meth:`apply`, so that a directory
         being filled with files is not listed again after each one.
         """
+        return self._count(path, self.head.tree)
+
+    def subdirectories_nowait(self, path: str) -> int:
+        """:meth:`subdirectories` from decoded trees only (no I/O).
+
+        Raises:
+            NotCached: a tree it needs is not decoded yet.
+        """
+        return self._count(path, self.head.tree_nowait)
+
+    def _count(self, path: str, tree: Callable[[str], Tree]) -> int:
         count = self._subdirectories.get(path)
         if count is not None:
             return count
-        entry = self.lookup(path)
+        entry = self._lookup(path, tree)
         if entry is None or entry.kind != DIR:
             return 0
         if path not in self._dirty:
-            return self.head.tree(entry.ref).subdirectories if entry.ref else 0
-        count = sum(1 for child in self.listdir(path).values() if child.kind == DIR)
+            return tree(entry.ref).subdirectories if entry.ref else 0
+        count = sum(1 for child in self._listdir(path, tree).values() if child.kind == DIR)
         self._subdirectories[path] = count
         return count
 

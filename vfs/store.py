@@ -39,7 +39,7 @@ from vfs.errors import (
 from vfs.gclog import deleted_commits
 from vfs.index import Index
 from vfs.names import RefSpec, check_name, looks_like_commit
-from vfs.nodes import ACTIVE, IDLE, Presence, node_identity
+from vfs.nodes import ACTIVE, IDLE, Presence, node_identity, rename_identity, unique_name
 from vfs.objstore import ObjectStore, open_object_store
 from vfs.refs import (
     Commit,
@@ -54,7 +54,7 @@ from vfs.refs import (
     read_reflog,
     ref_key,
 )
-from vfs.snapshot import Change, Snapshot, diff_trees
+from vfs.snapshot import Change, Snapshot, TreeCache, diff_trees
 from vfs.staging import OpenCommit, decode_change, encode_change
 from vfs.tree import DIR, Entry
 
@@ -147,11 +147,28 @@ class Store:
         lives, and :meth:`heartbeat` must be called every ``ttl / 3`` seconds."""
         self.stays_active = True
         self.presence.ttl = ttl
+        self.presence.vfsd = True  # the record is this vfsd's heartbeat
         # Held shared for the life of the process: a command-line process on the same
         # node sees it and does not mark the node idle under the daemon's feet.
         self._active_fd = self._lock_file("active.lock")
         fcntl.flock(self._active_fd, fcntl.LOCK_SH)
         self.heartbeat()
+
+    def claim_node_name(self, *, chosen: bool) -> str:
+        """Make sure no other live vfsd goes by this node's name (vfsd, before
+        :meth:`keep_active`); see :func:`vfs.nodes.unique_name`.
+
+        Args:
+            chosen: the user named the node (``--node-name``, ``$VFS_NODE_NAME``).
+
+        Raises:
+            AlreadyExists: a chosen name is taken by another live vfsd.
+        """
+        name = unique_name(self.objects, self.node, chosen=chosen)
+        if name != self.node.name:
+            self.node = rename_identity(self.cache_dir, self.node, name)
+            self.presence.identity = self.node
+        return name
 
     def heartbeat(self) -> None:
         """Refresh this node's record; acknowledge gc if no write is in flight."""
@@ -464,19 +481,26 @@ class Store:
 
     # -- open commits --------------------------------------------------------------------
 
-    def open_commit(self, repo: str, branch: str) -> tuple[RefState, OpenCommit]:
-        """The head of a branch and its open commit (possibly empty)."""
-        state, open_commit, _ = self._open_commit(repo, branch)
+    def open_commit(self, repo: str, branch: str, *,
+                    trees: TreeCache | None = None) -> tuple[RefState, OpenCommit]:
+        """The head of a branch and its open commit (possibly empty).
+
+        Args:
+            trees: the cache of decoded trees its head snapshot uses (trees are
+                named by their content: a long-lived view keeps one across heads).
+        """
+        state, open_commit, _ = self._open_commit(repo, branch, trees)
         return state, open_commit
 
-    def _open_commit(self, repo: str, branch: str) -> tuple[RefState, OpenCommit,
-                                                            dict[str, bytes]]:
+    def _open_commit(self, repo: str, branch: str, trees: TreeCache | None = None
+                     ) -> tuple[RefState, OpenCommit, dict[str, bytes]]:
         """:meth:`open_commit`, plus the staged changes as the index holds them."""
         state = self.head(repo, branch)
         self._recover_seal(state)
         staged = self.index.staged(repo, branch)
         changes = {p: decode_change(v) for p, v in staged.items()}
-        head = Snapshot(self.blobs, self.read_commit(state.commit).tree if state.commit else None)
+        head = Snapshot(self.blobs, self.read_commit(state.commit).tree if state.commit else None,
+                        trees)
         return state, OpenCommit(head, changes), staged
 
     def stage(self, state: RefState, changes: dict[str, object]) -> None:
@@ -524,10 +548,11 @@ class Store:
     def commit(self, repo: str, branch: str, message: str = "", *, author: str | None = None,
                provenance: dict | None = None, metadata: dict | None = None,
                tree: str | None = None, why: str = "commit",
-               allow_empty: bool = False) -> Commit:
+               allow_empty: bool = False, **exact) -> Commit:
         """Seal the open commit of a branch (or commit ``tree`` as is) and move the branch.
 
-        The protocol is :func:`vfs.commit.commit`, which documents its steps.
+        The protocol is :func:`vfs.commit.commit`, which documents its steps (and
+        ``exact``: its ``expect_head`` and ``fence``).
 
         Raises:
             NothingToCommit: nothing is staged, or the result equals the head.
@@ -535,7 +560,7 @@ class Store:
         """
         return commit_protocol.commit(self, repo, branch, message, author=author,
                                       provenance=provenance, metadata=metadata, tree=tree,
-                                      why=why, allow_empty=allow_empty)
+                                      why=why, allow_empty=allow_empty, **exact)
 
     def rollback(self, repo: str, branch: str, target: RefSpec, message: str = "", *,
                  author: str | None = None) -> Commit:

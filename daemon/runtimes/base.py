@@ -76,6 +76,7 @@ class ContainerRun:
     timeout: float | None = None  # seconds each datum may run (None = no limit)
     user: tuple[int, int] = DEFAULT_USER  # uid, gid of the command (see run_as)
     pids: int | None = DEFAULT_PIDS  # processes and threads at once (None = no limit)
+    node: str = ""  # the name of the node running it ($VFS_NODE)
 
     @property
     def run_as(self) -> tuple[int, int] | None:
@@ -176,7 +177,7 @@ def datum_env(run: ContainerRun, datum: DatumIO, *, base: dict[str, str] | None 
     env.update(base or {})
     env.update(run.env)
     env.update({"VFS_JOB_ID": run.job_id, "VFS_INPUT_COMMIT": run.input_commit, "VFS_PFS": pfs,
-                "VFS_DATUM_ID": datum.datum_id})
+                "VFS_DATUM_ID": datum.datum_id, "VFS_NODE": run.node})
     return env
 
 

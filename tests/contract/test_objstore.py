@@ -147,6 +147,22 @@ def test_list(object_store: ObjectStore, prefix: str) -> None:
     assert all(info.mtime > 0 for info in listed)
 
 
+def test_etag_names_one_version_in_listings_and_stat(object_store: ObjectStore) -> None:
+    # A watcher lists refs/ and reads only the refs whose etag changed: the etag must
+    # change with the content even when the size does not, and stay put otherwise.
+    object_store.put("refs/r/main", b'{"commit":"aaaa"}')
+    object_store.put("refs/r/dev", b'{"commit":"dddd"}')
+    first = {info.key: info.etag for info in object_store.list("refs/")}
+    assert all(first.values()), first
+    assert {info.key: info.etag for info in object_store.list("refs/")} == first
+    assert object_store.stat("refs/r/main").etag == first["refs/r/main"]
+    object_store.put("refs/r/main", b'{"commit":"bbbb"}')  # same size, new content
+    second = {info.key: info.etag for info in object_store.list("refs/")}
+    assert second["refs/r/main"] != first["refs/r/main"]
+    assert second["refs/r/dev"] == first["refs/r/dev"]
+    assert object_store.stat("refs/r/main").etag == second["refs/r/main"]
+
+
 def test_list_default_prefix_lists_everything(object_store: ObjectStore) -> None:
     object_store.put("b/1", b"")
     object_store.put("a", b"")

@@ -110,6 +110,7 @@ def make_run(tmp_path: Path, case: Case, script: str, *, inputs: list[bytes] | N
     workdir = tmp_path / "work"
     workdir.mkdir(exist_ok=True)
     return ContainerRun(job_id="job-1", input_repo=REPO, input_commit="c0ffee" * 4,
+                        node="worker-1",
                         cmd=["sh", "-c", script], env=env or {}, image=case.image,
                         datums=datums, workdir=str(workdir), **options)
 
@@ -171,11 +172,12 @@ async def test_environment(case: Case, tmp_path: Path) -> None:
     assert env["VFS_DATUM_ID"] == run.datums[0].datum_id
     assert env["VFS_JOB_ID"] == "job-1"
     assert env["VFS_INPUT_COMMIT"] == "c0ffee" * 4
+    assert env["VFS_NODE"] == "worker-1"
     assert env["THRESHOLD"] == "0.4"
     if case.isolated:
         assert env["VFS_PFS"] == "/pfs"
         assert set(env) <= {"VFS_DATUM_ID", "VFS_JOB_ID", "VFS_INPUT_COMMIT", "VFS_PFS",
-                            "THRESHOLD", "PATH", "HOME", "IMAGE_VAR", "PWD", "SHLVL"}
+                            "VFS_NODE", "THRESHOLD", "PATH", "HOME", "IMAGE_VAR", "PWD", "SHLVL"}
     if case.name == "runc-oci":
         assert env["IMAGE_VAR"] == "from-image"  # the image config's Env
         assert env["PATH"] == "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -819,7 +821,7 @@ def test_podman_command_line(tmp_path: Path) -> None:
     assert volumes == [f"{datum.input_dir}:/pfs/images:ro", f"{datum.out_dir}:/pfs/out"]
     envs = {args[i + 1] for i, arg in enumerate(args) if arg == "--env"}
     assert envs == {"THRESHOLD=0.4", f"VFS_DATUM_ID={datum.datum_id}", "VFS_JOB_ID=job-1",
-                    f"VFS_INPUT_COMMIT={'c0ffee' * 4}", "VFS_PFS=/pfs"}
+                    f"VFS_INPUT_COMMIT={'c0ffee' * 4}", "VFS_PFS=/pfs", "VFS_NODE=worker-1"}
     assert args[-5:] == ["--entrypoint", "python3", "docker.io/library/python:3.12",
                          "/code/edges.py", "--fast"]
 

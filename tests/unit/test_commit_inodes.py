@@ -155,12 +155,12 @@ def test_every_kind_of_entry_has_the_attributes_of_before(store: vfs.Store,
         for name in (b"many", b"sub", b"link"):
             fast = await ops.lookup(root, name)
             node = ops._get(fast.st_ino)
-            entry = ops._entry(node)
+            entry = await ops._entry(node)
             slow = ops._attrs(node, entry,
                               await ops._subdirectories_of(node.view, node.path, entry))
             for field in ("st_ino", "st_mode", "st_nlink", "st_size", "st_blocks", "st_uid",
                           "st_gid", "st_mtime_ns", "st_blksize", "entry_timeout"):
                 assert getattr(fast, field) == getattr(slow, field), (name, field)
-        assert ops._entry(ops._get((await ops.lookup(root, b"many")).st_ino)).kind == DIR
+        assert (await ops._entry(ops._get((await ops.lookup(root, b"many")).st_ino))).kind == DIR
 
     _run(store, tmp_path, test)

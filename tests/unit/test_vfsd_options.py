@@ -21,16 +21,18 @@ def test_defaults() -> None:
     assert options.encode_ahead == 32 << 20
     assert options.mount == "/pfs"
     assert options.read_ahead_kb == 1024
+    assert options.lease_ttl == 30.0
 
 
 def test_config_file_sets_what_the_command_line_does_not(tmp_path: Path) -> None:
     config = tmp_path / "vfsd.toml"
     config.write_text('chunk-cache-size = "8G"\nencode-ahead = "64M"\nread-ahead-kb = 512\n'
-                      'poll-interval = 5.0\n')
+                      'poll-interval = 5.0\nlease-ttl = 12\n')
     options = load_options(["--config", str(config), "--read-ahead-kb", "2048"])
     assert options.chunk_cache_size == 8 << 30
     assert options.encode_ahead == 64 << 20
     assert options.poll_interval == 5.0
+    assert options.lease_ttl == 12
     assert options.read_ahead_kb == 2048  # the command line wins
 
 
@@ -79,3 +81,11 @@ def test_the_default_config_file_may_be_missing() -> None:
     if Path("/etc/vfs/vfsd.toml").exists():
         pytest.skip("this machine has a /etc/vfs/vfsd.toml")
     assert load_options(["--config", "/etc/vfs/vfsd.toml"]).config is None
+
+
+def test_lease_ttl_bounds(capsys: pytest.CaptureFixture) -> None:
+    assert load_options(["--lease-ttl", "3"]).lease_ttl == 3
+    for bad in ("2", "nan", "100000"):
+        with pytest.raises(SystemExit):
+            load_options(["--lease-ttl", bad])
+        assert "--lease-ttl: from 3 seconds to a day" in capsys.readouterr().err

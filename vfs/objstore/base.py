@@ -34,6 +34,11 @@ class ObjectInfo:
     key: str
     size: int
     mtime: float  # seconds since the epoch of the last write
+    #: A token of the object's current version, the same in a listing and a
+    #: :meth:`ObjectStore.stat`: it changes whenever different content is written
+    #: (S3: the ETag; local: inode, mtime and size). Compare it only with other
+    #: ``etag`` values: it is not the tag of ``put(if_match=...)``.
+    etag: str = ""
 
 
 class ObjectStore(abc.ABC):

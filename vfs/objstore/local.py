@@ -35,6 +35,13 @@ def _content_tag(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data).hexdigest()[:32]
 
 
+def _version(st: os.stat_result) -> str:
+    # Every write renames a new file over the old one: a new inode (the old one is
+    # still linked while the new file is made) and a new mtime. Cheap to list, unlike
+    # a hash of the content.
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
 class LocalStore(ObjectStore):
     """Object store in a local directory (the embedded default)."""
 
@@ -206,7 +213,7 @@ class LocalStore(ObjectStore):
             st = os.stat(self._path(key))
         except OSError as exc:
             raise _translate(exc, key) from exc
-        return ObjectInfo(key, st.st_size, st.st_mtime)
+        return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # Walk only the directory that can hold the prefix, then filter by name.
@@ -230,7 +237,7 @@ class LocalStore(ObjectStore):
                     st = os.stat(os.path.join(dirpath, name))
                 except FileNotFoundError:
                     continue
-                found.append(ObjectInfo(key, st.st_size, st.st_mtime))
+                found.append(ObjectInfo(key, st.st_size, st.st_mtime, _version(st)))
         found.sort(key=lambda info: info.key)
         return iter(found)
 

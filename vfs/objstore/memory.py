@@ -63,17 +63,17 @@ class MemoryStore(ObjectStore):
 
     def stat(self, key: str) -> ObjectInfo:
         with self._lock:
-            data, _, mtime = self._entry(key)
-            return ObjectInfo(key, len(data), mtime)
+            data, tag, mtime = self._entry(key)
+            return ObjectInfo(key, len(data), mtime, tag)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         with self._lock:
             items = sorted(
-                (key, len(data), mtime)
-                for key, (data, _, mtime) in self._objects.items()
+                (key, len(data), mtime, tag)
+                for key, (data, tag, mtime) in self._objects.items()
                 if key.startswith(prefix)
             )
-        return iter(ObjectInfo(key, size, mtime) for key, size, mtime in items)
+        return iter(ObjectInfo(*item) for item in items)
 
     def set_mtime(self, key: str, mtime: float) -> None:
         """Backdate an object (tests of grace periods)."""

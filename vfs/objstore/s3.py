@@ -249,7 +249,8 @@ class S3Store(ObjectStore):
         s3_key = self._s3_key(key)
         with self._errors(key):
             response = self._client.head_object(Bucket=self.bucket, Key=s3_key)
-        return ObjectInfo(key, response["ContentLength"], response["LastModified"].timestamp())
+        return ObjectInfo(key, response["ContentLength"], response["LastModified"].timestamp(),
+                          response.get("ETag", ""))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # S3 lists keys in UTF-8 byte order, which is Python's str order, so the
@@ -261,7 +262,8 @@ class S3Store(ObjectStore):
             for page in pages:
                 for item in page.get("Contents", ()):
                     yield ObjectInfo(
-                        item["Key"][strip:], item["Size"], item["LastModified"].timestamp()
+                        item["Key"][strip:], item["Size"], item["LastModified"].timestamp(),
+                        item.get("ETag", ""),
                     )
 
     def close(self) -> None:

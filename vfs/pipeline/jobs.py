@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vfs.errors import Conflict, VfsError
@@ -71,11 +72,11 @@ def transform_hash(version: PipelineVersion, image_digest: str) -> str:
 
 @dataclass
 class DatumTask:
-    """A datum that has to run."""
+    """A datum that has to run (``files``: None until :func:`task_files` reads them)."""
 
     root: str
     hash: str
-    files: Files
+    files: Files | None = None
 
     @property
     def id(self) -> str:
@@ -95,6 +96,11 @@ class JobPlan:
     removed: dict[str, DatumRecord] = field(default_factory=dict)  # root -> old outputs
     reused: dict[str, DatumRecord] = field(default_factory=dict)  # root -> reused outputs
     tasks: list[DatumTask] = field(default_factory=list)
+    # The datum hashes of the records in ``removed`` and ``reused`` (root -> hash).
+    record_hashes: dict[str, str] = field(default_factory=dict)
+    # The output branch's head when the job was planned: its commit goes on exactly
+    # that head, or not at all (a job never commits twice).
+    output_head: str | None = None
 
 
 def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = ""
@@ -117,6 +123,7 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
     if head is None:
         return None
     transform = transform_hash(version, image_digest)
+    output_head = store.head(spec.pipeline, spec.output_branch).commit
     last = last_processed(store, spec.pipeline, spec.output_branch)
     if (last is not None and last.input_commit == head.id and last.transform == transform
             and last.version == version.version):
@@ -141,6 +148,7 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
         for change in plan.changes:
             _add(store, plan, change)
         job.datums_total = len(plan.changes)
+    plan.output_head = output_head
     # Skipped: every datum of the head that does not run (unchanged, or output reused).
     job.datums_skipped = job.datums_total - len(plan.tasks)
     job.datums_reused = len(plan.reused)
@@ -158,8 +166,8 @@ def _plan_on(store, last: Processed, transforms: tuple[str, ...], job: JobRecord
     pipeline = job.pipeline
     for change in plan.changes:
         if change.old_files:
-            record = recorded_outputs(store, pipeline, last.transforms, change.root,
-                                      change.old_files)
+            found = _recorded(store, pipeline, last.transforms, change.root, change.old_files)
+            record = found[1] if found else None
             if record is None or not _holds(outputs, record):
                 log.warning("pipeline %s: the outputs of datum /%s in %s@%s are not known "
                             "(%s): rebuilding every datum from empty", pipeline, change.root,
@@ -167,6 +175,7 @@ def _plan_on(store, last: Processed, transforms: tuple[str, ...], job: JobRecord
                             "no record" if record is None else "its record does not match")
                 return None
             plan.removed[change.root] = record
+            plan.record_hashes[f"-{change.root}"] = found[0]  # type: ignore[index]
         if change.new_files:
             _add(store, plan, change)
     added = sum(1 for c in plan.changes if c.new_files and not c.old_files)
@@ -185,6 +194,7 @@ def _add(store, plan: JobPlan, change: DatumChange) -> None:
     record = load_datum(store.objects, plan.job.pipeline, digest)
     if record is not None:
         plan.reused[change.root] = record
+        plan.record_hashes[f"+{change.root}"] = digest
     else:
         plan.tasks.append(DatumTask(change.root, digest, change.new_files))
 
@@ -197,11 +207,85 @@ def recorded_outputs(store, pipeline: str, transforms: tuple[str, ...], root: st
     outputs of an older transform only while it is unchanged, and while it is, no
     newer version runs it (docs/format.md §10a).
     """
+    found = _recorded(store, pipeline, transforms, root, files)
+    return found[1] if found else None
+
+
+def _recorded(store, pipeline: str, transforms: tuple[str, ...], root: str,
+              files: Files) -> tuple[str, DatumRecord] | None:
     for transform in transforms:
-        record = load_datum(store.objects, pipeline, datum_hash(transform, root, files))
+        digest = datum_hash(transform, root, files)
+        record = load_datum(store.objects, pipeline, digest)
         if record is not None:
-            return record
+            return digest, record
     return None
+
+
+# -- the plan every node of a job runs ------------------------------------------------------
+
+
+def plan_document(plan: JobPlan) -> dict:
+    """The plan as stored for the other nodes (``claims/<job id>/plan``, §10b).
+
+    Datum files are not stored: every node reads them from the input commit.
+    """
+    return {"v": 1, "job": plan.job.to_dict(), "version": plan.version.version,
+            "head": plan.head.id, "base": plan.base.output if plan.base else None,
+            "output_head": plan.output_head, "transforms": list(plan.transforms),
+            "tasks": [[task.root, task.hash] for task in plan.tasks],
+            "records": plan.record_hashes}
+
+
+def plan_from_document(store, version: PipelineVersion, document: dict) -> JobPlan:
+    """The :class:`JobPlan` another node stored (its version must be ``version``).
+
+    Raises:
+        Corruption: the document or a datum record it names is damaged or missing.
+    """
+    from vfs.errors import Corruption
+
+    try:
+        job = JobRecord.from_dict(dict(document["job"]))
+        head = store.read_commit(document["head"])
+        base = None
+        if document["base"]:
+            output = store.read_commit(document["base"])
+            prov = output.provenance or {}
+            transform = prov.get("transform", "")
+            base = Processed(output.id, prov["inputs"][0]["commit"], transform,
+                             int(prov.get("version", 0)), prov.get("glob"),
+                             tuple(prov.get("transforms") or [transform]))
+        plan = JobPlan(job, version, head, base, [], tuple(document["transforms"]),
+                       tasks=[DatumTask(root, digest) for root, digest in document["tasks"]],
+                       record_hashes=dict(document["records"]),
+                       output_head=document["output_head"])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise Corruption(f"the plan of job {document.get('job', {}).get('id')} is damaged: "
+                         f"{exc!r}") from exc
+    for key, digest in plan.record_hashes.items():
+        record = load_datum(store.objects, job.pipeline, digest)
+        if record is None:
+            raise Corruption(f"job {job.id}: the datum record {digest[:16]} of /{key[1:]} "
+                             "its plan names is gone")
+        (plan.removed if key.startswith("-") else plan.reused)[key[1:]] = record
+    return plan
+
+
+def task_files(store, plan: JobPlan, task: DatumTask) -> Files:
+    """A task's input files, read from the input commit (once).
+
+    Raises:
+        Corruption: they do not hash to the datum the plan names.
+    """
+    from vfs.errors import Corruption
+
+    if task.files is None:
+        files = tuple(_datum_files(Snapshot(store.blobs, plan.head.tree), task.root))
+        if datum_hash(plan.transforms[0], task.root, list(files)) != task.hash:
+            raise Corruption(f"job {plan.job.id}: the files of datum /{task.root} in "
+                             f"{plan.head.id[:12]} do not match its plan")
+        task.files = files
+    return task.files
 
 
 def _holds(outputs: Snapshot, record: DatumRecord) -> bool:
@@ -254,14 +338,19 @@ def collect_outputs(store, out_dir: str) -> dict[str, Entry]:
 # -- the output commit ----------------------------------------------------------------------
 
 
-def commit_outputs(store, plan: JobPlan, ran: dict[str, DatumRecord]) -> Commit:
+def commit_outputs(store, plan: JobPlan, ran: dict[str, DatumRecord], *,
+                   fence: Callable[[], None] | None = None) -> Commit:
     """Merge the outputs into one commit on the output branch, with provenance.
 
     Outputs of changed or deleted datums are removed, outputs of new datums (run
-    or reused) added. Two datums writing one path is an error naming both.
+    or reused) added. Two datums writing one path is an error naming both. The
+    commit goes on the head the job was planned on (``plan.output_head``) or not
+    at all; ``fence`` is called right before the branch moves (it raises when this
+    node may no longer commit the job).
 
     Raises:
         Conflict: two datums wrote the same path.
+        HeadMoved: the output branch is no longer at ``plan.output_head``.
     """
     spec = plan.version.spec
     assert spec is not None
@@ -305,7 +394,7 @@ def commit_outputs(store, plan: JobPlan, ran: dict[str, DatumRecord]) -> Commit:
                                                   glob=spec.glob,
                                                   transforms=plan.transforms),
                             author=f"pipeline:{spec.pipeline}", why=f"pipeline job {job.id}",
-                            allow_empty=True)
+                            allow_empty=True, expect_head=plan.output_head, fence=fence)
 
 
 def _prune(view: OpenCommit, path: str) -> None:
@@ -334,5 +423,19 @@ def _owner(store, plan: JobPlan, path: str) -> str | None:
     return None
 
 
-__all__ = ["DatumTask", "JobPlan", "collect_outputs", "commit_outputs", "materialize",
-           "plain_transform_hash", "plan_job", "recorded_outputs", "transform_hash"]
+def committed_by(store, plan: JobPlan, *, limit: int = 20) -> Commit | None:
+    """The output commit this job made, if it made one: the output branch's head or
+    one of its recent first-parent ancestors whose provenance names the job."""
+    spec = plan.version.spec
+    assert spec is not None
+    for commit in store.log(RefSpec(spec.pipeline, spec.output_branch), limit=limit):
+        if (commit.provenance or {}).get("job") == plan.job.id:
+            return commit
+        if commit.id == plan.output_head:
+            return None  # older than the job
+    return None
+
+
+__all__ = ["DatumTask", "JobPlan", "collect_outputs", "commit_outputs", "committed_by",
+           "materialize", "plain_transform_hash", "plan_document", "plan_from_document",
+           "plan_job", "recorded_outputs", "task_files", "transform_hash"]

@@ -26,12 +26,21 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from vfs.errors import JobNotFound, ObjectNotFound, VfsError
+from vfs.errors import (
+    Conflict,
+    Corruption,
+    JobNotFound,
+    ObjectNotFound,
+    PreconditionFailed,
+    VfsError,
+)
 from vfs.names import check_name
-from vfs.refs import canonical_json
+from vfs.pipeline.claims import read_current
+from vfs.refs import canonical_json, now_iso
 from vfs.tree import Entry
 
 log = logging.getLogger("vfs.pipeline")
@@ -115,7 +124,72 @@ def job_key(job_id: str) -> str:
 
 
 def save_job(objects, job: JobRecord) -> None:
+    """Write a job record unconditionally (one writer only: tests, old stores).
+
+    Nodes sharing a job use :func:`create_job` and :func:`update_job`."""
     objects.put(job_key(job.id), canonical_json(job.to_dict()))
+
+
+def create_job(objects, job: JobRecord) -> bool:
+    """Store a new job record unless one exists; True if this call created it."""
+    data = canonical_json(job.to_dict())
+    try:
+        objects.put(job_key(job.id), data, if_absent=True)
+        return True
+    except PreconditionFailed:
+        return False
+
+
+def update_job(objects, job_id: str, change: Callable[[JobRecord], bool], *,
+               attempts: int = 50) -> JobRecord:
+    """Change a job record by compare-and-swap, as many nodes may at once.
+
+    ``change`` edits the record it is given and returns whether to write it; it
+    is called again on the newer record when another node wrote in between (so it
+    must decide from the record, e.g. "only while running").
+
+    Returns:
+        The record as stored after the call.
+
+    Raises:
+        JobNotFound: there is no such job record.
+        Conflict: the record kept changing (``attempts`` swaps lost).
+    """
+    key = job_key(job_id)
+    for _ in range(attempts):
+        try:
+            data, tag = objects.get_tagged(key)
+        except ObjectNotFound:
+            raise JobNotFound(f"no job {job_id} (see 'vfsctl job list')") from None
+        job = JobRecord.from_dict(json.loads(data))
+        if not change(job):
+            return job
+        try:
+            objects.put(key, canonical_json(job.to_dict()), if_match=tag)
+            return job
+        except PreconditionFailed:
+            continue  # another node wrote it meanwhile (or our write landed): again
+    raise Conflict(f"the record of job {job_id} keeps changing: gave up")
+
+
+def cancel_job(objects, job_id: str, why: str = "cancelled by the user") -> JobRecord:
+    """Set a running job cancelled, whichever node runs it (they stop its datums when
+    they next look at the record). Returns the record as stored.
+
+    Raises:
+        JobNotFound: no such job.
+        VfsError: it finished already.
+    """
+    def cancel(job: JobRecord) -> bool:
+        if job.done:
+            return False
+        job.state, job.error, job.finished = "cancelled", why, now_iso()
+        return True
+
+    job = update_job(objects, job_id, cancel)
+    if job.state != "cancelled" or job.error != why:
+        raise VfsError(f"job {job_id} already finished ({job.state})")
+    return job
 
 
 def load_job(objects, job_id: str) -> JobRecord:
@@ -133,7 +207,17 @@ def list_jobs(objects, pipeline: str) -> list[JobRecord]:
 
 
 def latest_job(objects, pipeline: str) -> JobRecord | None:
-    """The most recently started job of a pipeline (one listing, one read)."""
+    """The pipeline's current job (the latest started), or None.
+
+    Nodes name it in ``jobheads/<pipeline>`` (vfs.pipeline.claims); stores written
+    before that have only the listing, whose last job id is the latest.
+    """
+    try:
+        current = read_current(objects, pipeline).job
+        if current is not None:
+            return load_job(objects, current)
+    except (JobNotFound, Corruption):
+        pass  # not stored yet (its node is creating it), or damaged: the listing
     last = None
     for info in objects.list(f"jobs/{pipeline}/"):
         last = info.key
@@ -183,6 +267,22 @@ def save_datum(objects, pipeline: str, digest: str, record: DatumRecord) -> None
     # Not fsync'd: the blobs it names are durable already (the writer synced them),
     # and a record lost to a power cut only means the datum runs again.
     objects.put_deferred(datum_key(pipeline, digest), canonical_json(body))
+
+
+def save_datum_once(objects, pipeline: str, digest: str, record: DatumRecord) -> bool:
+    """Record a datum's outputs unless a record exists: the first result stays.
+
+    Two nodes may both finish a datum (one of them after its lease expired); either
+    result is the datum's, but a record never changes once written (a job may have
+    committed what it names). Returns False if a record was there already.
+    """
+    body = {"root": record.root, "job": record.job,
+            "outputs": {path: entry.encode() for path, entry in sorted(record.outputs.items())}}
+    try:
+        objects.put(datum_key(pipeline, digest), canonical_json(body), if_absent=True)
+        return True
+    except PreconditionFailed:
+        return False
 
 
 def load_datum(objects, pipeline: str, digest: str) -> DatumRecord | None:
@@ -346,7 +446,8 @@ def now() -> float:
 
 
 __all__ = ["DatumRecord", "FailedDatum", "JobRecord", "PipelineError", "Processed",
-           "clear_pipeline_error", "covers", "find_job", "job_logs", "last_processed",
+           "cancel_job", "clear_pipeline_error", "covers", "create_job", "find_job",
+           "job_logs", "last_processed",
            "list_all_jobs", "list_jobs", "load_datum", "load_job", "load_pipeline_error",
-           "new_job_id", "provenance", "save_datum", "save_job", "save_log",
-           "save_pipeline_error"]
+           "new_job_id", "provenance", "save_datum", "save_datum_once", "save_job",
+           "save_log", "save_pipeline_error", "update_job"]

@@ -136,6 +136,33 @@ def list_pipelines(objects) -> list[PipelineVersion]:
     return [v for v in (current(objects, name) for name in names) if v is not None]
 
 
+class Pipelines:
+    """The current version of every pipeline, kept with one listing of ``pipelines/``.
+
+    Versions are immutable once stored (created with if-absent), so :meth:`poll` reads
+    only the versions it has not read before: an unchanged registry costs one
+    request. One caller at a time.
+    """
+
+    def __init__(self, objects) -> None:
+        self.objects = objects
+        self._read: dict[str, PipelineVersion] = {}  # version key -> that version
+
+    def poll(self) -> list[PipelineVersion]:
+        """As :func:`list_pipelines`, reading only versions new since the last poll."""
+        newest: dict[str, str] = {}  # name -> key of its newest version
+        for info in self.objects.list("pipelines/"):
+            name, _, tail = info.key[len("pipelines/"):].partition("/")
+            if tail.isdigit():
+                newest[name] = info.key  # listings are in key order: the last is the newest
+        read = {}
+        for name, key in newest.items():
+            found = self._read.get(key)
+            read[key] = found if found is not None else _decode(name, self.objects.get(key))
+        self._read = read
+        return sorted((v for v in read.values() if not v.deleted), key=lambda v: v.name)
+
+
 def downstream(objects, repo: str, pipelines: list[PipelineVersion] | None = None
                ) -> list[PipelineVersion]:
     """The pipelines that read ``repo``."""
@@ -256,5 +283,5 @@ def version(objects, name: str, number: int) -> PipelineVersion:
         raise PipelineNotFound(f"pipeline {name} has no version {number}") from None
 
 
-__all__ = ["PipelineVersion", "create", "current", "delete", "downstream", "get",
+__all__ = ["PipelineVersion", "Pipelines", "create", "current", "delete", "downstream", "get",
            "list_pipelines", "refuse_hand_commits", "update", "version", "versions"]
