@@ -120,9 +120,8 @@ def run(work: Path, endpoint: str, proxy, nodes: int, args) -> dict:
     try:
         first, last = started[0], started[-1]
         first.ctl("repo", "create", "inputs")
-        if args.cpu:
-            work_cmd = (f'end=$(( $(date +%s) + {args.seconds} )); '
-                        'while [ $(date +%s) -lt $end ]; do :; done')
+        if args.cpu:  # a fixed amount of work, about --seconds on one idle core
+            work_cmd = (f'i=0; while [ $i -lt {args.iterations} ]; do i=$((i+1)); done')
         else:
             work_cmd = f"sleep {args.seconds}"
         script = (f'started=$(date +%s.%N); {work_cmd}; '
@@ -171,6 +170,15 @@ def run(work: Path, endpoint: str, proxy, nodes: int, args) -> dict:
             node.stop()
 
 
+def _calibrate(seconds: float) -> int:
+    """Iterations of the shell loop that take about ``seconds`` on one core."""
+    probe = 200_000
+    started = time.monotonic()
+    subprocess.run(["sh", "-c", f"i=0; while [ $i -lt {probe} ]; do i=$((i+1)); done"],
+                   check=True)
+    return int(probe * seconds / (time.monotonic() - started))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datums", type=int, default=60)
@@ -181,6 +189,7 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--workdir", default=os.path.join(ROOT, "benchmarks", "work", "scale"))
     args = parser.parse_args()
+    args.iterations = _calibrate(args.seconds) if args.cpu else 0
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
