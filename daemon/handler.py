@@ -41,11 +41,6 @@ class ControlHandler:
             raise VfsError(f"vfsd does not know the request {op!r}: is vfsctl newer than vfsd?")
         return method(**args)
 
-    def _changed(self, repo: str, branch: str) -> None:
-        self.operations.branch_changed(repo, branch)
-        if self.watcher is not None:
-            self.watcher.nudge()  # a pipeline may read this branch
-
     @contextlib.contextmanager
     def _sealing(self, repo: str, branch: str) -> Iterator[None]:
         """Hold a branch's lock for a commit, discard or rollback (no flusher
@@ -102,13 +97,15 @@ class ControlHandler:
     def op_put(self, repo: str, branch: str, dest: str, sources: list[str],
                recursive: bool = False, delete: bool = False, stdin: bool = False) -> dict:
         self.operations.views.wait_staged(repo, branch)  # files closed before the put go first
-        if stdin:
-            with open(sources[0], "rb") as f:
-                result = vfs.put_stream(self.store, repo, branch, dest, f)
-        else:
-            result = vfs.put(self.store, repo, branch, dest, sources, recursive=recursive,
-                             delete=delete)
-        self._changed(repo, branch)
+        # Holding the branch like a commit: a commit meanwhile would clear what the put
+        # staged on the old head, or leave it staged on a head that moved.
+        with self._sealing(repo, branch):
+            if stdin:
+                with open(sources[0], "rb") as f:
+                    result = vfs.put_stream(self.store, repo, branch, dest, f)
+            else:
+                result = vfs.put(self.store, repo, branch, dest, sources,
+                                 recursive=recursive, delete=delete)
         return {"files": result.files, "read": result.read, "cached": result.cached,
                 "unchanged": result.unchanged, "staged": result.staged,
                 "deleted": result.deleted, "bytes_read": result.bytes_read,
@@ -116,8 +113,8 @@ class ControlHandler:
 
     def op_rm(self, repo: str, branch: str, path: str, recursive: bool = False) -> dict:
         self.operations.views.wait_staged(repo, branch)
-        count = vfs.remove(self.store, repo, branch, path, recursive=recursive)
-        self._changed(repo, branch)
+        with self._sealing(repo, branch):  # as put
+            count = vfs.remove(self.store, repo, branch, path, recursive=recursive)
         return {"files": count}
 
     def op_commit(self, repo: str, branch: str, message: str = "",

@@ -58,6 +58,7 @@ class BlobStore:
         #: node's record active there: docs/format.md §10.2).
         self.before_check: Callable[[], None] = lambda: None
         self._unusable_packs: set[bytes] = set()  # found damaged by learn_new_packs
+        self._learning = threading.Lock()
 
     def has(self, digest: bytes) -> bool:
         """True if the blob is stored and not known to be damaged (see ``read``)."""
@@ -80,7 +81,10 @@ class BlobStore:
                     self._cache.move_to_end(digest)
                     return hit
         location = self.index.blob_location(digest)
-        if location is None and self.learn_new_packs():
+        if location is None:
+            # Always look again: another thread may have been indexing the pack that
+            # holds it while this one listed (learn_new_packs then learns nothing).
+            self.learn_new_packs()
             location = self.index.blob_location(digest)
         if location is None:
             raise Corruption(
@@ -129,6 +133,10 @@ class BlobStore:
         Each node's index learns its own packs as it writes them; packs written
         elsewhere are found here, by listing ``index/`` and reading the new ones.
         """
+        with self._learning:  # one at a time: a pack half indexed is not "known"
+            return self._learn_new_packs()
+
+    def _learn_new_packs(self) -> int:
         known = self.index.packs()
         learned = 0
         for info in self.objects.list("index/"):
