@@ -73,6 +73,18 @@ def wait_for(probe: Callable[[], T], expected: T, timeout: float = 5.0) -> T:
         time.sleep(0.1)
 
 
+def until(condition: Callable[[], T], what: str, timeout: float = 30) -> T:
+    """Poll ``condition`` until it returns something true, and return that; fail
+    naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
 def staged(mount) -> dict[str, str]:
     """``vfsctl status data@main``: path → added / modified / deleted.
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 from conftest import _require_fuse, check_after, mounted
 from disks import small_tmpfs
+from fuse_checks import until
 from test_pipelines import job_json, put_files, read_output, spec, wait
 
 import vfs
@@ -44,16 +45,6 @@ def _with_env(path: str, env: dict[str, str]) -> str:
     with open(path, "w") as f:
         f.write(json.dumps(doc))
     return path
-
-
-def _until(condition, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _pipelines(mount: Mount) -> dict[str, dict]:
@@ -107,9 +98,9 @@ def test_a_pipeline_whose_input_is_gone_holds_up_no_other(mount, tmp_path) -> No
     # Back: the error goes, the pipeline runs.
     mount.vfsctl("branch", "create", "other@main")
     put_files(mount, {"x.txt": "x"}, ref="other@main")
-    _until(lambda: job_json(mount, "aaa") and job_json(mount, "aaa")[-1]["state"] == "success",
+    until(lambda: job_json(mount, "aaa") and job_json(mount, "aaa")[-1]["state"] == "success",
            "pipeline aaa to run once its branch is back")
-    _until(lambda: _pipelines(mount)["aaa"]["error"] is None, "aaa's error to clear")
+    until(lambda: _pipelines(mount)["aaa"]["error"] is None, "aaa's error to clear")
 
 
 def test_the_daemon_checks_the_runtime_when_a_pipeline_is_created(tmp_path) -> None:
@@ -165,11 +156,11 @@ def test_failed_and_cancelled_jobs_do_not_run_again_at_restart(mount, tmp_path) 
     mount.vfsctl("pipeline", "create", "-f", spec(tmp_path, name="sided", repo="side",
                                                   script=side))
     put_files(mount, {"a.txt": "a"})
-    _until(lambda: job_json(mount, "bad") and job_json(mount, "bad")[-1]["state"] == "failed",
+    until(lambda: job_json(mount, "bad") and job_json(mount, "bad")[-1]["state"] == "failed",
            "job of bad to fail")
-    running = _until(lambda: mark.exists() and job_json(mount, "slow"), "slow to start")
+    running = until(lambda: mark.exists() and job_json(mount, "slow"), "slow to start")
     mount.vfsctl("job", "cancel", running[-1]["id"])
-    _until(lambda: job_json(mount, "slow")[-1]["state"] == "cancelled", "the cancel")
+    until(lambda: job_json(mount, "slow")[-1]["state"] == "cancelled", "the cancel")
 
     mount.restart()
     # Once sided's job is done, the watcher has looked at every pipeline at least once.
@@ -179,12 +170,12 @@ def test_failed_and_cancelled_jobs_do_not_run_again_at_restart(mount, tmp_path) 
 
     # How a user retries without a new commit: update the pipeline (the same spec).
     mount.vfsctl("pipeline", "update", "-f", slow_spec)
-    _until(lambda: job_json(mount, "slow")[-1]["state"] == "success", "slow to run again")
+    until(lambda: job_json(mount, "slow")[-1]["state"] == "success", "slow to run again")
     assert len(job_json(mount, "slow")) == 2
     assert [j["state"] for j in job_json(mount, "bad")] == ["failed"]
     # A new head runs the failed pipeline again.
     put_files(mount, {"b.txt": "b"})
-    _until(lambda: len(job_json(mount, "bad")) == 2 and job_json(mount, "bad")[-1]["finished"],
+    until(lambda: len(job_json(mount, "bad")) == 2 and job_json(mount, "bad")[-1]["finished"],
            "bad to run on the new head")
 
 
@@ -196,7 +187,7 @@ def test_a_datum_cut_short_by_a_stopping_daemon_does_not_use_up_its_tries(mount,
     path = _with_env(spec(tmp_path, script=slow, datum_tries=1), {"MARK": str(mark)})
     mount.vfsctl("pipeline", "create", "-f", path)
     commit = put_files(mount, {"a.txt": "a"})
-    _until(mark.exists, "the datum to start")
+    until(mark.exists, "the datum to start")
     mount.restart()  # SIGTERM: this node gives its claim back, the try does not count
     wait(mount, f"images@{commit}")
     jobs = job_json(mount, "upper")

@@ -9,6 +9,7 @@ last 3 s (``--lease-ttl 3``) so that a dead node's work is taken over quickly.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import boto3
+import fuse_checks
 import pytest
 from faultproxy import FaultProxy
 
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 
 from conftest import daemon_log_problems, start_vfsd, stop_vfsd
 
+# Three nodes and lease takeovers: 60 s to wait for anything.
+until = functools.partial(fuse_checks.until, timeout=60)
 NAMES = ("node-a", "node-b", "node-c")
 # One line per try, then the datum's files copied out after a pause.
 RECORDING = ('echo "$VFS_NODE $VFS_DATUM_ID" >> "$RUNS"; sleep "$PAUSE"; '
@@ -136,16 +140,6 @@ def output_commits(node: Mount, ref: str = "upper@main") -> list[dict]:
 
 def jobs(node: Mount, pipeline: str = "upper") -> list[dict]:
     return json.loads(node.vfsctl("job", "list", pipeline, "--json").stdout)
-
-
-def until(condition, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_three_nodes_run_each_datum_once_and_commit_once(cluster: Cluster, tmp_path) -> None:
@@ -276,7 +270,7 @@ def test_a_node_cut_from_the_store_loses_its_commit_lease_for_good(cluster: Clus
     cut = cluster.nodes[name]
     # Its ref move, retried once the store answers again, finds the branch moved.
     until(lambda: "another node made its output commit" in cut.log.read_text()
-          or "stops taking part" in cut.log.read_text(), "the cut node to give up")
+          or "stops taking part" in cut.log.read_text(), "the cut node to give up", timeout=60)
     time.sleep(2)
     assert output_commits(cut) == made
     assert [j["state"] for j in jobs(cut)] == ["success"]
