@@ -39,6 +39,7 @@ from vfs.errors import Conflict, LeaseLost, VfsError
 from vfs.nodes import store_now
 from vfs.pipeline import claims, records
 from vfs.pipeline.claims import COMMIT, DONE, FAILED, RUNNING, Claim
+from vfs.pipeline.combine import label
 from vfs.pipeline.datums import datum_id
 from vfs.pipeline.jobs import (
     DatumTask,
@@ -204,8 +205,8 @@ class JobRun:
                     self.wake_nowait()  # the next round fails the job
                     held = None
                 elif held is not None:
-                    log.info("job %s: took over datum %s (/%s) from node %s (try %d)",
-                             self.job.id, datum_id(name), self.tasks[name].root,
+                    log.info("job %s: took over datum %s (%s) from node %s (try %d)",
+                             self.job.id, datum_id(name), self.tasks[name].label,
                              seen.node_name, held.tries)
             if held is not None:
                 got.append(held)
@@ -306,13 +307,19 @@ class JobRun:
             # The log is outside the datum's directory: it keeps every try on this node.
             ios.append(DatumIO(task.id, os.path.join(root, "in"), os.path.join(root, "out"),
                                f"{root}.log"))
+        names = [leaf.name for leaf in spec.leaves]
 
         def prepare() -> None:  # file work stays out of the trio thread
             for task, io in zip(tasks, ios, strict=True):
                 shutil.rmtree(os.path.dirname(io.input_dir), ignore_errors=True)
-                os.makedirs(io.input_dir)
+                for name in names:  # every input, empty where the datum has none of it
+                    os.makedirs(os.path.join(io.input_dir, name))
                 os.makedirs(io.out_dir)
-                materialize(self.store, task_files(self.store, self.plan, task), io.input_dir)
+                # A single input's files are named as in their repository; those of
+                # several inputs under their input's name already (vfs.pipeline.combine).
+                materialize(self.store, task_files(self.store, self.plan, task),
+                            os.path.join(io.input_dir, names[0]) if spec.plain
+                            else io.input_dir)
             os.makedirs(os.path.join(base, f"run-{tasks[0].id}"), exist_ok=True)
 
         errors: dict[str, str] = {}
@@ -322,8 +329,9 @@ class JobRun:
             if self.first_start is None:
                 self.first_start = now_iso()
             workdir = os.path.join(base, f"run-{tasks[0].id}")
+            commits = job.commits()
             statuses: list[int | None] = list(await self.runtime.run(ContainerRun(
-                job_id=job.id, input_repo=spec.input_repo, input_commit=job.input_commit,
+                job_id=job.id, inputs=[(name, commits.get(name) or "") for name in names],
                 cmd=list(spec.cmd), env=dict(spec.env), image=spec.image, datums=ios,
                 workdir=workdir, network=spec.network, memory=spec.memory, cpus=spec.cpu,
                 timeout=timeout, user=spec.user, pids=spec.pids, node=self.node.name)))
@@ -331,8 +339,8 @@ class JobRun:
             statuses = [None] * len(tasks)
             errors = {task.root: str(exc) for task in tasks}
         except Exception as exc:  # a bug: these datums fail with it, not the whole vfsd
-            log.exception("job %s: unexpected error running datum %s (/%s)", job.id,
-                          tasks[0].id, tasks[0].root)
+            log.exception("job %s: unexpected error running datum %s (%s)", job.id,
+                          tasks[0].id, tasks[0].label)
             statuses = [None] * len(tasks)
             errors = {task.root: describe(exc) for task in tasks}
         for task, io in zip(tasks, ios, strict=True):
@@ -352,8 +360,8 @@ class JobRun:
         if kept:
             self.logged.add(task.id)
         if lost:
-            log.warning("job %s: the log of datum %s (/%s) was lost: %s", self.job.id,
-                        task.id, task.root, lost)
+            log.warning("job %s: the log of datum %s (%s) was lost: %s", self.job.id,
+                        task.id, task.label, lost)
             self.logs_lost[task.id] = lost
         lease = self.leases.get(task.hash)
         if lease is None or lease.lost:
@@ -373,11 +381,11 @@ class JobRun:
                 lease.claim = claims.release(self.objects, lease.claim, error=error,
                                              max_tries=self.spec.datum_tries)
             if lease.claim.state == FAILED:
-                log.info("job %s: datum %s (/%s) failed its last try (%d): %s", self.job.id,
-                         task.id, task.root, lease.claim.tries, error)
+                log.info("job %s: datum %s (%s) failed its last try (%d): %s", self.job.id,
+                         task.id, task.label, lease.claim.tries, error)
             else:
-                log.info("job %s: datum %s (/%s) failed (%s): any node retries it",
-                         self.job.id, task.id, task.root, error)
+                log.info("job %s: datum %s (%s) failed (%s): any node retries it",
+                         self.job.id, task.id, task.label, error)
         except LeaseLost as exc:
             lease.lost = True
             log.warning("job %s: %s: its result is dropped", self.job.id, exc)
@@ -425,7 +433,7 @@ class JobRun:
             task = self.tasks[seen.name]
             items.append(FailedDatum(task.id, task.root, seen.tries, None, seen.error))
         first = items[0]
-        self.fail(f"datum {first.id} (/{first.root}) failed after {first.tries} "
+        self.fail(f"datum {first.id} ({label(first.root)}) failed after {first.tries} "
                   f"tr{'y' if first.tries == 1 else 'ies'}: {first.error}; "
                   f"{self._where_its_log_is(first.id)}", items)
 
@@ -530,7 +538,7 @@ class JobRun:
             for task in plan.tasks:
                 record = records.load_datum(self.objects, spec.pipeline, task.hash)
                 if record is None:
-                    raise JobFailure(f"the record of datum {task.id} (/{task.root}) is gone "
+                    raise JobFailure(f"the record of datum {task.id} ({task.label}) is gone "
                                      "although its claim is done")
                 ran[task.root] = record
             plan.job.datums_processed = len(plan.tasks)

@@ -83,10 +83,10 @@ class _Running:
 class _State:
     """What the watcher knows of one pipeline between ticks."""
 
-    done: tuple[str, int] | None = None  # (input head, version) known to need nothing
+    done: tuple[tuple, int] | None = None  # (input heads, version) known to need nothing
     running: _Running | None = None
     last_error: str | None = None  # why it cannot run ("": it can; None: not known yet)
-    error_head: str | None = None  # the input head last_error was recorded at
+    error_heads: dict | None = None  # the input heads last_error was recorded at
     error_stored: bool = True  # last_error is in the store (False: store it again)
     refused: str | None = None  # the job this node cannot take part in (said once)
 
@@ -244,28 +244,33 @@ class Watcher:
             if state.running is not None:
                 continue
             # Whatever goes wrong here is this pipeline's: the others still run.
-            head: str | None = None
+            heads: dict[str, str | None] = {}
             try:
                 assert version.spec is not None
-                head = (await trio.to_thread.run_sync(
-                    self.heads.head, version.spec.input_repo, version.spec.input_branch)
-                        ).commit
-                plan = await self._next_job(version, state, head or "")
+                heads = await trio.to_thread.run_sync(self._input_heads, version)
+                plan = await self._next_job(version, state, heads)
             except VfsError as exc:
-                await self._cannot_run(version, state, str(exc), head)
+                await self._cannot_run(version, state, str(exc), heads)
                 continue
             except Exception as exc:  # a bug: keep it to this pipeline (and say it once)
                 if f"{type(exc).__name__}: {exc}" != state.last_error:
                     log.exception("pipeline %s: unexpected error", version.name)
-                await self._cannot_run(version, state, f"{type(exc).__name__}: {exc}", head)
+                await self._cannot_run(version, state, f"{type(exc).__name__}: {exc}",
+                                       heads)
                 continue
-            await self._cannot_run(version, state, "", head)
+            await self._cannot_run(version, state, "", heads)
             if plan is None:
                 continue
             assert self._nursery is not None
             scope = trio.CancelScope()
             state.running = _Running(plan.job, scope)
             self._nursery.start_soon(self._job_task, state, plan, scope)
+
+    def _input_heads(self, version: PipelineVersion) -> dict[str, str | None]:
+        """Input name -> its branch's head, from this round's listing."""
+        assert version.spec is not None
+        return {leaf.name: self.heads.head(leaf.repo, leaf.branch).commit
+                for leaf in version.spec.leaves}
 
     def _look(self) -> list[PipelineVersion]:
         """This round's pipelines, after one listing of every branch head.
@@ -288,8 +293,8 @@ class Watcher:
             self._pipelines_listed = now
         return self._pipelines
 
-    async def _next_job(self, version: PipelineVersion, state: _State, head: str
-                        ) -> JobPlan | None:
+    async def _next_job(self, version: PipelineVersion, state: _State,
+                        heads: dict[str, str | None]) -> JobPlan | None:
         """The job to take part in for ``version`` now, or None.
 
         The pipeline's current job (``jobheads/<pipeline>``) while it runs, whoever
@@ -298,7 +303,7 @@ class Watcher:
         cancelled: not again), started unless another node starts one first (then
         the next tick joins that one).
         """
-        key = (head, version.version)
+        key = (tuple(heads.values()), version.version)
         if state.done == key:
             return None
         objects = self.store.objects
@@ -313,11 +318,11 @@ class Watcher:
             state.done = key
             return None
         if (job is not None and job.state in RERUN_ONLY_ON_CHANGE
-                and (job.input_commit, job.version, job.transform)
-                == (plan.job.input_commit, version.version, plan.job.transform)):
-            log.info("pipeline %s: job %s %s on %s@%s; not run again until the input "
+                and (job.commits(), job.version, job.transform)
+                == (plan.job.commits(), version.version, plan.job.transform)):
+            log.info("pipeline %s: job %s %s on %s; not run again until an input "
                      "moves or the pipeline is updated", version.name, job.id, job.state,
-                     job.input_repo, job.input_commit[:12])
+                     job.describe_inputs())
             state.done = key
             return None
         if not await trio.to_thread.run_sync(self._start_job, plan, current):
@@ -383,24 +388,26 @@ class Watcher:
             pass  # it finished meanwhile
 
     async def _cannot_run(self, version: PipelineVersion, state: _State, error: str,
-                          head: str | None) -> None:
+                          heads: dict[str, str | None]) -> None:
         """Record why a pipeline cannot run ("": it can), when that changes: logged
-        once, stored for ``pipeline list``/``inspect`` and ``wait`` (again when the
+        once, stored for ``pipeline list``/``inspect`` and ``wait`` (again when an
         input head moves: ``wait`` must know the new head cannot be processed either)."""
         if error != state.last_error:
             if error:
                 log.error("pipeline %s: cannot run: %s", version.name, error)
             elif state.last_error is not None:
                 log.info("pipeline %s: runs again", version.name)
-        elif state.error_stored and (not error or head == state.error_head):
+        elif state.error_stored and (not error or heads == state.error_heads):
             return
-        state.last_error, state.error_head = error, head
+        state.last_error, state.error_heads = error, heads
         try:
             if error:
                 await trio.to_thread.run_sync(records.save_pipeline_error, self.store.objects,
                                               records.PipelineError(
                                                   version.name, error, now_iso(), self.node,
-                                                  version.version, head))
+                                                  version.version,
+                                                  next(iter(heads.values()), None),
+                                                  dict(heads)))
             else:
                 await trio.to_thread.run_sync(records.clear_pipeline_error,
                                               self.store.objects, version.name)
@@ -468,8 +475,8 @@ class Watcher:
                 f"{spec.invalid}: version {plan.version.version} of pipeline {spec.pipeline} "
                 "was stored by an older vfs that accepted it; correct the spec and store it "
                 "again with 'vfsctl pipeline update -f SPEC'")
-        log.info("job %s: %s@%s, %d datums to run, %d reused, %d removed", job.id,
-                 spec.input_repo, job.input_commit[:12], len(plan.tasks), job.datums_reused,
+        log.info("job %s: %s, %d datums to run, %d reused, %d removed", job.id,
+                 job.describe_inputs(), len(plan.tasks), job.datums_reused,
                  job.datums_removed)
         unsupported = run.runtime.unsupported_limits(spec.memory, spec.cpu, spec.pids)
         if unsupported:

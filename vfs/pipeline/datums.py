@@ -37,21 +37,30 @@ DATUM_ID_CHARS = 16
 class Glob:
     """A compiled datum glob.
 
+    A segment's parenthesised parts are *capture groups* (``/(*).csv``, ``/*/(*)/*``):
+    they match as if the parentheses were not there, and :meth:`captures` gives what
+    they matched in a datum's root, numbered from 1 in the order they open (the keys
+    of ``join_on`` and ``group_by``).
+
     Raises:
         InvalidSpec: the pattern is not absolute, has empty, ``.`` or ``..``
-            segments, an unbalanced ``[``, or a ``**`` that is not the last segment.
+            segments, an unbalanced ``[`` or ``(``, a nested ``(``, or a ``**`` that is
+            not the last segment (or is in a capture group).
     """
 
     def __init__(self, pattern: str) -> None:
         if not pattern.startswith("/"):
             raise InvalidSpec(f"glob {pattern!r} must start with '/' (e.g. \"/*\")")
         body = pattern.strip("/")
-        segments = body.split("/") if body else []
+        written = body.split("/") if body else []
         self.pattern = pattern
-        self.files_below = bool(segments) and segments[-1] == "**"
+        self.files_below = bool(written) and written[-1] == "**"
         if self.files_below:
-            segments = segments[:-1]
-        for segment in segments:
+            written = written[:-1]
+        segments = []
+        pieces = []
+        self.groups = 0
+        for segment in written:
             if segment in ("", ".", ".."):
                 raise InvalidSpec(f"glob {pattern!r} has an empty, '.' or '..' segment")
             if "**" in segment:
@@ -59,9 +68,25 @@ class Glob:
                                   "segment (every file below)")
             if segment.count("[") != segment.count("]"):
                 raise InvalidSpec(f"glob {pattern!r}: unbalanced '[' in {segment!r}")
+            regex, groups = _capturing(pattern, segment)
+            self.groups += groups
+            pieces.append(regex)
+            segments.append(segment.replace("(", "").replace(")", ""))
+            if segments[-1] in ("", ".", ".."):
+                raise InvalidSpec(f"glob {pattern!r} has an empty, '.' or '..' segment")
         self.segments = segments
         self._compiled = [None if _is_literal(s) else re.compile(fnmatch.translate(s))
                           for s in segments]
+        tail = ("/.+" if pieces else ".+") if self.files_below else ""
+        self._captures = re.compile("/".join(pieces) + tail, re.DOTALL) if self.groups else None
+
+    def captures(self, root: str) -> tuple[str, ...]:
+        """What the capture groups matched in datum root ``root`` (() if the glob has
+        none or ``root`` is not one of its datums)."""
+        if self._captures is None:
+            return ()
+        match = self._captures.fullmatch(root)
+        return match.groups() if match else ()
 
     def _match(self, index: int, name: str) -> bool:
         regex = self._compiled[index]
@@ -113,6 +138,44 @@ class Glob:
 
 def _is_literal(segment: str) -> bool:
     return not any(ch in segment for ch in "*?[")
+
+
+def _capturing(pattern: str, segment: str) -> tuple[str, int]:
+    """A segment as a regular expression matching one path name, its parenthesised parts
+    as groups; and how many groups it has."""
+    out = []
+    groups = 0
+    depth = 0
+    i = 0
+    while i < len(segment):
+        ch = segment[i]
+        if ch == "(":
+            if depth:
+                raise InvalidSpec(f"glob {pattern!r}: capture groups cannot be nested")
+            depth, groups = 1, groups + 1
+            out.append("(")
+        elif ch == ")":
+            if not depth:
+                raise InvalidSpec(f"glob {pattern!r}: unbalanced ')' in {segment!r}")
+            depth = 0
+            out.append(")")
+        elif ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "[":
+            end = segment.index("]", i + 1)
+            body = segment[i + 1:end]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    if depth:
+        raise InvalidSpec(f"glob {pattern!r}: unbalanced '(' in {segment!r}")
+    return "".join(out), groups
 
 
 # -- datum hashes ---------------------------------------------------------------------

@@ -33,6 +33,10 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
              poll: float = 0.1) -> list[WaitResult]:
     """Block until every pipeline downstream of ``repo@commit_id`` has processed it.
 
+    A pipeline with several inputs is downstream of every repository it reads: its
+    output commit counts once the input reading ``repo`` processed the commit (or a
+    later one containing it), whichever other inputs moved meanwhile.
+
     "Processed" means the pipeline's current version made an output commit from
     this input commit or from a later commit of its input branch that contains it
     (bursts of commits are processed together): right after ``pipeline update`` the
@@ -64,17 +68,29 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
                 # The current version each time: an update meanwhile is waited for.
                 version = registry.current(store.objects, first.name)
                 spec = version.spec if version is not None else None
-                if spec is None or spec.input_repo != current_repo:
-                    break  # deleted, or reads another repository now
-                try:
-                    head = store.head(spec.input_repo, spec.input_branch).commit
-                except NotFound:  # its input branch or repository is gone
-                    break
-                if head is None or not covers(store, head, current):
-                    break  # not on the input branch: this pipeline will never see it
+                if spec is None:
+                    break  # deleted
+                # The inputs reading the commit's repository from a branch holding it.
+                names = []
+                for leaf in spec.leaves:
+                    if leaf.repo != current_repo:
+                        continue
+                    try:
+                        head = store.head(leaf.repo, leaf.branch).commit
+                    except NotFound:  # its input branch or repository is gone
+                        continue
+                    if head is not None and covers(store, head, current):
+                        names.append(leaf.name)
+                if not names:
+                    break  # it reads another repository now, or never sees this commit
+
+                def holds(commits: dict, names=names, current=current) -> bool:
+                    return any(commits.get(name) and covers(store, commits[name], current)
+                               for name in names)
+
                 done = last_processed(store, spec.pipeline, spec.output_branch)
                 if (done is not None and done.version == version.version
-                        and covers(store, done.input_commit, current)):
+                        and holds(_by_name(done.inputs, spec))):
                     output = store.read_commit(done.output)
                     results.append(WaitResult(spec.pipeline, current_repo, current, output))
                     frontier.append((spec.pipeline, output.id))
@@ -82,14 +98,14 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
                 job = latest_job(store.objects, spec.pipeline)
                 if (job is not None and job.state in FAILED_STATES
                         and job.version == version.version
-                        and covers(store, job.input_commit, current)):
+                        and holds(_by_name(job.commits(), spec))):
                     failures.append(
                         f"pipeline {spec.pipeline} did not process {current_repo}@"
                         f"{current[:12]}: job {job.id} {job.state}: {job.error}")
                     break
                 trouble = load_pipeline_error(store.objects, spec.pipeline)
-                if (trouble is not None and trouble.input_commit
-                        and covers(store, trouble.input_commit, current)):
+                if trouble is not None and holds(
+                        trouble.inputs or {spec.leaves[0].name: trouble.input_commit}):
                     failures.append(
                         f"pipeline {spec.pipeline} cannot run (vfsd on {trouble.node}, "
                         f"{trouble.since}): {trouble.error}")
@@ -103,6 +119,14 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
     if failures:
         raise JobFailed("; ".join(failures))
     return results
+
+
+def _by_name(commits: dict, spec) -> dict:
+    """Commits by input name; one commit of a single-input record under the name of the
+    spec's one input (its repository may have been renamed in between)."""
+    if len(commits) == 1 and len(spec.leaves) == 1:
+        return {spec.leaves[0].name: next(iter(commits.values()))}
+    return commits
 
 
 @dataclass

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from vfs.errors import Conflict, VfsError
 from vfs.names import RefSpec, parent_and_name
-from vfs.pipeline.datums import DatumChange, Files, Glob, changed_datums, datum_hash, datum_id
-from vfs.pipeline.datums import datum_files as _datum_files
+from vfs.pipeline.combine import Datums, Side, changed_datums, label
+from vfs.pipeline.datums import DatumChange, Files, datum_hash, datum_id
 from vfs.pipeline.records import (
     DatumRecord,
     JobRecord,
@@ -28,6 +28,7 @@ from vfs.pipeline.records import (
     last_processed,
     load_datum,
     new_job_id,
+    processed_of,
     provenance,
 )
 from vfs.pipeline.registry import PipelineVersion
@@ -72,7 +73,10 @@ def transform_hash(version: PipelineVersion, image_digest: str) -> str:
 
 @dataclass
 class DatumTask:
-    """A datum that has to run (``files``: None until :func:`task_files` reads them)."""
+    """A datum that has to run (``files``: None until :func:`task_files` reads them).
+
+    ``root`` is the datum's key (:meth:`vfs.pipeline.combine.Datums.key`): its root
+    for a single input."""
 
     root: str
     hash: str
@@ -82,13 +86,17 @@ class DatumTask:
     def id(self) -> str:
         return datum_id(self.hash)
 
+    @property
+    def label(self) -> str:
+        """The datum as users read it: ``/root``, or its parts' paths under /pfs."""
+        return label(self.root)
+
 
 @dataclass
 class JobPlan:
     job: JobRecord
     version: PipelineVersion
-    head: Commit
-    base: Processed | None  # the output commit the result builds on (None: from empty)
+    heads: dict[str, Commit | None]  # input name -> the commit read (None: it had none)
     changes: list[DatumChange]
     # The transforms whose records hold the result's outputs, newest first; the
     # datums that run or are reused go under the first.
@@ -101,15 +109,35 @@ class JobPlan:
     # The output branch's head when the job was planned: its commit goes on exactly
     # that head, or not at all (a job never commits twice).
     output_head: str | None = None
+    base: Processed | None = None  # the output commit the result builds on (None: empty)
+    store: object = None  # the store the plan reads its inputs from
+    _side: Side | None = None
+
+    @property
+    def datums(self) -> Datums:
+        """The datums of the plan's inputs."""
+        assert self.version.spec is not None
+        return Datums(self.version.spec.input)
+
+    @property
+    def side(self) -> Side:
+        """The job's input commits, read through (kept for the job's life)."""
+        if self._side is None:
+            assert self.version.spec is not None
+            self._side = Side(self.store, self.version.spec.input,
+                              [c.tree if c is not None else None for c in self.heads.values()])
+        return self._side
 
 
 def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = ""
              ) -> JobPlan | None:
-    """What a job for the input branch's current head has to do; None if nothing.
+    """What a job for the input branches' current heads has to do; None if nothing.
 
-    Nothing to do: the input branch has no commit, or its head was already
+    Nothing to do: no input branch has a commit, or these heads were already
     processed by this version (with this image). Every new version gets a job, even
-    one that changes nothing a datum sees: its output commit then credits it.
+    one that changes nothing a datum sees: its output commit then credits it. Each
+    input's head is read once, and only those commits are read from: the job's
+    record and output commit name exactly what it processed.
 
     The job builds on the last output commit when the transform is unchanged, or
     when the version keeps outputs and the glob is unchanged; it rebuilds from empty
@@ -119,32 +147,35 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
     """
     spec = version.spec
     assert spec is not None
-    head = store.resolve(RefSpec(spec.input_repo, spec.input_branch))
-    if head is None:
+    heads = {leaf.name: store.resolve(RefSpec(leaf.repo, leaf.branch)) for leaf in spec.leaves}
+    if all(head is None for head in heads.values()):
         return None
+    commits = {name: head.id if head is not None else None for name, head in heads.items()}
     transform = transform_hash(version, image_digest)
     output_head = store.head(spec.pipeline, spec.output_branch).commit
     last = last_processed(store, spec.pipeline, spec.output_branch)
-    if (last is not None and last.input_commit == head.id and last.transform == transform
-            and last.version == version.version):
+    if (last is not None and _processed_inputs(last, spec) == commits
+            and last.transform == transform and last.version == version.version):
         return None
+    first = spec.leaves[0]
     job = JobRecord(
         id=new_job_id(spec.pipeline), pipeline=spec.pipeline, version=version.version,
-        input_repo=spec.input_repo, input_branch=spec.input_branch, input_commit=head.id,
+        input_repo=first.repo, input_branch=first.branch,
+        input_commit=commits[first.name] or "",
         started=now_iso(), keep_outputs=version.keep_outputs,
-        transform=transform, image=image_digest, node=node or current_user())
-    glob = Glob(spec.glob)
-    new = Snapshot(store.blobs, head.tree)
+        transform=transform, image=image_digest, node=node or current_user(),
+        inputs=[{"name": leaf.name, "repo": leaf.repo, "branch": leaf.branch,
+                 "commit": commits[leaf.name]} for leaf in spec.leaves])
     plan = None
     if last is not None and last.transform == transform:
-        plan = _plan_on(store, last, last.transforms, job, version, head, glob, new)
+        plan = _plan_on(store, last, last.transforms, job, version, heads)
     elif last is not None and version.keep_outputs and last.glob == spec.glob:
-        plan = _plan_on(store, last, (transform, *last.transforms), job, version, head,
-                        glob, new)
+        plan = _plan_on(store, last, (transform, *last.transforms), job, version, heads)
     if plan is None:
         job.full = True
-        plan = JobPlan(job, version, head, None, changed_datums(glob, None, new),
-                       (plain_transform_hash(version, image_digest),))
+        plan = JobPlan(job, version, heads, [], (plain_transform_hash(version, image_digest),),
+                       store=store)
+        plan.changes = changed_datums(plan.datums, None, plan.side)
         for change in plan.changes:
             _add(store, plan, change)
         job.datums_total = len(plan.changes)
@@ -155,23 +186,37 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
     return plan
 
 
+def _processed_inputs(last: Processed, spec) -> dict[str, str | None]:
+    """The commits ``last`` processed, by the names of ``spec``'s inputs (a single input
+    whose repository changed: its one commit)."""
+    if len(last.inputs) == 1 and len(spec.leaves) == 1:
+        return {spec.leaves[0].name: next(iter(last.inputs.values()))}
+    return dict(last.inputs)
+
+
 def _plan_on(store, last: Processed, transforms: tuple[str, ...], job: JobRecord,
-             version: PipelineVersion, head: Commit, glob: Glob, new: Snapshot
-             ) -> JobPlan | None:
+             version: PipelineVersion, heads: dict[str, Commit | None]) -> JobPlan | None:
     """A job that builds on ``last``; None if a changed datum's outputs are not known."""
-    old = Snapshot(store.blobs, store.read_commit(last.input_commit).tree)
+    spec = version.spec
+    assert spec is not None
+    before_commits = _processed_inputs(last, spec)
+    if set(before_commits) != set(heads):
+        return None  # other inputs than the last job's: every datum is new
+    old = Side(store, spec.input, [store.read_commit(before_commits[name]).tree
+                                   if before_commits[name] else None for name in heads])
     base = store.read_commit(last.output)
     outputs = Snapshot(store.blobs, base.tree)
-    plan = JobPlan(job, version, head, last, changed_datums(glob, old, new), transforms)
+    plan = JobPlan(job, version, heads, [], transforms, base=last, store=store)
+    plan.changes = changed_datums(plan.datums, old, plan.side)
     pipeline = job.pipeline
     for change in plan.changes:
         if change.old_files:
             found = _recorded(store, pipeline, last.transforms, change.root, change.old_files)
             record = found[1] if found else None
             if record is None or not _holds(outputs, record):
-                log.warning("pipeline %s: the outputs of datum /%s in %s@%s are not known "
-                            "(%s): rebuilding every datum from empty", pipeline, change.root,
-                            pipeline, last.output[:12],
+                log.warning("pipeline %s: the outputs of datum %s in %s@%s are not known "
+                            "(%s): rebuilding every datum from empty", pipeline,
+                            label(change.root), pipeline, last.output[:12],
                             "no record" if record is None else "its record does not match")
                 return None
             plan.removed[change.root] = record
@@ -182,7 +227,7 @@ def _plan_on(store, last: Processed, transforms: tuple[str, ...], job: JobRecord
     removed = sum(1 for c in plan.changes if not c.new_files)
     before = base.provenance.get("datums")
     if before is None:  # an output commit without the count: count once
-        before = sum(1 for root in glob.datums(old) if _datum_files(old, root))
+        before = len(plan.datums.all(old))
     job.datums_total = before + added - removed
     job.datums_removed = removed
     return plan
@@ -229,8 +274,11 @@ def plan_document(plan: JobPlan) -> dict:
 
     Datum files are not stored: every node reads them from the input commit.
     """
+    first = next(iter(plan.heads.values()))
     return {"v": 1, "job": plan.job.to_dict(), "version": plan.version.version,
-            "head": plan.head.id, "base": plan.base.output if plan.base else None,
+            "head": first.id if first is not None else None,
+            "inputs": {name: c.id if c is not None else None for name, c in plan.heads.items()},
+            "base": plan.base.output if plan.base else None,
             "output_head": plan.output_head, "transforms": list(plan.transforms),
             "tasks": [[task.root, task.hash] for task in plan.tasks],
             "records": plan.record_hashes}
@@ -246,19 +294,18 @@ def plan_from_document(store, version: PipelineVersion, document: dict) -> JobPl
 
     try:
         job = JobRecord.from_dict(dict(document["job"]))
-        head = store.read_commit(document["head"])
+        spec = version.spec
+        assert spec is not None
+        commits = document.get("inputs") or {spec.leaves[0].name: document["head"]}
+        heads = {leaf.name: store.read_commit(commits[leaf.name]) if commits[leaf.name]
+                 else None for leaf in spec.leaves}
         base = None
         if document["base"]:
-            output = store.read_commit(document["base"])
-            prov = output.provenance or {}
-            transform = prov.get("transform", "")
-            base = Processed(output.id, prov["inputs"][0]["commit"], transform,
-                             int(prov.get("version", 0)), prov.get("glob"),
-                             tuple(prov.get("transforms") or [transform]))
-        plan = JobPlan(job, version, head, base, [], tuple(document["transforms"]),
+            base = processed_of(store.read_commit(document["base"]))
+        plan = JobPlan(job, version, heads, [], tuple(document["transforms"]),
                        tasks=[DatumTask(root, digest) for root, digest in document["tasks"]],
                        record_hashes=dict(document["records"]),
-                       output_head=document["output_head"])
+                       output_head=document["output_head"], base=base, store=store)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise Corruption(f"the plan of job {document.get('job', {}).get('id')} is damaged: "
                          f"{exc!r}") from exc
@@ -280,10 +327,15 @@ def task_files(store, plan: JobPlan, task: DatumTask) -> Files:
     from vfs.errors import Corruption
 
     if task.files is None:
-        files = tuple(_datum_files(Snapshot(store.blobs, plan.head.tree), task.root))
+        datums = plan.datums
+        try:
+            files = datums.files(plan.side, datums.parts(task.root))
+        except ValueError as exc:
+            raise Corruption(f"job {plan.job.id}: the plan names a datum its inputs cannot "
+                             f"have: {exc}") from None
         if datum_hash(plan.transforms[0], task.root, list(files)) != task.hash:
-            raise Corruption(f"job {plan.job.id}: the files of datum /{task.root} in "
-                             f"{plan.head.id[:12]} do not match its plan")
+            raise Corruption(f"job {plan.job.id}: the files of datum {task.label} in "
+                             f"{plan.job.describe_inputs()} do not match its plan")
         task.files = files
     return task.files
 
@@ -367,23 +419,25 @@ def commit_outputs(store, plan: JobPlan, ran: dict[str, DatumRecord], *,
         for path, entry in sorted(additions[root].outputs.items()):
             if path in owners:
                 raise Conflict(
-                    f"pipeline {spec.pipeline}: datums /{owners[path]} and /{root} both "
-                    f"wrote /{path}: outputs of different datums must not overlap")
+                    f"pipeline {spec.pipeline}: datums {label(owners[path])} and "
+                    f"{label(root)} both wrote /{path}: outputs of different datums must "
+                    "not overlap")
             if view.lookup(path) is not None:
-                other = _owner(store, plan, path) or "an earlier datum"
+                other = _owner(store, plan, path)
                 raise Conflict(
-                    f"pipeline {spec.pipeline}: datum /{root} wrote /{path}, which "
-                    f"{'datum /' + other if other != 'an earlier datum' else other} "
+                    f"pipeline {spec.pipeline}: datum {label(root)} wrote /{path}, which "
+                    f"{'datum ' + label(other) if other else 'an earlier datum'} "
                     "also wrote: outputs of different datums must not overlap")
             owners[path] = root
             try:
                 view.apply(view.plan_set(path, entry.renamed(parent_and_name(path)[1])))
             except VfsError as exc:
-                raise Conflict(f"pipeline {spec.pipeline}: datum /{root}: {exc}") from None
+                raise Conflict(f"pipeline {spec.pipeline}: datum {label(root)}: {exc}"
+                               ) from None
     job = plan.job
     message = (f"{spec.pipeline} job {job.id}: {job.datums_processed} processed, "
                f"{job.datums_skipped} skipped, {job.datums_removed} removed "
-               f"({spec.input_repo}@{plan.head.id[:12]})")
+               f"({job.describe_inputs()})")
     # From the check of the trees' packs (the writer's flush) to the ref's move, under
     # the node's lock: gc's condemnations are not acknowledged in between (§10.4).
     with store.lock():
@@ -412,14 +466,13 @@ def _owner(store, plan: JobPlan, path: str) -> str | None:
     """Which unchanged datum's recorded output holds ``path`` (a scan: error path only)."""
     spec = plan.version.spec
     assert spec is not None
-    new = Snapshot(store.blobs, plan.head.tree)
-    for root in Glob(spec.glob).datums(new):
-        files = _datum_files(new, root)
-        if not files:
-            continue
-        record = recorded_outputs(store, spec.pipeline, plan.transforms, root, tuple(files))
+    datums = plan.datums
+    for parts in datums.all(plan.side):
+        files = datums.files(plan.side, parts)
+        key = datums.key(parts)
+        record = recorded_outputs(store, spec.pipeline, plan.transforms, key, files)
         if record is not None and path in record.outputs:
-            return root
+            return key
     return None
 
 

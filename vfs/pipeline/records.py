@@ -90,9 +90,29 @@ class JobRecord:
     # with its daemon finished then, not when a new daemon found it.
     last_seen: str | None = None
     logs_lost: dict[str, str] = field(default_factory=dict)  # datum id -> what happened
+    # Every input's commit as the job read it, in the spec's order: {"name", "repo",
+    # "branch", "commit"} (commit None: that branch had none). The input_* fields above
+    # are the first input's (the only one of a single-input pipeline).
+    inputs: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def commits(self) -> dict[str, str | None]:
+        """Input name -> the commit the job read (a record from before several inputs:
+        its one input under the repository's name)."""
+        if self.inputs:
+            return {item["name"]: item.get("commit") for item in self.inputs}
+        return {self.input_repo: self.input_commit}
+
+    def describe_inputs(self) -> str:
+        """``images@0123abcd4567, models@89abcdef0123`` (for messages and listings)."""
+        if not self.inputs:
+            return f"{self.input_repo}@{self.input_commit[:12]}"
+        return ", ".join(
+            (f"{i['name']}=" if i["name"] != i["repo"] else "") + i["repo"] + "@"
+            + (i["commit"][:12] if i.get("commit") else f"{i['branch']} (no commit)")
+            for i in self.inputs)
 
     @classmethod
     def from_dict(cls, raw: dict) -> JobRecord:
@@ -349,7 +369,8 @@ class PipelineError:
     since: str
     node: str
     version: int
-    input_commit: str | None = None  # the input head it was seen at, if there is one
+    input_commit: str | None = None  # the (first) input head it was seen at, if there is one
+    inputs: dict[str, str | None] = field(default_factory=dict)  # every input's head then
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -385,11 +406,17 @@ def load_pipeline_error(objects, pipeline: str) -> PipelineError | None:
 
 def provenance(pipeline: str, version: int, job: JobRecord, *, glob: str,
                transforms: tuple[str, ...]) -> dict:
+    """An output commit's provenance. ``inputs`` has one item per input (its ``name``
+    only where several inputs or a named one make it differ from the repository)."""
+    inputs = [{"repo": job.input_repo, "branch": job.input_branch,
+               "commit": job.input_commit}]
+    if job.inputs and (len(job.inputs) > 1 or job.inputs[0]["name"] != job.input_repo):
+        inputs = [{"name": i["name"], "repo": i["repo"], "branch": i["branch"],
+                   "commit": i.get("commit")} for i in job.inputs]
     return {"pipeline": pipeline, "version": version, "job": job.id, "image": job.image,
             "transform": job.transform, "transforms": list(transforms), "glob": glob,
             "keep_outputs": job.keep_outputs, "datums": job.datums_total,
-            "inputs": [{"repo": job.input_repo, "branch": job.input_branch,
-                        "commit": job.input_commit}]}
+            "inputs": inputs}
 
 
 @dataclass(frozen=True)
@@ -403,6 +430,20 @@ class Processed:
     glob: str | None = None  # None: a commit made before the glob was recorded
     # The transforms whose datum records hold the outputs, newest first (docs/format.md).
     transforms: tuple[str, ...] = ()
+    # Input name -> the commit processed (one input: under its repository's name).
+    inputs: dict[str, str | None] = field(default_factory=dict)
+
+
+def processed_of(commit) -> Processed | None:
+    """What an output commit says it processed (None: not a pipeline's commit)."""
+    prov = commit.provenance or {}
+    if not (prov.get("pipeline") and prov.get("inputs")):
+        return None
+    transform = prov.get("transform", "")
+    inputs = {item.get("name") or item["repo"]: item.get("commit") for item in prov["inputs"]}
+    return Processed(commit.id, prov["inputs"][0].get("commit"), transform,
+                     int(prov.get("version", 0)), prov.get("glob"),
+                     tuple(prov.get("transforms") or [transform]), inputs)
 
 
 def last_processed(store, pipeline: str, branch: str, *, limit: int = 10_000
@@ -413,12 +454,10 @@ def last_processed(store, pipeline: str, branch: str, *, limit: int = 10_000
 
     try:
         for commit in store.log(RefSpec(pipeline, branch), limit=limit):
-            prov = commit.provenance or {}
-            if prov.get("pipeline") == pipeline and prov.get("inputs"):
-                transform = prov.get("transform", "")
-                return Processed(commit.id, prov["inputs"][0]["commit"], transform,
-                                 int(prov.get("version", 0)), prov.get("glob"),
-                                 tuple(prov.get("transforms") or [transform]))
+            if (commit.provenance or {}).get("pipeline") == pipeline:
+                found = processed_of(commit)
+                if found is not None:
+                    return found
     except NotFound:  # no output repository or branch yet: nothing processed
         return None
     return None
@@ -449,5 +488,5 @@ __all__ = ["DatumRecord", "FailedDatum", "JobRecord", "PipelineError", "Processe
            "cancel_job", "clear_pipeline_error", "covers", "create_job", "find_job",
            "job_logs", "last_processed",
            "list_all_jobs", "list_jobs", "load_datum", "load_job", "load_pipeline_error",
-           "new_job_id", "provenance", "save_datum", "save_datum_once", "save_job",
+           "new_job_id", "processed_of", "provenance", "save_datum", "save_datum_once", "save_job",
            "save_log", "save_pipeline_error", "update_job"]

@@ -165,38 +165,42 @@ class Pipelines:
 
 def downstream(objects, repo: str, pipelines: list[PipelineVersion] | None = None
                ) -> list[PipelineVersion]:
-    """The pipelines that read ``repo``."""
+    """The pipelines that read ``repo`` (through any of their inputs)."""
     pipelines = list_pipelines(objects) if pipelines is None else pipelines
-    return [p for p in pipelines if p.spec and p.spec.input_repo == repo]
+    return [p for p in pipelines
+            if p.spec and any(leaf.repo == repo for leaf in p.spec.leaves)]
 
 
 def _check_cycle(objects, spec: Spec) -> None:
-    """Refuse a spec whose output would flow back into its own input."""
+    """Refuse a spec whose output would flow back into any of its inputs."""
     readers: dict[str, list[str]] = {}  # repo -> the pipelines reading it
     for p in list_pipelines(objects):
         if p.name != spec.pipeline and p.spec:
-            readers.setdefault(p.spec.input_repo, []).append(p.name)
-    stack = [[spec.input_repo, spec.pipeline]]
+            for repo in dict.fromkeys(leaf.repo for leaf in p.spec.leaves):
+                readers.setdefault(repo, []).append(p.name)
+    inputs = {leaf.repo for leaf in spec.leaves}
+    stack = [[spec.pipeline]]
     while stack:
         path = stack.pop()
-        if path[-1] == spec.input_repo:
+        if path[-1] in inputs:
             raise InvalidSpec(f"pipeline {spec.pipeline} would make a cycle: "
-                              f"{' -> '.join(path)}")
+                              f"{' -> '.join([path[-1], *path])}")
         for name in readers.get(path[-1], []):
-            if name not in path[1:]:
+            if name not in path:
                 stack.append([*path, name])
 
 
 def _check_inputs(store, spec: Spec) -> None:
-    try:
-        store.head(spec.input_repo, spec.input_branch)
-    except RepoNotFound:
-        raise InvalidSpec(f"pipeline {spec.pipeline}: input repository {spec.input_repo} does "
-                          f"not exist (create it with 'vfsctl repo create "
-                          f"{spec.input_repo}')") from None
-    except BranchNotFound:
-        raise InvalidSpec(f"pipeline {spec.pipeline}: input branch "
-                          f"{spec.input_repo}@{spec.input_branch} does not exist") from None
+    for leaf in spec.leaves:
+        try:
+            store.head(leaf.repo, leaf.branch)
+        except RepoNotFound:
+            raise InvalidSpec(f"pipeline {spec.pipeline}: input repository {leaf.repo} does "
+                              f"not exist (create it with 'vfsctl repo create "
+                              f"{leaf.repo}')") from None
+        except BranchNotFound:
+            raise InvalidSpec(f"pipeline {spec.pipeline}: input branch "
+                              f"{leaf.repo}@{leaf.branch} does not exist") from None
     _check_cycle(store.objects, spec)
 
 

@@ -1,6 +1,7 @@
 """Pipeline specs: parsing (YAML or JSON), validation and the normalized form.
 
-A spec names an input (repo, branch, glob), a transform (image, cmd, env), the
+A spec names its input (a repository, branch and glob, or several combined: see
+:mod:`vfs.pipeline.inputs`), a transform (image, cmd, env), the
 runtime that runs it, and how (parallelism, retries, batching, limits). Parsing
 fills in defaults and rejects anything unknown or malformed with a message that
 names the offending key, so a typo never becomes a silently ignored setting.
@@ -22,6 +23,7 @@ import yaml
 
 from vfs.errors import InvalidSpec, VfsError
 from vfs.names import check_name
+from vfs.pipeline.inputs import Input, Leaf, is_plain, leaves, parse_input, to_dict
 
 RUNTIMES = ("runc", "bwrap", "podman", "docker", "process")
 IMAGE_RUNTIMES = ("runc", "podman", "docker")
@@ -29,7 +31,6 @@ IMAGE_RUNTIMES = ("runc", "podman", "docker")
 _TOP_KEYS = {"pipeline", "description", "input", "transform", "runtime", "parallelism",
              "datum_tries", "datum_batch", "datum_timeout", "output_branch", "resources",
              "network", "user"}
-_INPUT_KEYS = {"repo", "branch", "glob"}
 _TRANSFORM_KEYS = {"image", "cmd", "env"}
 _RESOURCE_KEYS = {"memory", "cpu", "pids"}
 #: The uid and gid a datum runs as unless its spec says otherwise: the kernel's overflow
@@ -73,9 +74,7 @@ class Spec:
     """A validated pipeline spec with every default filled in."""
 
     pipeline: str
-    input_repo: str
-    input_branch: str
-    glob: str
+    input: Input
     cmd: tuple[str, ...]
     runtime: str
     image: str | None = None
@@ -95,13 +94,40 @@ class Spec:
     #: Such values are left out of the fields above (see :func:`spec_from_stored`).
     invalid: str = ""
 
+    @property
+    def leaves(self) -> list[Leaf]:
+        """The repository inputs, in the order the spec names them."""
+        return leaves(self.input)
+
+    @property
+    def plain(self) -> bool:
+        """One repository shown under its own name (the single-input form)."""
+        return is_plain(self.input)
+
+    @property
+    def input_repo(self) -> str:
+        """The first input's repository (the only one of a single-input pipeline)."""
+        return self.leaves[0].repo
+
+    @property
+    def input_branch(self) -> str:
+        return self.leaves[0].branch
+
+    @property
+    def glob(self) -> str:
+        """What decides which datums there are: the glob of a single-input pipeline;
+        for several inputs, the whole expression without its branches."""
+        if self.plain:
+            return self.leaves[0].glob
+        return json.dumps(to_dict(self.input, branches=False), sort_keys=True,
+                          separators=(",", ":"))
+
     def to_dict(self) -> dict:
         """The spec in the document form users write (stored, shown by inspect)."""
         out: dict = {
             "pipeline": self.pipeline,
             "description": self.description,
-            "input": {"repo": self.input_repo, "branch": self.input_branch,
-                      "glob": self.glob},
+            "input": to_dict(self.input),
             "transform": {"image": self.image, "cmd": list(self.cmd), "env": dict(self.env)},
             "runtime": self.runtime,
             "parallelism": self.parallelism,
@@ -174,31 +200,7 @@ def parse_spec(document: object, *, source: str = "spec", base_dir: str | None =
     except VfsError as exc:
         raise fail(str(exc)) from None
 
-    inp = _mapping(top.get("input"), "'input'", fail)
-    _no_unknown(inp, _INPUT_KEYS, "input.", fail)
-    repo = inp.get("repo")
-    if not isinstance(repo, str):
-        raise fail("'input.repo' (the repository to read) is required")
-    if repo == "out":
-        raise fail("'input.repo': a repository named 'out' cannot be an input: /pfs/out is "
-                   "where the command writes its output")
-    branch = inp.get("branch", "main")
-    for value, what in ((repo, "input.repo"), (branch, "input.branch")):
-        if not isinstance(value, str):
-            raise fail(f"'{what}' must be a name")
-        try:
-            check_name(value, "repository" if what == "input.repo" else "branch")
-        except VfsError as exc:
-            raise fail(f"'{what}': {exc}") from None
-    glob = inp.get("glob", "/*")
-    if not isinstance(glob, str):
-        raise fail("'input.glob' must be a string such as \"/*\"")
-    try:
-        from vfs.pipeline.datums import Glob
-
-        Glob(glob)
-    except InvalidSpec as exc:
-        raise fail(f"'input.glob': {exc}") from None
+    expression = parse_input(top.get("input"), fail)
 
     transform = _mapping(top.get("transform"), "'transform'", fail)
     _no_unknown(transform, _TRANSFORM_KEYS, "transform.", fail)
@@ -266,9 +268,7 @@ def parse_spec(document: object, *, source: str = "spec", base_dir: str | None =
         timeout = parse_duration(timeout, "'datum_timeout'", fail)
     return Spec(
         pipeline=name,
-        input_repo=repo,
-        input_branch=branch,
-        glob=glob,
+        input=expression,
         cmd=tuple(cmd),
         runtime=runtime,
         image=image,

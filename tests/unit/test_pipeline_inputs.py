@@ -1,0 +1,301 @@
+"""Pipelines over several inputs: cross, union, join and group, planned in-process.
+
+Datums "run" here (no containers): every datum writes one output file named after
+the files it saw, so an output commit lists exactly the datums it holds. What the
+containers see (/pfs/<name>, VFS_INPUT_<NAME>_COMMIT) is tested with real vfsd in
+tests/fuse/test_pipeline_inputs.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import vfs
+from vfs.errors import InvalidSpec
+from vfs.names import RefSpec
+from vfs.pipeline import records, registry
+from vfs.pipeline.combine import label
+from vfs.pipeline.inputs import commit_env_var
+from vfs.pipeline.jobs import collect_outputs, commit_outputs, materialize, plan_job
+from vfs.pipeline.records import DatumRecord
+from vfs.pipeline.spec import parse_spec
+from vfs.snapshot import Snapshot, read_file
+
+PIPELINE = "combined"
+
+
+def make(store: vfs.Store, input_doc: dict) -> registry.PipelineVersion:
+    doc = {"pipeline": PIPELINE, "input": input_doc, "transform": {"cmd": ["cat"]},
+           "runtime": "process"}
+    return registry.create(store, parse_spec(doc))
+
+
+def commit(store: vfs.Store, repo: str, files: dict[str, bytes | None], tmp_path) -> str:
+    if repo not in {r.name for r in store.list_repos()}:
+        store.create_repo(repo)
+    for path, data in files.items():
+        if data is None:
+            vfs.remove(store, repo, "main", path, recursive=True)
+            continue
+        local = tmp_path / "src" / f"{repo}_{path.replace('/', '_')}"
+        local.parent.mkdir(exist_ok=True)
+        local.write_bytes(data)
+        vfs.put(store, repo, "main", path, [str(local)])
+    return store.commit(repo, "main", "input").id
+
+
+def run_job(store: vfs.Store, tmp_path):
+    """Plan and run one job in-process; return (plan, {output name: bytes}).
+
+    Each datum writes one file named after every input file it saw
+    (``images/a+models/m1``) holding their bytes joined."""
+    plan = plan_job(store, registry.get(store.objects, PIPELINE), image_digest="host")
+    if plan is None:
+        return None, None
+    ran = {}
+    for task in plan.tasks:
+        work = tmp_path / "work" / task.id
+        input_dir, out_dir = work / "in", work / "out"
+        input_dir.mkdir(parents=True)
+        out_dir.mkdir()
+        materialize(store, task.files, str(input_dir))
+        seen = {}
+        for directory, _, names in os.walk(input_dir):
+            for name in names:
+                full = os.path.join(directory, name)
+                seen[os.path.relpath(full, input_dir)] = open(full, "rb").read()
+        (out_dir / "+".join(sorted(seen)).replace("/", ":")).write_bytes(
+            b"|".join(seen[k] for k in sorted(seen)))
+        record = DatumRecord(task.root, plan.job.id, collect_outputs(store, str(out_dir)))
+        records.save_datum(store.objects, PIPELINE, task.hash, record)
+        ran[task.root] = record
+        plan.job.datums_processed += 1
+    made = commit_outputs(store, plan, ran)
+    snapshot = Snapshot(store.blobs, made.tree)
+    return plan, {path: read_file(store.blobs, entry)
+                  for path, entry in snapshot.walk("") if entry.kind != "d"}
+
+
+def test_cross_runs_the_product_then_only_what_a_commit_changes(store, tmp_path) -> None:
+    commit(store, "images", {"a.png": b"A", "b.png": b"B", "c.png": b"C"}, tmp_path)
+    commit(store, "models", {"m1": b"1", "m2": b"2"}, tmp_path)
+    make(store, {"cross": [{"repo": "images", "glob": "/*"},
+                           {"repo": "models", "glob": "/*"}]})
+    plan, out = run_job(store, tmp_path)
+    assert len(plan.tasks) == 6 and plan.job.datums_total == 6
+    assert out["images:a.png+models:m1"] == b"A|1"
+    assert len(out) == 6
+    # Every datum's files are under its inputs' names (the layout of /pfs).
+    assert sorted(p for t in plan.tasks for p, _ in t.files)[:2] == ["images/a.png",
+                                                                   "images/a.png"]
+    # A third model: one datum per image runs, the six others are skipped.
+    commit(store, "models", {"m3": b"3"}, tmp_path)
+    plan, out = run_job(store, tmp_path)
+    assert len(plan.tasks) == 3 and plan.job.datums_skipped == 6
+    assert plan.job.datums_total == 9 and len(out) == 9
+    assert sorted(t.label for t in plan.tasks) == [
+        "/images/a.png, /models/m3", "/images/b.png, /models/m3", "/images/c.png, /models/m3"]
+    # One image changed: one datum per model.
+    commit(store, "images", {"b.png": b"b2"}, tmp_path)
+    plan, out = run_job(store, tmp_path)
+    assert len(plan.tasks) == 3 and plan.job.datums_skipped == 6
+    assert out["images:b.png+models:m2"] == b"b2|2"
+    assert len(out) == 9
+    # Nothing moved: nothing to do.
+    assert run_job(store, tmp_path) == (None, None)
+
+
+def test_deleting_a_file_of_one_input_removes_the_outputs_it_was_part_of(store, tmp_path
+                                                                         ) -> None:
+    commit(store, "images", {"a.png": b"A", "b.png": b"B", "c.png": b"C"}, tmp_path)
+    commit(store, "models", {"m1": b"1", "m2": b"2"}, tmp_path)
+    make(store, {"cross": [{"repo": "images"}, {"repo": "models"}]})
+    run_job(store, tmp_path)
+    commit(store, "models", {"m1": None}, tmp_path)
+    plan, out = run_job(store, tmp_path)
+    assert plan.tasks == [] and plan.job.datums_removed == 3
+    assert sorted(out) == ["images:a.png+models:m2", "images:b.png+models:m2",
+                           "images:c.png+models:m2"]
+    assert plan.job.datums_total == 3
+
+
+def test_inner_join_pairs_equal_keys_and_reruns_only_a_changed_key(store, tmp_path) -> None:
+    commit(store, "left", {"k1.csv": b"L1", "k2.csv": b"L2", "k3.csv": b"L3"}, tmp_path)
+    commit(store, "right", {"k1.json": b"R1", "k2.json": b"R2", "k4.json": b"R4"}, tmp_path)
+    make(store, {"join": [{"repo": "left", "glob": "/(*).csv", "join_on": "$1"},
+                          {"repo": "right", "glob": "/(*).json", "join_on": "$1"}]})
+    plan, out = run_job(store, tmp_path)
+    assert out == {"left:k1.csv+right:k1.json": b"L1|R1",
+                   "left:k2.csv+right:k2.json": b"L2|R2"}
+    commit(store, "left", {"k2.csv": b"L2b"}, tmp_path)
+    plan, out = run_job(store, tmp_path)
+    assert [t.label for t in plan.tasks] == ["/left/k2.csv, /right/k2.json"]
+    assert out["left:k2.csv+right:k2.json"] == b"L2b|R2"
+    # k3 finds its match: one new datum; k4 of the right side still matches nothing.
+    commit(store, "right", {"k3.json": b"R3"}, tmp_path)
+    plan, out = run_job(store, tmp_path)
+    assert [t.label for t in plan.tasks] == ["/left/k3.csv, /right/k3.json"]
+    assert len(out) == 3
+
+
+def test_outer_join_keeps_the_unmatched_datums_of_its_side(store, tmp_path) -> None:
+    commit(store, "left", {"k1.csv": b"L1", "k3.csv": b"L3"}, tmp_path)
+    commit(store, "right", {"k1.json": b"R1", "k4.json": b"R4"}, tmp_path)
+    make(store, {"join": [{"repo": "left", "glob": "/(*).csv", "join_on": "$1",
+                           "outer": True},
+                          {"repo": "right", "glob": "/(*).json", "join_on": "$1"}]})
+    plan, out = run_job(store, tmp_path)
+    assert out == {"left:k1.csv+right:k1.json": b"L1|R1", "left:k3.csv": b"L3"}
+    # k3 gets a match: the left-only datum's output goes, the pair's comes.
+    commit(store, "right", {"k3.json": b"R3"}, tmp_path)
+    plan, out = run_job(store, tmp_path)
+    assert [t.label for t in plan.tasks] == ["/left/k3.csv, /right/k3.json"]
+    assert plan.job.datums_removed == 1
+    assert out == {"left:k1.csv+right:k1.json": b"L1|R1",
+                   "left:k3.csv+right:k3.json": b"L3|R3"}
+
+
+def test_union_runs_each_inputs_datums_on_their_own(store, tmp_path) -> None:
+    commit(store, "a", {"x": b"ax", "y": b"ay"}, tmp_path)
+    commit(store, "b", {"x": b"bx"}, tmp_path)
+    make(store, {"union": [{"repo": "a"}, {"repo": "b"}]})
+    plan, out = run_job(store, tmp_path)
+    assert out == {"a:x": b"ax", "a:y": b"ay", "b:x": b"bx"}
+    commit(store, "b", {"z": b"bz"}, tmp_path)
+    plan, out = run_job(store, tmp_path)
+    assert [t.label for t in plan.tasks] == ["/b/z"] and len(out) == 4
+
+
+def test_group_makes_one_datum_per_key(store, tmp_path) -> None:
+    commit(store, "logs", {"web/2026-01/a.log": b"w1", "db/2026-01/b.log": b"d1",
+                           "web/2026-02/c.log": b"w2"}, tmp_path)
+    make(store, {"group": [{"repo": "logs", "glob": "/*/(*)/*", "group_by": "$1"}]})
+    plan, out = run_job(store, tmp_path)
+    assert out == {"logs:db:2026-01:b.log+logs:web:2026-01:a.log": b"d1|w1",
+                   "logs:web:2026-02:c.log": b"w2"}
+    commit(store, "logs", {"db/2026-02/d.log": b"d2"}, tmp_path)
+    plan, out = run_job(store, tmp_path)
+    # The key's datum is a new one (another set of files): the old one's output goes.
+    assert len(plan.tasks) == 1 and plan.job.datums_removed == 1
+    assert plan.job.datums_total == 2
+    assert out["logs:db:2026-02:d.log+logs:web:2026-02:c.log"] == b"d2|w2"
+    assert len(out) == 2
+
+
+def test_nested_cross_of_a_join_and_a_repository(store, tmp_path) -> None:
+    commit(store, "left", {"k1.csv": b"L1", "k2.csv": b"L2"}, tmp_path)
+    commit(store, "right", {"k1.json": b"R1", "k2.json": b"R2"}, tmp_path)
+    commit(store, "models", {"m1": b"1"}, tmp_path)
+    make(store, {"cross": [
+        {"join": [{"repo": "left", "glob": "/(*).csv", "join_on": "$1"},
+                  {"repo": "right", "glob": "/(*).json", "join_on": "$1"}]},
+        {"repo": "models"}]})
+    plan, out = run_job(store, tmp_path)
+    assert len(out) == 2 and out["left:k1.csv+models:m1+right:k1.json"] == b"L1|1|R1"
+    commit(store, "models", {"m2": b"2"}, tmp_path)
+    plan, out = run_job(store, tmp_path)
+    assert len(plan.tasks) == 2 and len(out) == 4
+
+
+def test_one_repository_twice_under_two_names(store, tmp_path) -> None:
+    commit(store, "images", {"a": b"A", "b": b"B"}, tmp_path)
+    make(store, {"cross": [{"repo": "images", "name": "left"},
+                           {"repo": "images", "name": "right"}]})
+    plan, out = run_job(store, tmp_path)
+    assert len(out) == 4 and out["left:a+right:b"] == b"A|B"
+    head = store.resolve(RefSpec(PIPELINE, "main"))
+    inputs = head.provenance["inputs"]
+    assert [(i["name"], i["repo"]) for i in inputs] == [("left", "images"), ("right", "images")]
+
+
+def test_provenance_and_the_job_name_every_input_commit(store, tmp_path) -> None:
+    first = commit(store, "images", {"a": b"A"}, tmp_path)
+    model = commit(store, "models", {"m": b"M"}, tmp_path)
+    make(store, {"cross": [{"repo": "images"}, {"repo": "models"}]})
+    plan, _ = run_job(store, tmp_path)
+    assert plan.job.commits() == {"images": first, "models": model}
+    second = commit(store, "images", {"b": b"B"}, tmp_path)
+    plan, _ = run_job(store, tmp_path)
+    head = store.resolve(RefSpec(PIPELINE, "main"))
+    assert [(i["name"], i["commit"]) for i in head.provenance["inputs"]] == [
+        ("images", second), ("models", model)]
+    assert plan.job.commits() == {"images": second, "models": model}
+
+
+def test_a_single_input_keeps_its_plain_datums(store, tmp_path) -> None:
+    """The old form's datums keep their roots and hashes (their records stay valid)."""
+    commit(store, "images", {"a": b"A"}, tmp_path)
+    make(store, {"repo": "images", "glob": "/*"})
+    plan, out = run_job(store, tmp_path)
+    assert [t.root for t in plan.tasks] == ["a"] and [t.label for t in plan.tasks] == ["/a"]
+    assert [p for p, _ in plan.tasks[0].files] == ["a"]
+    assert "name" not in store.resolve(RefSpec(PIPELINE, "main")).provenance["inputs"][0]
+
+
+def test_a_cycle_through_any_input_is_refused(store, tmp_path) -> None:
+    commit(store, "images", {"a": b"A"}, tmp_path)
+    commit(store, "models", {"m": b"M"}, tmp_path)
+    make(store, {"repo": "images"})  # images -> combined
+    doc = {"pipeline": "second", "input": {"cross": [{"repo": "models"},
+                                                     {"repo": PIPELINE}]},
+           "transform": {"cmd": ["cat"]}, "runtime": "process"}
+    registry.create(store, parse_spec(doc))  # combined -> second
+    looped = {"pipeline": PIPELINE, "input": {"union": [{"repo": "images"},
+                                                         {"repo": "second"}]},
+              "transform": {"cmd": ["cat"]}, "runtime": "process"}
+    with pytest.raises(InvalidSpec, match="cycle: second -> combined -> second"):
+        registry.update(store, parse_spec(looped))
+    assert [p.name for p in registry.downstream(store.objects, "models")] == ["second"]
+
+
+@pytest.mark.parametrize("input_doc, message", [
+    ({"crossed": [{"repo": "a"}, {"repo": "b"}]},
+     "'input': unknown key 'crossed': an input is a repository"),
+    ({"join": [{"repo": "a", "glob": "/(*).csv", "join_on": "$2"},
+               {"repo": "b", "glob": "/(*)", "join_on": "$1"}]},
+     "'input.join[0].join_on': $2 names capture group 2, but glob '/(*).csv' has 1"),
+    ({"join": [{"repo": "a", "glob": "/*.csv", "join_on": "$1"},
+               {"repo": "b", "glob": "/(*)", "join_on": "$1"}]},
+     "'input.join[0].join_on' needs a capture group in the glob"),
+    ({"cross": [{"repo": "a"}, {"repo": "a"}]}, "two inputs are named 'a'"),
+    ({"join": [{"repo": "a", "glob": "/(*)"}, {"repo": "b", "glob": "/(*)", "join_on": "$1"}]},
+     "'input.join[0].join_on' is required in a join"),
+    ({"cross": [{"repo": "a", "glob": "/(*)", "join_on": "$1"}, {"repo": "b"}]},
+     "'input.cross[0].join_on' only means something in a join"),
+    ({"cross": [{"repo": "a"}]}, "'input.cross' must be a list of at least 2 inputs"),
+    ({"join": [{"cross": [{"repo": "a"}, {"repo": "b"}]}, {"repo": "c"}]},
+     "a join combines repository inputs"),
+    ({"cross": [{"repo": "a", "name": "out"}, {"repo": "b"}]}, "cannot be /pfs/out"),
+    ({"cross": [{"repo": "a-b"}, {"repo": "a_b"}]}, "would both set VFS_INPUT_A_B_COMMIT"),
+    ({"union": [{"repo": "a", "glob": "/(*"}, {"repo": "b"}]}, "unbalanced '('"),
+    ({"group": [{"repo": "a", "glob": "/*", "group_by": "$1"}]}, "needs a capture group"),
+])
+def test_spec_errors_are_one_clear_line(input_doc, message) -> None:
+    doc = {"pipeline": "p", "input": input_doc, "transform": {"cmd": ["cat"]}}
+    with pytest.raises(InvalidSpec) as caught:
+        parse_spec(doc)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_specs_round_trip_and_the_old_form_is_stored_unchanged() -> None:
+    doc = {"pipeline": "p", "transform": {"cmd": ["cat"]},
+           "input": {"cross": [{"repo": "images", "branch": "dev", "glob": "/*/*"},
+                               {"join": [{"repo": "a", "glob": "/(*).csv", "join_on": "$1",
+                                          "outer": True},
+                                         {"repo": "b", "name": "bee", "glob": "/(*)",
+                                          "join_on": "$1"}]}]}}
+    spec = parse_spec(doc)
+    assert parse_spec(spec.to_dict()) == spec
+    assert [leaf.name for leaf in spec.leaves] == ["images", "a", "bee"]
+    plain = parse_spec({"pipeline": "p", "transform": {"cmd": ["cat"]},
+                        "input": {"repo": "images"}})
+    assert plain.to_dict()["input"] == {"repo": "images", "branch": "main", "glob": "/*"}
+    assert plain.plain and not spec.plain and plain.glob == "/*"
+
+
+def test_commit_variables_and_labels() -> None:
+    assert commit_env_var("raw-logs.v2") == "VFS_INPUT_RAW_LOGS_V2_COMMIT"
+    assert label('[["images","a.png"],["models","m1"]]') == "/images/a.png, /models/m1"
+    assert label("a/b") == "/a/b"
