@@ -14,13 +14,16 @@ import sys
 
 import click
 
+from cli.lineage import pipeline_graph
 from cli.options import Options, json_option, pass_options
 from cli.output import emit_json, fields, local_time, note, short, table
 from vfs.errors import Corruption, JobNotFound, ObjectNotFound, VfsError
 from vfs.names import parse_ref
 from vfs.pipeline import claims, records, registry
+from vfs.pipeline.combine import label
 from vfs.pipeline.datums import datum_id
 from vfs.pipeline.follow import Origin, provenance_of, wait_for
+from vfs.pipeline.inputs import describe
 from vfs.pipeline.records import JobRecord
 from vfs.pipeline.spec import Spec, load_spec_file, load_spec_text
 from vfs.refs import current_user
@@ -43,7 +46,7 @@ def _version_line(version: registry.PipelineVersion, verb: str) -> str:
     spec = version.spec
     assert spec is not None
     return (f"{verb} pipeline {spec.pipeline} (version {version.version}): "
-            f"{spec.input_repo}@{spec.input_branch} {spec.glob} -> "
+            f"{describe(spec.input)} -> "
             f"{spec.pipeline}@{spec.output_branch}, runtime {spec.runtime}")
 
 
@@ -116,8 +119,11 @@ def pipeline_list(options: Options, as_json: bool) -> None:
         last = f"{job.state} {job.id}" if job else "no jobs yet"
         if trouble:
             last += f"; cannot run: {trouble.error}"
-        rows.append((spec.pipeline, version.version,
-                     f"{spec.input_repo}@{spec.input_branch}", spec.glob, spec.runtime, last))
+        if spec.plain:
+            shown = (f"{spec.input_repo}@{spec.input_branch}", spec.glob)
+        else:  # several inputs: each with its glob
+            shown = (describe(spec.input), "(per input)")
+        rows.append((spec.pipeline, version.version, *shown, spec.runtime, last))
     if as_json:
         emit_json(documents)
         return
@@ -160,7 +166,8 @@ def pipeline_inspect(options: Options, name: str, history: bool, as_json: bool) 
         ("pipeline", spec.pipeline),
         ("version", f"{version.version} ({local_time(version.created)}, {version.author})"),
         ("description", spec.description or "-"),
-        ("input", f"{spec.input_repo}@{spec.input_branch} glob {spec.glob}"),
+        ("input", f"{spec.input_repo}@{spec.input_branch} glob {spec.glob}" if spec.plain
+         else describe(spec.input)),
         ("output", f"{spec.pipeline}@{spec.output_branch}"),
         ("runtime", spec.runtime + (f" image {spec.image}" if spec.image else "")),
         ("cmd", " ".join(spec.cmd)),
@@ -177,6 +184,9 @@ def pipeline_inspect(options: Options, name: str, history: bool, as_json: bool) 
         *([("error", f"cannot run: {trouble.error} (vfsd on {trouble.node}, since "
                      f"{local_time(trouble.since)})")] if trouble else []),
     ])
+
+
+pipeline.add_command(pipeline_graph)
 
 
 @pipeline.command("delete")
@@ -233,7 +243,7 @@ def job_list(options: Options, pipeline_name: str | None, as_json: bool) -> None
         note("no jobs yet")
         return
     table([(j.id, j.state + ("" if j.pipeline in existing else " (pipeline deleted)"),
-            f"{j.input_repo}@{short(j.input_commit)}", j.datums_processed,
+            j.describe_inputs(), j.datums_processed,
             j.datums_skipped, j.datums_failed, local_time(j.started), _duration(j),
             short(j.output_commit) if j.output_commit else "-") for j in jobs],
           ("JOB", "STATE", "INPUT", "RUN", "SKIPPED", "FAILED", "STARTED", "TOOK", "OUTPUT"))
@@ -257,7 +267,7 @@ def job_inspect(options: Options, job_id: str, as_json: bool) -> None:
         ("job", found.id), ("state", found.state),
         ("pipeline", f"{found.pipeline} version {found.version}"
                      + (" (pipeline deleted)" if deleted else "")),
-        ("input", f"{found.input_repo}@{found.input_branch} {found.input_commit}"),
+        *_job_inputs(found),
         ("datums", f"{found.datums_processed} processed, {found.datums_skipped} skipped, "
                    f"{found.datums_failed} failed, {found.datums_removed} removed "
                    f"(of {found.datums_total}{', full run' if found.full else ''})"),
@@ -273,9 +283,17 @@ def job_inspect(options: Options, job_id: str, as_json: bool) -> None:
     fields(pairs)
     if datums:
         click.echo()
-        table([(d["id"], "/" + d["root"] if d["root"] is not None else "?", d["state"],
+        table([(d["id"], label(d["root"]) if d["root"] is not None else "?", d["state"],
                 d["node"], d["tries"], d["error"] or "-") for d in datums],
               ("DATUM", "ROOT", "STATE", "NODE", "TRIES", "LAST ERROR"))
+
+
+def _job_inputs(job: JobRecord) -> list[tuple[str, str]]:
+    """The ``input`` line of a single-input job; an ``input NAME`` line per input."""
+    if not job.inputs or len(job.inputs) == 1 and job.inputs[0]["name"] == job.input_repo:
+        return [("input", f"{job.input_repo}@{job.input_branch} {job.input_commit}")]
+    return [(f"input {i['name']}", f"{i['repo']}@{i['branch']} {i.get('commit') or '(none)'}")
+            for i in job.inputs]
 
 
 def _datum_claims(objects, job_id: str) -> list[dict]:
@@ -397,7 +415,8 @@ def provenance(options: Options, ref: str, as_json: bool) -> None:
 
 def _print_origin(origin: Origin, level: int) -> None:
     indent = "  " * level
-    line = f"{indent}{origin.repo}@{origin.commit.id}"
+    named = f" (input {origin.input})" if origin.input and origin.input != origin.repo else ""
+    line = f"{indent}{origin.repo}@{origin.commit.id}{named}"
     if origin.pipeline:
         line += (f"  <- pipeline {origin.pipeline} v{origin.version} job {origin.job}"
                  + (" (kept outputs)" if origin.keep_outputs else ""))

@@ -141,6 +141,7 @@ class Origin:
     image: str | None = None
     keep_outputs: bool = False
     inputs: list[Origin] = field(default_factory=list)
+    input: str | None = None  # the name of the pipeline input it was (None: the top)
 
     def to_dict(self) -> dict:
         out: dict = {"repo": self.repo, "commit": self.commit.id,
@@ -148,6 +149,8 @@ class Origin:
         if self.pipeline:
             out.update(pipeline=self.pipeline, version=self.version, job=self.job,
                        image=self.image, keep_outputs=self.keep_outputs)
+        if self.input is not None:
+            out["input"] = self.input
         out["inputs"] = [i.to_dict() for i in self.inputs]
         return out
 
@@ -173,7 +176,11 @@ def _origin(store, commit: Commit, depth: int) -> Origin:
         origin.keep_outputs = bool(prov.get("keep_outputs"))
     if depth > 0:
         for item in prov.get("inputs", []):
-            origin.inputs.append(_origin(store, store.read_commit(item["commit"]), depth - 1))
+            if not item.get("commit"):
+                continue  # that input's branch had no commit yet
+            found = _origin(store, store.read_commit(item["commit"]), depth - 1)
+            found.input = item.get("name") or item["repo"]
+            origin.inputs.append(found)
     return origin
 
 
