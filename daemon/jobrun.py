@@ -310,9 +310,10 @@ class JobRun:
         def prepare() -> None:  # file work stays out of the trio thread
             for task, io in zip(tasks, ios, strict=True):
                 shutil.rmtree(os.path.dirname(io.input_dir), ignore_errors=True)
-                os.makedirs(io.input_dir)
+                input_dir = os.path.join(io.input_dir, spec.input_repo)
+                os.makedirs(input_dir)
                 os.makedirs(io.out_dir)
-                materialize(self.store, task_files(self.store, self.plan, task), io.input_dir)
+                materialize(self.store, task_files(self.store, self.plan, task), input_dir)
             os.makedirs(os.path.join(base, f"run-{tasks[0].id}"), exist_ok=True)
 
         errors: dict[str, str] = {}
@@ -323,7 +324,7 @@ class JobRun:
                 self.first_start = now_iso()
             workdir = os.path.join(base, f"run-{tasks[0].id}")
             statuses: list[int | None] = list(await self.runtime.run(ContainerRun(
-                job_id=job.id, input_repo=spec.input_repo, input_commit=job.input_commit,
+                job_id=job.id, inputs=[(spec.input_repo, job.input_commit)],
                 cmd=list(spec.cmd), env=dict(spec.env), image=spec.image, datums=ios,
                 workdir=workdir, network=spec.network, memory=spec.memory, cpus=spec.cpu,
                 timeout=timeout, user=spec.user, pids=spec.pids, node=self.node.name)))
