@@ -42,7 +42,7 @@ async def measure(runtime: Runtime, image: str | None, base: str, datums: int,
     ios = []
     for index in range(datums):
         root = os.path.join(base, f"d{index}")
-        os.makedirs(os.path.join(root, "in"))
+        os.makedirs(os.path.join(root, "in", "data"))
         os.makedirs(os.path.join(root, "out"))
         ios.append(DatumIO(f"{index:016x}", os.path.join(root, "in"),
                            os.path.join(root, "out"), f"{root}.log"))
@@ -50,7 +50,7 @@ async def measure(runtime: Runtime, image: str | None, base: str, datums: int,
     for start in range(0, datums, batch):
         workdir = os.path.join(base, f"work{start}")
         os.makedirs(workdir)
-        runs.append(ContainerRun(job_id="bench", input_repo="data", input_commit="0" * 64,
+        runs.append(ContainerRun(job_id="bench", inputs=[("data", "0" * 64)],
                                  cmd=["true"], env={}, image=image,
                                  datums=ios[start:start + batch], workdir=workdir))
     began = time.perf_counter()

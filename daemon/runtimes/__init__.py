@@ -1,11 +1,14 @@
 """Container runtimes: how a pipeline's command runs on its datums, behind one interface.
 
 The scheduler describes each container start as a :class:`ContainerRun` (the command,
-its environment, the image, one or more :class:`DatumIO`) and awaits
-:meth:`Runtime.run`, which returns one exit status per datum. Inside, each datum's
-files are read-only at ``/pfs/<input repo>/<path>``, its output directory is
-``/pfs/out``, and the environment carries ``VFS_DATUM_ID``, ``VFS_JOB_ID``,
-``VFS_INPUT_COMMIT``, ``VFS_PFS=/pfs`` and the spec's ``env``.
+its environment, the image, the inputs' names and commits, one or more
+:class:`DatumIO`) and awaits :meth:`Runtime.run`, which returns one exit status per
+datum. Inside, each datum's files of each input are read-only at
+``/pfs/<input name>/<path>`` (an empty directory when it has none of that input), its
+output directory is ``/pfs/out``, and the environment carries ``VFS_DATUM_ID``,
+``VFS_JOB_ID``, ``VFS_INPUT_<NAME>_COMMIT`` per input (the name upper-cased, ``-`` and
+``.`` written ``_``), ``VFS_INPUT_COMMIT`` too when there is a single input,
+``VFS_PFS=/pfs``, ``VFS_NODE`` and the spec's ``env``.
 
 ========  ==============================  =========  ==================  ===========
 runtime   image                           network    memory              cpus
@@ -27,7 +30,7 @@ It isolates nothing, so a daemon running as root refuses it unless started with
 ``--allow-process-runtime``.
 A start with several datums (``datum_batch``) runs them one after the other, each in
 a sandbox of its own made as for a single datum (real directories at
-``/pfs/<input repo>`` and ``/pfs/out``, a fresh ``/tmp``, no process of another datum
+``/pfs/<input name>`` and ``/pfs/out``, a fresh ``/tmp``, no process of another datum
 alive, its exit status seen by the runtime outside the sandbox): a batch shares only
 the preparation (image, bundle, ``/etc``), so it saves that per datum and is
 indistinguishable from single datums to the command. ``timeout`` is per datum.

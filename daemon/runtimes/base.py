@@ -5,9 +5,14 @@ in one *start*. The scheduler prepares, on the host, an input and an output
 directory per datum and describes the start as a :class:`ContainerRun`;
 :meth:`Runtime.run` returns one exit status per datum.
 
+A pipeline has one or more inputs, each with a name. A datum's input directory holds
+one subdirectory per input name (empty when the datum has no file of that input),
+and each is shown read-only at ``/pfs/<name>``; ``VFS_INPUT_<NAME>_COMMIT`` names the
+commit each input was read from (:func:`datum_env`).
+
 A batch must look to the command exactly like single datums: every datum of a start
-runs in a sandbox of its own, one after the other, with its input and output as real
-directories at ``/pfs/<repo>`` and ``/pfs/out``, a fresh ``/tmp``, and no process of
+runs in a sandbox of its own, one after the other, with its inputs and output as real
+directories at ``/pfs/<name>`` and ``/pfs/out``, a fresh ``/tmp``, and no process of
 the datums before it still alive. What a start shares between its datums is the
 preparation on the host (the image, the runtime's bundle, the pids cgroup, the
 sandbox's ``/etc``), never a directory or a process. Each datum's exit status is the
@@ -35,6 +40,7 @@ from typing import IO
 import trio
 
 from vfs.errors import InvalidSpec
+from vfs.pipeline.inputs import commit_env_var
 from vfs.pipeline.spec import DEFAULT_PIDS, DEFAULT_USER
 
 #: Exit status of a datum killed with SIGKILL (by us on a timeout, or by the kernel).
@@ -50,7 +56,9 @@ class DatumIO:
     """One datum's directories and log on the host."""
 
     datum_id: str  # e.g. 16 hex chars
-    input_dir: str  # host dir, shown read-only at /pfs/<input_repo>
+    # host dir holding one dir per input name (made by the caller, empty when the datum
+    # has no file of that input): <input_dir>/<name> is shown read-only at /pfs/<name>
+    input_dir: str
     out_dir: str  # host dir, empty, shown writable at /pfs/out
     log_path: str  # host file receiving this datum's stdout+stderr (appended to)
     timed_out: bool = False  # set by the runtime: it killed the datum at its timeout
@@ -61,8 +69,9 @@ class ContainerRun:
     """One start: the command, its environment and the datums it processes."""
 
     job_id: str
-    input_repo: str
-    input_commit: str
+    # (name, commit id) per input, in the spec's order; the name is the directory under
+    # /pfs (the repository's name for a pipeline with one input)
+    inputs: list[tuple[str, str]]
     cmd: list[str]
     env: dict[str, str]
     # runc: a root filesystem directory or an OCI image layout directory;
@@ -157,28 +166,66 @@ class HostRuntime(Runtime):
 
 
 def check_run(run: ContainerRun) -> None:
-    """Reject a run whose names would collide with the layout under ``/pfs``."""
+    """Reject a run whose input names would not make a layout under ``/pfs``.
+
+    Raises:
+        InvalidSpec: the command is empty, or an input's name is ``out``, is not a
+            plain directory name, is another input's too, or gives the same commit
+            variable as another's; the message says which.
+        ValueError: the run has no datum or no input (the caller's mistake).
+    """
     if not run.cmd:
         raise InvalidSpec("the transform's cmd is empty")
     if not run.datums:
         raise ValueError("a container run needs at least one datum")
-    repo = run.input_repo
-    if repo == "out" or not repo or "/" in repo or repo.startswith(".") or "\0" in repo:
-        raise InvalidSpec(
-            f"input repository {repo!r} cannot be shown at {PFS}/{repo}: "
-            f"{PFS}/out is the output directory; rename the repository"
-        )
+    if not run.inputs:
+        raise ValueError("a container run needs at least one input")
+    named: dict[str, str] = {}  # commit variable: the input that sets it
+    for name, _ in run.inputs:
+        if name == "out":
+            raise InvalidSpec(f"input {name!r} cannot be shown at {PFS}/{name}: {PFS}/out is "
+                              "the output directory; give the input another name")
+        if not name or "/" in name or name.startswith(".") or "\0" in name:
+            raise InvalidSpec(f"input name {name!r} cannot be a directory under {PFS}: a name "
+                              "must be non-empty, hold no '/' and not start with '.'; give "
+                              "the input another name")
+        variable = commit_env_var(name)
+        other = named.get(variable)
+        if other == name:
+            raise InvalidSpec(f"two inputs are named {name!r}: each input needs a directory "
+                              f"of its own under {PFS}; give one of them another name")
+        if other is not None:
+            # Both directories could exist, but the command could not tell their commits
+            # apart (VFS_INPUT_RAW_LOGS_COMMIT for raw-logs and raw_logs).
+            raise InvalidSpec(f"inputs {other!r} and {name!r} would both set {variable}: "
+                              "give one of them another name")
+        named[variable] = name
 
 
 def datum_env(run: ContainerRun, datum: DatumIO, *, base: dict[str, str] | None = None,
               pfs: str = PFS) -> dict[str, str]:
-    """The environment of the command on ``datum``: base (image), spec, then ``VFS_*``."""
+    """The environment of the command on ``datum``: base (image), spec, then ``VFS_*``.
+
+    Every input's commit is ``VFS_INPUT_<NAME>_COMMIT``; with a single input it is also
+    ``VFS_INPUT_COMMIT``, as before pipelines had several inputs (with several, which
+    one it would be is not obvious, so it is not set).
+    """
     env = {"PATH": DEFAULT_PATH, "HOME": "/tmp"}
     env.update(base or {})
     env.update(run.env)
-    env.update({"VFS_JOB_ID": run.job_id, "VFS_INPUT_COMMIT": run.input_commit, "VFS_PFS": pfs,
-                "VFS_DATUM_ID": datum.datum_id, "VFS_NODE": run.node})
+    env["VFS_JOB_ID"] = run.job_id
+    env.update({commit_env_var(name): commit for name, commit in run.inputs})
+    if len(run.inputs) == 1:
+        env["VFS_INPUT_COMMIT"] = run.inputs[0][1]
+    env.update({"VFS_PFS": pfs, "VFS_DATUM_ID": datum.datum_id, "VFS_NODE": run.node})
     return env
+
+
+def input_mounts(run: ContainerRun, datum: DatumIO, *, pfs: str = PFS
+                 ) -> list[tuple[str, str]]:
+    """Where each of ``datum``'s input directories is shown: (host dir, dir under
+    ``pfs``) per input, in the order of ``run.inputs``."""
+    return [(os.path.join(datum.input_dir, name), f"{pfs}/{name}") for name, _ in run.inputs]
 
 
 def give_to_user(run: ContainerRun, *, owner: tuple[int, int] | None = None) -> None:

@@ -39,6 +39,7 @@ from daemon.runtimes.base import (
     check_run,
     datum_env,
     give_to_user,
+    input_mounts,
     kill_process,
     memory_rlimit_argv,
     run_process_with_timeout,
@@ -100,9 +101,10 @@ def build_args(run: ContainerRun, datum: DatumIO, *, etc: str,
             args += ["--ro-bind", path, path]
     args += ["--ro-bind", etc, "/etc"]
     args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
-    args += ["--perms", "0755", "--dir", PFS,
-             "--ro-bind", datum.input_dir, f"{PFS}/{run.input_repo}",
-             "--bind", datum.out_dir, f"{PFS}/out"]
+    args += ["--perms", "0755", "--dir", PFS]
+    for source, target in input_mounts(run, datum):
+        args += ["--ro-bind", source, target]
+    args += ["--bind", datum.out_dir, f"{PFS}/out"]
     command = list(run.cmd)
     args += ["--chdir", "/", "--clearenv"]
     for key, value in datum_env(run, datum).items():

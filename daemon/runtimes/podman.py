@@ -1,7 +1,7 @@
 """The ``podman`` and ``docker`` runtimes: an image by name, run by the engine's CLI.
 
 Both take the same command line (:func:`build_args`): ``run --rm`` with the datum's
-input bound read-only at ``/pfs/<input repo>`` and its output at ``/pfs/out``, no
+inputs bound read-only at ``/pfs/<input name>`` and its output at ``/pfs/out``, no
 network unless asked, the limits as ``--memory``/``--cpus``, and the command as the
 entrypoint (``transform.cmd`` replaces the image's entrypoint and command). The
 container runs as the datum's user (``--user``, default 65534:65534; never the
@@ -28,6 +28,7 @@ from daemon.runtimes.base import (
     check_run,
     datum_env,
     give_to_user,
+    input_mounts,
     run_process_with_timeout,
     timed_out,
 )
@@ -57,8 +58,9 @@ def build_args(run: ContainerRun, datum: DatumIO, *, name: str,
         args += ["--memory", str(run.memory)]
     if run.cpus is not None:
         args += ["--cpus", f"{run.cpus:g}"]
-    args += ["--volume", _volume(datum.input_dir, f"{PFS}/{run.input_repo}", False),
-             "--volume", _volume(datum.out_dir, f"{PFS}/out", True)]
+    for source, target in input_mounts(run, datum):
+        args += ["--volume", _volume(source, target, False)]
+    args += ["--volume", _volume(datum.out_dir, f"{PFS}/out", True)]
     command = list(run.cmd)
     # The image's PATH and HOME are better guesses than ours for an image by name.
     for key, value in datum_env(run, datum).items():

@@ -23,6 +23,7 @@ from daemon.runtimes.base import (
     check_run,
     datum_env,
     exit_status,
+    input_mounts,
     kill_process_group,
     memory_rlimit_argv,
     note,
@@ -35,8 +36,8 @@ class ProcessRuntime(HostRuntime):
     """Run the command as a plain host process.
 
     There is no ``/pfs`` on the host, so ``VFS_PFS`` names a host directory laid out
-    like it: the datum's input and output directories are moved to
-    ``$VFS_PFS/<input repo>`` and ``$VFS_PFS/out`` while it runs (real directories, as
+    like it: the datum's directory of each input and its output directory are moved to
+    ``$VFS_PFS/<input name>`` and ``$VFS_PFS/out`` while it runs (real directories, as
     in the other runtimes), and back afterwards. **Commands meant to run under
     this runtime must use ``${VFS_PFS}`` instead of ``/pfs``**, e.g.
     ``["sh", "-c", "tr a-z A-Z < \"$VFS_PFS/docs/a.txt\" > \"$VFS_PFS/out/a.txt\""]``;
@@ -76,14 +77,17 @@ class ProcessRuntime(HostRuntime):
     async def _run_datum(self, run: ContainerRun, index: int, datum: DatumIO) -> int:
         pfs = os.path.join(run.workdir, f"pfs-{index}")
         os.makedirs(pfs, exist_ok=True)
-        moves = [(datum.input_dir, os.path.join(pfs, run.input_repo)),
-                 (datum.out_dir, os.path.join(pfs, "out"))]
-        for home, shown in moves:
-            os.rename(home, shown)
+        moves = [*input_mounts(run, datum, pfs=pfs), (datum.out_dir, os.path.join(pfs, "out"))]
+        moved: list[tuple[str, str]] = []
         try:
+            for home, shown in moves:
+                os.rename(home, shown)
+                moved.append((home, shown))
             return await self._run_process(run, datum, pfs)
         finally:
-            for home, shown in moves:
+            # Only what was moved goes back: a directory missing at home (the caller's
+            # mistake) fails the datum without another error hiding that one.
+            for home, shown in moved:
                 try:
                     os.rename(shown, home)
                 except FileNotFoundError:  # the command removed it: nothing stops it here

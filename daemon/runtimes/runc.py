@@ -63,6 +63,7 @@ from daemon.runtimes.base import (
     datum_env,
     env_list,
     give_to_user,
+    input_mounts,
     run_process_with_timeout,
     timed_out,
 )
@@ -133,7 +134,7 @@ def build_config(run: ContainerRun, datum: DatumIO, *, image_mounts: list[dict],
                    "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
                   for mount in system]
     mounts = [*image_mounts, *system,
-              _bind(datum.input_dir, f"{PFS}/{run.input_repo}", False),
+              *(_bind(source, target, False) for source, target in input_mounts(run, datum)),
               _bind(datum.out_dir, f"{PFS}/out", True)]
     resources: dict = {"devices": [{"allow": False, "access": "rwm"}]}
     if run.memory is not None and "memory" in supported:
@@ -395,7 +396,8 @@ class RuncRuntime(Runtime):
         # runc's init, as the container's root, mounts these: it must reach them.
         sources = {os.path.dirname(bundle), rootfs}
         for datum in run.datums:
-            sources |= {os.path.dirname(datum.input_dir), os.path.dirname(datum.out_dir),
+            # The inputs are the input directory's subdirectories: it must be reachable.
+            sources |= {datum.input_dir, os.path.dirname(datum.out_dir),
                         os.path.dirname(datum.log_path)}
         reason = _userns_obstacle(sources)
         if reason is None:

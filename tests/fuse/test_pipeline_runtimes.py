@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 SCRIPT = ('for f in /pfs/images/*; do n=$(basename "$f"); '
           'tr a-z A-Z < "$f" > "/pfs/out/$n.up"; '
           'if touch "$f" 2>/dev/null; then echo writable > "/pfs/out/$n.rw"; fi; '
-          'echo "$VFS_DATUM_ID $VFS_INPUT_COMMIT" > "/pfs/out/$n.env"; done')
+          'echo "$VFS_DATUM_ID $VFS_INPUT_COMMIT $VFS_INPUT_IMAGES_COMMIT" > "/pfs/out/$n.env"; '
+          'done')
 
 
 def _need(program: str) -> None:
@@ -50,8 +51,8 @@ def _run_pipeline(mount: Mount, tmp_path, runtime: str, image: str | None,
     assert names == sorted([f"f{i}.txt.up" for i in range(4)]
                            + [f"f{i}.txt.env" for i in range(4)])  # no .rw: read-only
     assert (output / "f2.txt.up").read_text() == "DATA 2"
-    datum_id, commit = (output / "f2.txt.env").read_text().split()
-    assert commit == first and len(datum_id) == 16
+    datum_id, commit, images_commit = (output / "f2.txt.env").read_text().split()
+    assert commit == images_commit == first and len(datum_id) == 16
     (branch / "new.txt").write_text("one more")
     second = mount.commit("images@main")
     mount.vfsctl("wait", f"images@{second}", "--timeout", "60")

@@ -9,9 +9,11 @@ test machines: only their command lines are checked.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -37,6 +39,7 @@ from daemon.runtimes import (
     get_runtime,
     oci,
 )
+from daemon.runtimes.base import check_run, datum_env
 from daemon.runtimes.bwrap import build_args as bwrap_args
 from daemon.runtimes.cgroups import PidsCgroups
 from daemon.runtimes.hostetc import HOST_ENTRIES, SandboxEtc
@@ -96,23 +99,41 @@ def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Case]:
     assert runc_case.leftover_containers() == []
 
 
-def make_run(tmp_path: Path, case: Case, script: str, *, inputs: list[bytes] | None = None,
+def make_run(tmp_path: Path, case: Case, script: str, *, contents: list[bytes] | None = None,
+             datums: list[dict[str, dict[str, bytes]]] | None = None,
              env: dict[str, str] | None = None, **options) -> ContainerRun:
-    """A run of ``sh -c script`` over one datum per input (file ``a.txt`` of each)."""
-    datums = []
-    for index, content in enumerate(inputs or [b"hello\n"]):
+    """A run of ``sh -c script``: over one datum per item of ``contents`` (file ``a.txt``
+    of input ``images``), or over ``datums``, each giving every input's name (the same
+    names in the same order for all) and its files (path: content; none for an empty
+    input). Input ``name`` was read from commit ``commit_of(name)``."""
+    if datums is None:
+        datums = [{REPO: {"a.txt": content}} for content in contents or [b"hello\n"]]
+    ios = []
+    for index, inputs in enumerate(datums):
         root = tmp_path / f"datum{index}"
-        (root / "in").mkdir(parents=True)
-        (root / "out").mkdir()
-        (root / "in" / "a.txt").write_bytes(content)
-        datums.append(DatumIO(f"{index:016x}", str(root / "in"), str(root / "out"),
-                              str(tmp_path / f"datum{index}.log")))
+        (root / "out").mkdir(parents=True)
+        for name, files in inputs.items():
+            (root / "in" / name).mkdir(parents=True)
+            for path, content in files.items():
+                (root / "in" / name / path).parent.mkdir(parents=True, exist_ok=True)
+                (root / "in" / name / path).write_bytes(content)
+        ios.append(DatumIO(f"{index:016x}", str(root / "in"), str(root / "out"),
+                           str(tmp_path / f"datum{index}.log")))
     workdir = tmp_path / "work"
     workdir.mkdir(exist_ok=True)
-    return ContainerRun(job_id="job-1", input_repo=REPO, input_commit="c0ffee" * 4,
+    return ContainerRun(job_id="job-1", inputs=[(name, commit_of(name)) for name in datums[0]],
                         node="worker-1",
                         cmd=["sh", "-c", script], env=env or {}, image=case.image,
-                        datums=datums, workdir=str(workdir), **options)
+                        datums=ios, workdir=str(workdir), **options)
+
+
+def commit_of(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def input_of(run: ContainerRun, index: int = 0, name: str = REPO) -> Path:
+    """Datum ``index``'s host directory of input ``name``."""
+    return Path(run.datums[index].input_dir) / name
 
 
 def log_of(run: ContainerRun, index: int = 0) -> str:
@@ -160,7 +181,7 @@ async def test_transforms_input_to_output_and_logs(case: Case, tmp_path: Path) -
         lines.sort(reverse=True)
     assert lines == ["to-stdout", "to-stderr"]
     # The input is untouched and the output directory holds only what was written.
-    assert (Path(run.datums[0].input_dir) / "a.txt").read_bytes() == b"hello\n"
+    assert (input_of(run) / "a.txt").read_bytes() == b"hello\n"
     assert os.listdir(run.datums[0].out_dir) == ["a.txt"]
 
 
@@ -171,16 +192,62 @@ async def test_environment(case: Case, tmp_path: Path) -> None:
     env = dict(line.split("=", 1) for line in log_of(run).splitlines() if "=" in line)
     assert env["VFS_DATUM_ID"] == run.datums[0].datum_id
     assert env["VFS_JOB_ID"] == "job-1"
-    assert env["VFS_INPUT_COMMIT"] == "c0ffee" * 4
+    # One input: its commit under its own name, and under the name of the days before
+    # pipelines had several inputs.
+    assert env["VFS_INPUT_COMMIT"] == env["VFS_INPUT_IMAGES_COMMIT"] == commit_of(REPO)
     assert env["VFS_NODE"] == "worker-1"
     assert env["THRESHOLD"] == "0.4"
     if case.isolated:
         assert env["VFS_PFS"] == "/pfs"
         assert set(env) <= {"VFS_DATUM_ID", "VFS_JOB_ID", "VFS_INPUT_COMMIT", "VFS_PFS",
-                            "VFS_NODE", "THRESHOLD", "PATH", "HOME", "IMAGE_VAR", "PWD", "SHLVL"}
+                            "VFS_INPUT_IMAGES_COMMIT", "VFS_NODE", "THRESHOLD", "PATH", "HOME",
+                            "IMAGE_VAR", "PWD", "SHLVL"}
     if case.name == "runc-oci":
         assert env["IMAGE_VAR"] == "from-image"  # the image config's Env
         assert env["PATH"] == "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+# Two inputs with files, and a third of which these datums have none.
+THREE_INPUTS = [
+    {"images": {"a.txt": b"image one\n"}, "models": {"m/weights": b"weights one\n"},
+     "raw-logs": {}},
+    {"images": {"a.txt": b"image two\n"}, "models": {"m/weights": b"weights two\n"},
+     "raw-logs": {}},
+]
+# What a datum sees of its inputs, written to its output (writing to an input is tried
+# in a sandbox only: the process runtime shows the host's own directories).
+SEE_INPUTS = ('pfs=$VFS_PFS; ls -A "$pfs" | tr "\\n" " " > "$pfs/out/pfs"; '
+              'cat "$pfs/images/a.txt" "$pfs/models/m/weights" > "$pfs/out/both"; '
+              '[ -d "$pfs/raw-logs" ] && ls -A "$pfs/raw-logs" > "$pfs/out/empty"; '
+              'env > "$pfs/out/env"; '
+              'if [ "$ISOLATED" = yes ]; then for d in images models models/m raw-logs; do '
+              '  touch "/pfs/$d/new" 2>/dev/null && echo "$d" >> /pfs/out/writable; done; '
+              '  echo x >> /pfs/images/a.txt 2>/dev/null && echo a.txt >> /pfs/out/writable; '
+              'fi; true')
+
+
+@pytest.mark.trio
+async def test_every_input_is_a_directory_under_pfs(case: Case, tmp_path: Path) -> None:
+    run = make_run(tmp_path, case, SEE_INPUTS, datums=THREE_INPUTS,
+                   env={"ISOLATED": "yes" if case.isolated else "no"})
+    assert await case.runtime.run(run) == [0, 0]
+    for index, number in enumerate(["one", "two"]):
+        out = Path(run.datums[index].out_dir)
+        assert (out / "pfs").read_text() == "images models out raw-logs ", log_of(run, index)
+        assert (out / "both").read_text() == f"image {number}\nweights {number}\n"
+        assert (out / "empty").read_text() == ""
+        assert not (out / "writable").exists(), (out / "writable").read_text()
+        env = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines()
+                   if "=" in line)
+        assert env["VFS_INPUT_IMAGES_COMMIT"] == commit_of("images")
+        assert env["VFS_INPUT_MODELS_COMMIT"] == commit_of("models")
+        assert env["VFS_INPUT_RAW_LOGS_COMMIT"] == commit_of("raw-logs")
+        assert "VFS_INPUT_COMMIT" not in env  # which input's would it be?
+        # The inputs are back where they were, untouched.
+        assert sorted(os.listdir(run.datums[index].input_dir)) == ["images", "models",
+                                                                   "raw-logs"]
+        assert (input_of(run, index) / "a.txt").read_text() == f"image {number}\n"
+        assert os.listdir(input_of(run, index, "raw-logs")) == []
 
 
 @pytest.mark.trio
@@ -204,7 +271,7 @@ async def test_batch_runs_each_datum_separately(case: Case, tmp_path: Path) -> N
     script = ('v=$(cat "$VFS_PFS/images/a.txt"); echo "$VFS_DATUM_ID saw $v"; '
               'ls "$VFS_PFS/out"; echo "$v" > "$VFS_PFS/out/copy"; '
               '[ "$v" != two ] || exit 3')
-    run = make_run(tmp_path, case, script, inputs=[b"one", b"two", b"three"])
+    run = make_run(tmp_path, case, script, contents=[b"one", b"two", b"three"])
     assert await case.runtime.run(run) == [0, 3, 0]
     for index, value in enumerate(["one", "two", "three"]):
         assert output_of(run, index, "copy") == f"{value}\n".encode()
@@ -226,7 +293,7 @@ async def test_timeout_kills_and_says_so(case: Case, tmp_path: Path) -> None:
 @pytest.mark.trio
 async def test_batch_timeout_is_per_datum(case: Case, tmp_path: Path) -> None:
     script = '[ "$(cat "$VFS_PFS/images/a.txt")" = quick ] || sleep 60'
-    run = make_run(tmp_path, case, script, inputs=[b"quick", b"slow", b"quick"], timeout=2)
+    run = make_run(tmp_path, case, script, contents=[b"quick", b"slow", b"quick"], timeout=2)
     assert await case.runtime.run(run) == [0, KILLED, 0]
     assert [datum.timed_out for datum in run.datums] == [False, True, False]
     assert "vfs: killed" in log_of(run, 1)
@@ -254,7 +321,7 @@ LONE = ('me=$VFS_DATUM_ID; pfs=$VFS_PFS; '
 
 @pytest.mark.trio
 async def test_each_datum_of_a_batch_runs_alone(case: Case, tmp_path: Path) -> None:
-    run = make_run(tmp_path, case, LONE, inputs=[b"one", b"two", b"three"],
+    run = make_run(tmp_path, case, LONE, contents=[b"one", b"two", b"three"],
                    env={"ISOLATED": "yes" if case.isolated else "no"})
     assert await case.runtime.run(run) == [0, 0, 0]
     for index, value in enumerate([b"one", b"two", b"three"]):
@@ -272,7 +339,7 @@ async def test_a_batch_has_no_size_limit_of_its_own(case: Case, tmp_path: Path) 
     # per datum may go on one command line. The long version is marked slow.
     count = 40
     run = make_run(tmp_path, case, 'cp "$VFS_PFS/images/a.txt" "$VFS_PFS/out/copy"',
-                   inputs=[b"%d" % i for i in range(count)])
+                   contents=[b"%d" % i for i in range(count)])
     assert await case.runtime.run(run) == [0] * count
     assert output_of(run, count - 1, "copy") == b"%d" % (count - 1)
 
@@ -282,7 +349,7 @@ async def test_a_batch_has_no_size_limit_of_its_own(case: Case, tmp_path: Path) 
 async def test_a_batch_of_1200_datums(case: Case, tmp_path: Path) -> None:
     count = 1200
     run = make_run(tmp_path, case, 'cp "$VFS_PFS/images/a.txt" "$VFS_PFS/out/copy"',
-                   inputs=[b"%d" % i for i in range(count)])
+                   contents=[b"%d" % i for i in range(count)])
     assert await case.runtime.run(run) == [0] * count
     assert output_of(run, count - 1, "copy") == b"%d" % (count - 1)
 
@@ -294,7 +361,7 @@ async def test_cancellation_leaves_nothing_running(case: Case, tmp_path: Path,
     # A unique sleep duration marks every process of this run (sh, sleep, runc, bwrap).
     marker = f"6{uuid.uuid4().int % 10**8}.5"
     run = make_run(tmp_path, case, f"echo started; sleep {marker}",
-                   inputs=[b"x"] * datums)
+                   contents=[b"x"] * datums)
     started = time.monotonic()
     with trio.move_on_after(1.5) as scope:
         await case.runtime.run(run)
@@ -322,7 +389,7 @@ async def test_inputs_and_image_are_read_only(case: Case, tmp_path: Path) -> Non
     assert "WROTE-NEW" not in log and "WROTE-INPUT" not in log and "WROTE-ROOT" not in log
     assert "Read-only file system" in log
     assert "WROTE-TMP" in log
-    assert os.listdir(run.datums[0].input_dir) == ["a.txt"]
+    assert os.listdir(input_of(run)) == ["a.txt"]
     assert output_of(run, 0, "ok") == b"ok\n"
 
 
@@ -375,7 +442,7 @@ async def test_runs_as_the_unprivileged_user_without_capabilities(case: Case,
 @pytest.mark.trio
 async def test_inputs_are_readable_whatever_their_mode(case: Case, tmp_path: Path) -> None:
     run = make_run(tmp_path, case, 'cat "$VFS_PFS/images/a.txt" > "$VFS_PFS/out/copy"')
-    os.chmod(Path(run.datums[0].input_dir) / "a.txt", 0o600)
+    os.chmod(input_of(run) / "a.txt", 0o600)
     assert await case.runtime.run(run) == [0]
     assert output_of(run, 0, "copy") == b"hello\n"
 
@@ -540,14 +607,17 @@ async def test_runc_user_namespace_where_the_kernel_allows(open_dir: Path,
     runtime = RuncRuntime(cache_dir=str(open_dir / "images"),
                           state_root=str(open_dir / "state"))
     case = Case("runc", runtime, rootfs, True)
-    script = ('cat /proc/self/uid_map; id -u; cat /pfs/images/a.txt; echo x > /pfs/out/made; '
-              'ls -n /pfs/images/a.txt')
-    run = make_run(open_dir / "open", case, script, network=network)
-    os.chmod(Path(run.datums[0].input_dir) / "a.txt", 0o600)
+    script = ('cat /proc/self/uid_map; id -u; cat /pfs/images/a.txt /pfs/models/m/weights; '
+              'echo x > /pfs/out/made; ls -A /pfs/raw-logs; ls -n /pfs/images/a.txt')
+    inputs = {"images": {"a.txt": b"hello\n"}, "models": {"m/weights": b"weights\n"},
+              "raw-logs": {}}
+    run = make_run(open_dir / "open", case, script, network=network, datums=[inputs])
+    os.chmod(input_of(run) / "a.txt", 0o600)
+    os.chmod(input_of(run, 0, "models") / "m" / "weights", 0o600)
     assert await runtime.run(run) == [0], log_of(run)
     lines = log_of(run).split("\n")
     assert lines[0].split() == ["0", str(base), "65536"]  # even its root is nobody here
-    assert lines[1:3] == ["65534", "hello"]
+    assert lines[1:4] == ["65534", "hello", "weights"]
     made = os.stat(Path(run.datums[0].out_dir) / "made")
     assert (made.st_uid, made.st_gid) == (base + 65534, base + 65534)
     assert case.leftover_containers() == []
@@ -659,8 +729,10 @@ async def test_runc_leaves_the_image_untouched(busybox_rootfs: Path, tmp_path: P
         (image / name).rmdir()
     before = rootfs_digest(str(image))
     case = Case("runc", RuncRuntime(state_root=str(tmp_path / "state")), str(image), True)
-    run = make_run(tmp_path, case, 'cat "$VFS_PFS/images/a.txt" > /pfs/out/a', inputs=[b"x"])
-    assert await case.runtime.run(run) == [0]
+    # runc makes a mount point per input in the bundle's skeleton, not in the image.
+    run = make_run(tmp_path, case, 'cat /pfs/images/a.txt > /pfs/out/a; ls -A /pfs/models',
+                   datums=[{"images": {"a.txt": b"x"}, "models": {}}])
+    assert await case.runtime.run(run) == [0], log_of(run)
     assert sorted(os.listdir(image)) == ["bin", "etc", "root", "tmp", "usr"]
     assert rootfs_digest(str(image)) == before
 
@@ -790,12 +862,40 @@ async def test_missing_command_fails_the_datum(tmp_path: Path) -> None:
 
 
 @pytest.mark.trio
-async def test_input_repo_named_out_is_refused(tmp_path: Path) -> None:
+async def test_input_named_out_is_refused(tmp_path: Path) -> None:
     case = Case("process", ProcessRuntime(allow_as_root=True), None, False)
     run = make_run(tmp_path, case, "true")
-    run.input_repo = "out"
+    run.inputs = [("out", commit_of("out"))]
     with pytest.raises(InvalidSpec, match="/pfs/out is the output directory"):
         await case.runtime.run(run)
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    (["images", "out"], "'out' cannot be shown at /pfs/out: /pfs/out is the output"),
+    (["images", "images"], "two inputs are named 'images'"),
+    ([""], "input name '' cannot be a directory under /pfs"),
+    (["a/b"], "input name 'a/b' cannot be a directory under /pfs"),
+    ([".cache"], "input name '.cache' cannot be a directory under /pfs"),
+    (["a\0b"], "cannot be a directory under /pfs"),
+    (["raw-logs", "raw_logs"], "'raw-logs' and 'raw_logs' would both set "
+                               "VFS_INPUT_RAW_LOGS_COMMIT"),
+])
+def test_input_names_that_cannot_be_shown_are_refused(tmp_path: Path, names: list[str],
+                                                      message: str) -> None:
+    run = make_run(tmp_path, Case("process", ProcessRuntime(), None, False), "true")
+    run.inputs = [(name, commit_of(name)) for name in names]
+    with pytest.raises(InvalidSpec, match=re.escape(message)):
+        check_run(run)
+    run.inputs = []
+    with pytest.raises(ValueError, match="at least one input"):
+        check_run(run)
+
+
+def test_commit_variable_of_an_input_with_a_dash(tmp_path: Path) -> None:
+    case = Case("process", ProcessRuntime(), None, False)
+    run = make_run(tmp_path, case, "true", datums=[{"raw-logs": {}}])
+    env = datum_env(run, run.datums[0])
+    assert env["VFS_INPUT_RAW_LOGS_COMMIT"] == env["VFS_INPUT_COMMIT"] == commit_of("raw-logs")
 
 
 # --- podman and docker: the command line only ------------------------------------------
@@ -818,10 +918,11 @@ def test_podman_command_line(tmp_path: Path) -> None:
     assert args[args.index("--security-opt") + 1] == "no-new-privileges"
     assert "--read-only" in args and args[args.index("--pids-limit") + 1] == "512"
     volumes = [args[i + 1] for i, arg in enumerate(args) if arg == "--volume"]
-    assert volumes == [f"{datum.input_dir}:/pfs/images:ro", f"{datum.out_dir}:/pfs/out"]
+    assert volumes == [f"{datum.input_dir}/images:/pfs/images:ro", f"{datum.out_dir}:/pfs/out"]
     envs = {args[i + 1] for i, arg in enumerate(args) if arg == "--env"}
     assert envs == {"THRESHOLD=0.4", f"VFS_DATUM_ID={datum.datum_id}", "VFS_JOB_ID=job-1",
-                    f"VFS_INPUT_COMMIT={'c0ffee' * 4}", "VFS_PFS=/pfs", "VFS_NODE=worker-1"}
+                    f"VFS_INPUT_COMMIT={commit_of(REPO)}", "VFS_PFS=/pfs", "VFS_NODE=worker-1",
+                    f"VFS_INPUT_IMAGES_COMMIT={commit_of(REPO)}"}
     assert args[-5:] == ["--entrypoint", "python3", "docker.io/library/python:3.12",
                          "/code/edges.py", "--fast"]
 
@@ -832,10 +933,28 @@ def test_podman_command_line(tmp_path: Path) -> None:
 
 def test_docker_runs_each_datum_of_a_batch_in_its_own_container(tmp_path: Path) -> None:
     case = Case("docker", DockerRuntime(), "busybox", True)
-    run = make_run(tmp_path, case, "true", inputs=[b"a", b"b"])
+    run = make_run(tmp_path, case, "true", contents=[b"a", b"b"])
     args = build_args(run, run.datums[1], name="vfs-x", engine="docker")
     volumes = [args[i + 1] for i, arg in enumerate(args) if arg == "--volume"]
-    assert volumes == [f"{run.datums[1].input_dir}:/pfs/images:ro",
+    assert volumes == [f"{run.datums[1].input_dir}/images:/pfs/images:ro",
                        f"{run.datums[1].out_dir}:/pfs/out"]
     assert f"VFS_DATUM_ID={run.datums[1].datum_id}" in args
     assert args[-4:] == ["sh", "busybox", "-c", "true"]
+
+
+def test_engine_command_line_has_a_read_only_volume_per_input(tmp_path: Path) -> None:
+    case = Case("podman", PodmanRuntime(), "busybox", True)
+    run = make_run(tmp_path, case, "true", datums=THREE_INPUTS[:1])
+    datum = run.datums[0]
+    for engine in ("podman", "docker"):
+        args = build_args(run, datum, name="vfs-x", engine=engine)
+        volumes = [args[i + 1] for i, arg in enumerate(args) if arg == "--volume"]
+        assert volumes == [f"{datum.input_dir}/images:/pfs/images:ro",
+                           f"{datum.input_dir}/models:/pfs/models:ro",
+                           f"{datum.input_dir}/raw-logs:/pfs/raw-logs:ro",
+                           f"{datum.out_dir}:/pfs/out"]
+        envs = {args[i + 1] for i, arg in enumerate(args) if arg == "--env"}
+        assert {f"VFS_INPUT_IMAGES_COMMIT={commit_of('images')}",
+                f"VFS_INPUT_MODELS_COMMIT={commit_of('models')}",
+                f"VFS_INPUT_RAW_LOGS_COMMIT={commit_of('raw-logs')}"} <= envs
+        assert not [env for env in envs if env.startswith("VFS_INPUT_COMMIT=")]
