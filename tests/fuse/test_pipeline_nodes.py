@@ -330,3 +330,38 @@ def test_a_bwrap_pipeline_across_nodes_says_where_each_datum_ran(cluster: Cluste
     assert {root: (output / f"{root}.node").read_text().strip() for root in by_root} == by_root
     assert {(d["state"], d["tries"]) for d in inspect["datums"]} == {("done", 1)}
     assert len(output_commits(a)) == 1
+
+
+def test_three_nodes_share_a_job_over_several_inputs(cluster: Cluster, tmp_path) -> None:
+    """A cross of two repositories: every node reads each claimed datum's files of both
+    inputs from the plan's commits; each datum runs once, one output commit."""
+    a, b, c = cluster.nodes.values()
+    b.vfsctl("repo", "create", "models")
+    images = commit_inputs(a, tmp_path, 4)
+    models = commit_inputs(b, tmp_path, 2, repo="models")
+    script = ('echo "$VFS_NODE $VFS_DATUM_ID" >> "$RUNS"; sleep "$PAUSE"; '
+              'i=$(ls "$VFS_PFS/images"); m=$(ls "$VFS_PFS/models"); '
+              'cat "$VFS_PFS/images/$i" "$VFS_PFS/models/$m" > "$VFS_PFS/out/$i-$m"; '
+              'echo "$VFS_INPUT_IMAGES_COMMIT $VFS_INPUT_MODELS_COMMIT" >> "$VFS_PFS/out/$i-$m"')
+    doc = {"pipeline": "pairs", "input": {"cross": [{"repo": "images"}, {"repo": "models"}]},
+           "transform": {"cmd": ["sh", "-c", script],
+                         "env": {"RUNS": str(cluster.runs), "PAUSE": "0.3"}},
+           "runtime": "process", "parallelism": 1}
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(doc))
+    c.vfsctl("pipeline", "create", "-f", str(path))
+    for node in (a, b, c):
+        node.vfsctl("wait", f"models@{models}", "--timeout", "60")
+    ran = cluster.ran()
+    per_datum = Counter(datum for _, datum in ran)
+    assert len(per_datum) == 8 and set(per_datum.values()) == {1}, ran
+    assert len(output_commits(a, "pairs@main")) == 1
+    out = b.path / "pairs@main" / "f03.txt-f01.txt"
+    assert out.read_text() == f"file 3\nfile 1\n{images} {models}\n"
+    assert len(list((c.path / "pairs@main").iterdir())) == 8
+    [job] = jobs(a, "pairs")
+    inspect = json.loads(c.vfsctl("job", "inspect", job["id"], "--json").stdout)
+    assert {(d["state"], d["tries"]) for d in inspect["datums"]} == {("done", 1)}
+    assert '"images"' in inspect["datums"][0]["root"]
+    for node in cluster.nodes.values():
+        quiet(node)
