@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vfs
 from vfs.errors import InvalidSpec
@@ -299,3 +301,100 @@ def test_commit_variables_and_labels() -> None:
     assert commit_env_var("raw-logs.v2") == "VFS_INPUT_RAW_LOGS_V2_COMMIT"
     assert label('[["images","a.png"],["models","m1"]]') == "/images/a.png, /models/m1"
     assert label("a/b") == "/a/b"
+
+
+# -- property: incremental jobs make what a full run over the heads would -------------------
+
+LEFT_PATHS = ("a.x", "b.x", "c.x", "a.y")
+RIGHT_PATHS = ("a.z", "b.z", "d.z")
+EXPRESSIONS = {
+    "cross": {"cross": [{"repo": "left"}, {"repo": "right"}]},
+    "union": {"union": [{"repo": "left"}, {"repo": "right"}]},
+    "join": {"join": [{"repo": "left", "glob": "/(?).*", "join_on": "$1"},
+                      {"repo": "right", "glob": "/(?).*", "join_on": "$1"}]},
+    "outer": {"join": [{"repo": "left", "glob": "/(?).*", "join_on": "$1", "outer": True},
+                       {"repo": "right", "glob": "/(?).*", "join_on": "$1", "outer": True}]},
+    "group": {"group": [{"repo": "left", "glob": "/(?).*", "group_by": "$1"},
+                        {"repo": "right", "glob": "/(?).*", "group_by": "$1"}]},
+}
+
+
+def expected_outputs(kind: str, left: dict, right: dict) -> dict[str, bytes]:
+    """What a datum per combination makes, from the files alone (the model)."""
+    def datum(*parts: tuple[str, str]) -> tuple[str, bytes]:
+        items = sorted((f"{repo}/{path}", (left if repo == "left" else right)[path])
+                       for repo, path in parts)
+        return ("+".join(name for name, _ in items).replace("/", ":"),
+                b"|".join(data for _, data in items))
+
+    lefts = [("left", p) for p in sorted(left)]
+    rights = [("right", p) for p in sorted(right)]
+    out: list[tuple[str, bytes]] = []
+    if kind == "cross":
+        out = [datum(a, b) for a in lefts for b in rights]
+    elif kind == "union":
+        out = [datum(part) for part in lefts + rights]
+    else:
+        keys = sorted({p[1][0] for p in lefts + rights})
+        for key in keys:
+            ls = [p for p in lefts if p[1][0] == key]
+            rs = [p for p in rights if p[1][0] == key]
+            if kind == "group":
+                out.append(datum(*ls, *rs))
+            elif ls and rs:
+                out += [datum(a, b) for a in ls for b in rs]
+            elif kind == "outer":
+                out += [datum(part) for part in ls + rs]
+    return dict(out)
+
+
+_steps = st.lists(st.one_of(
+    st.tuples(st.just("left"), st.sampled_from(LEFT_PATHS),
+              st.sampled_from((b"1", b"22", None))),
+    st.tuples(st.just("right"), st.sampled_from(RIGHT_PATHS),
+              st.sampled_from((b"3", b"44", None))),
+), min_size=1, max_size=10)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(sorted(EXPRESSIONS)), steps=_steps, together=st.booleans())
+def test_incremental_jobs_over_two_inputs_match_a_fresh_run(
+        tmp_path_factory: pytest.TempPathFactory, kind, steps, together) -> None:
+    """Random commits to two inputs (one job per commit, or one for both inputs' commits
+    at once): every output commit holds what the model makes from the heads."""
+    root = tmp_path_factory.mktemp("inputs")
+    store = vfs.open_store(str(root / "store"), cache_dir=str(root / "cache"), create=True,
+                           durable_index=False)
+    try:
+        files = {"left": {"a.x": b"1"}, "right": {"a.z": b"3"}}
+        for repo in files:
+            commit(store, repo, files[repo], root)
+        make(store, EXPRESSIONS[kind])
+        run_job(store, root)
+        pending = False
+        for repo, path, data in steps:
+            if files[repo].get(path) == data:
+                continue
+            if data is None:
+                files[repo].pop(path)
+            else:
+                files[repo][path] = data
+            commit(store, repo, {path: data}, root)
+            pending = True
+            if together and repo == "left":
+                continue  # the next right commit lands before the job
+            run_job(store, root)
+            pending = False
+            head = store.resolve(RefSpec(PIPELINE, "main"))
+            got = {p: read_file(store.blobs, e)
+                   for p, e in Snapshot(store.blobs, head.tree).walk("") if e.kind == "f"}
+            assert got == expected_outputs(kind, files["left"], files["right"])
+        if pending:
+            run_job(store, root)
+        head = store.resolve(RefSpec(PIPELINE, "main"))
+        got = {p: read_file(store.blobs, e)
+               for p, e in Snapshot(store.blobs, head.tree).walk("") if e.kind == "f"}
+        assert got == expected_outputs(kind, files["left"], files["right"])
+    finally:
+        store.close()
