@@ -90,6 +90,8 @@ class JobRecord:
     # with its daemon finished then, not when a new daemon found it.
     last_seen: str | None = None
     logs_lost: dict[str, str] = field(default_factory=dict)  # datum id -> what happened
+    # gc deleted the job's claims (docs/format.md §10b): who ran each datum is gone.
+    claims_collected: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
