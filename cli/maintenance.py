@@ -32,7 +32,8 @@ from cli.output import emit_json, human_size, note, table
 def gc(options: Options, dry_run: bool, grace: float, reflog_retention: float,
        ignore_nodes: tuple[str, ...], node_expiry: float, wait_acks: float,
        delete_delay: float, as_json: bool) -> None:
-    """Remove data no branch, reflog entry, open commit or node needs any more.
+    """Remove data no branch, reflog entry, open commit or node needs any more, and
+    the claims of jobs that finished longer than the grace period ago.
 
     Deletion has two phases: gc condemns what is dead, and deletes it once every
     active node has acknowledged the condemnation (at once when no other node is
@@ -53,12 +54,14 @@ def gc(options: Options, dry_run: bool, grace: float, reflog_retention: float,
     if report.dry_run:
         click.echo(f"{report.packs_condemned} packs would be condemned "
                    f"({report.packs_repacked} after repacking), {report.commits_condemned} "
-                   f"commits would be condemned, {human_size(report.bytes_freed)} would be freed")
+                   f"commits would be condemned, {human_size(report.bytes_freed)} would be freed; "
+                   f"{report.claims_deleted} claim objects of finished jobs would be deleted")
         note("dry run: nothing was changed")
         return
     click.echo(f"{report.packs_deleted} packs deleted, {report.packs_repacked} repacked, "
                f"{report.commits_deleted} commits deleted, {report.packs_pardoned} pardoned, "
-               f"{human_size(report.bytes_freed)} freed")
+               f"{human_size(report.bytes_freed)} freed; {report.claims_deleted} claim objects "
+               "of finished jobs deleted")
     if report.waiting_for:
         note(f"condemned data waits for node {', '.join(report.waiting_for)} to acknowledge; "
              "a later gc deletes it")

@@ -280,6 +280,9 @@ def job_inspect(options: Options, job_id: str, as_json: bool) -> None:
     if found.error:
         pairs.append(("error", found.error))
     pairs += [(f"log of {datum}", f"lost: {why}") for datum, why in found.logs_lost.items()]
+    if found.claims_collected and not datums:
+        pairs.append(("per datum", "claims collected by gc: which node ran each datum, in "
+                                   "how many tries, is no longer known"))
     fields(pairs)
     if datums:
         click.echo()

@@ -9,7 +9,8 @@ One run, holding this node's lock alone and the store's gc lease:
 3. mark: refs, reflog entries within the retention, node pins, datum records;
 4. condemn what is dead and older than the grace period (store time): packs with no
    live blob, mostly-dead packs after repacking their live blobs, unreachable commit
-   objects. A pack without its ``index/`` copy is re-indexed from the pack.
+   objects. A pack without its ``index/`` copy is re-indexed from the pack;
+5. delete the claims and plans of jobs finished long ago (:mod:`vfs.pipeline.claims_gc`).
 
 A condemnation is carried out in the same run when every other node is idle or
 has acknowledged it (``wait_acks`` waits for that), else by a later run.
@@ -41,6 +42,7 @@ from vfs.gclog import (
     write_deletion,
 )
 from vfs.nodes import ACTIVE, NodeRecord, read_pins, read_records, store_now
+from vfs.pipeline.claims_gc import collect_claims
 from vfs.reachability import Reachable, mark, root_commits
 from vfs.refs import canonical_json, commit_key
 from vfs.tree import Entry
@@ -63,6 +65,8 @@ class GcReport:
     commits_condemned: int = 0
     commits_deleted: int = 0
     blobs_live: int = 0
+    claims_deleted: int = 0  # objects under claims/ (a dry run: that would be deleted)
+    claim_jobs: int = 0  # the jobs they belonged to
     waiting_for: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
@@ -126,6 +130,7 @@ class _Collector:
                 self._prepare()
                 live = self._mark()
                 self._condemn(live, self._started)
+                self._collect_claims()
                 return self.report
             self._take_lease()
             try:
@@ -140,6 +145,7 @@ class _Collector:
                     fresh = [c for c in list_condemnations(self.objects) if c.seq == seq]
                     self._carry_out(fresh, wait=self.settings.wait_acks)
                 self._expire_log()
+                self._collect_claims()
             finally:
                 try:
                     self._acknowledge()
@@ -440,6 +446,15 @@ class _Collector:
         store.forget_commits(commits)
         store.index.set_gc_log_cursor(max(store.index.gc_log_cursor(), condemnation.seq))
         self.objects.delete(condemned_key(condemnation.seq))
+
+    def _collect_claims(self) -> None:
+        """Step 5. Claims hold no data and no node's index names them: nothing to
+        condemn or acknowledge, only the job's end and a margin to wait for."""
+        done = collect_claims(self.objects, now=self._started, grace=self.settings.grace,
+                              dry_run=self.report.dry_run)
+        self.report.claims_deleted = done.objects
+        self.report.claim_jobs = done.jobs
+        self.report.notes.extend(done.notes)
 
     def _expire_log(self) -> None:
         """Drop old deletion-log entries. A node that missed expired entries compares

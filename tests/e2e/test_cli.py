@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 import vfs
-from vfs.nodes import ACTIVE, record_key
+from vfs.nodes import ACTIVE, NodeIdentity, record_key
+from vfs.objstore.local import LocalStore
+from vfs.pipeline import claims, records
 from vfs.staging import new_dir
 from vfs.tree import FILE, Entry, inline_ref
 
@@ -472,6 +474,35 @@ def test_cat_into_a_closed_pipe_exits_quietly(vfsctl: Vfsctl, tmp_path: Path) ->
     code = proc.wait(timeout=30)
     assert code in (141, -signal.SIGPIPE), (code, err)
     assert err == b""
+
+
+def test_gc_deletes_the_claims_of_a_finished_job_and_inspect_says_so(
+        vfsctl: Vfsctl, tmp_path: Path) -> None:
+    import time
+
+    objects = LocalStore(str(tmp_path / "store"))
+    job_id, digest = "edges.20260101T000000000-0001", "ab" * 32
+    record = records.JobRecord(job_id, "edges", 1, "in", "main", "0" * 64, state="success")
+    claims.save_plan(objects, job_id, {"v": 1, "job": record.to_dict(),
+                                       "tasks": [["a.txt", digest]]})
+    held = claims.claim(objects, job_id, digest, NodeIdentity("a" * 32, "node-a"),
+                        now=time.time(), ttl=30.0)
+    claims.finish(objects, held)
+    records.create_job(objects, record)
+    assert "node-a" in vfsctl.ok("job", "inspect", job_id).out
+    assert vfsctl.json("gc", "--dry-run", "--grace", "0")["claims_deleted"] == 0  # just ended
+    past = time.time() - 7200
+    for path in [*(tmp_path / "store" / "claims" / job_id).iterdir(),
+                 tmp_path / "store" / "jobs" / "edges" / job_id]:
+        os.utime(path, (past, past))
+    dry = vfsctl.ok("gc", "--dry-run").out
+    assert "2 claim objects of finished jobs would be deleted" in dry
+    assert "2 claim objects of finished jobs deleted" in vfsctl.ok("gc").out
+    assert list(objects.list("claims/")) == []
+    text = vfsctl.ok("job", "inspect", job_id).out
+    assert "collected by gc" in text and "success" in text and "node-a" not in text
+    inspected = vfsctl.json("job", "inspect", job_id)
+    assert inspected["claims_collected"] is True and inspected["datums"] == []
 
 
 def test_gc_waits_for_an_active_node_and_refuses_while_it_is_stale(

@@ -125,6 +125,8 @@ def start_vfsd(store_dir: Path, cache_dir: Path, mountpoint: Path, *extra: str) 
         if process.poll() is None:  # hung: it must not outlive the test
             process.kill()
             process.wait()
+        if os.path.ismount(mountpoint) or _stale(mountpoint):  # killed after mounting
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
         notify.close()
         raise
     return mount

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,12 +115,34 @@ def test_every_node_lists_every_node_and_a_killed_one_goes_not_alive(cluster) ->
 
 
 def test_a_second_vfsd_may_not_take_a_running_nodes_name(cluster, tmp_path: Path) -> None:
-    cluster.start("node-a", "--no-pipelines")
+    # A long ttl: with the cluster's 3 s, a heartbeat made late by a loaded machine
+    # (S3 times are whole seconds) let node a look gone, and the second vfsd started.
+    a = cluster.start("node-a", "--no-pipelines", "--node-ttl", "60")
     mountpoint = tmp_path / "pfs-clash"
     mountpoint.mkdir()
-    with pytest.raises(AssertionError, match="node name 'node-a' is taken"):
-        start_vfsd(cluster.url, tmp_path / "cache-clash", mountpoint,  # type: ignore[arg-type]
-                   "--node-name", "node-a", "--no-pipelines")
+    os.kill(a.process.pid, signal.SIGSTOP)  # its heartbeat comes a few seconds late
+    try:
+        time.sleep(4)
+        try:
+            clash = start_vfsd(cluster.url, tmp_path / "cache-clash", mountpoint,  # type: ignore[arg-type]
+                               "--node-name", "node-a", "--no-pipelines")
+        except AssertionError as exc:
+            refused = str(exc)
+        else:
+            stop_vfsd(clash)  # it must not outlive the test, nor leave its mount behind
+            refused = "it started"
+    finally:
+        os.kill(a.process.pid, signal.SIGCONT)
+    assert "node name 'node-a' is taken" in refused
+    # It refused before mounting anything: no dead mount is left behind.
+    assert str(mountpoint) not in mount_points()
+
+
+def mount_points() -> set[str]:
+    """Every mount point of this process's mount namespace (/proc/self/mountinfo)."""
+    with open("/proc/self/mountinfo") as f:
+        # Field 5 is the mount point, with space, tab, newline and backslash in octal.
+        return {line.split()[4].encode().decode("unicode_escape") for line in f}
 
 
 def classify(line: str) -> str:

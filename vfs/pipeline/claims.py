@@ -294,7 +294,8 @@ def spread(names: list[str], start: int) -> Iterator[str]:
 
 
 def delete_claims(objects: ObjectStore, job_id: str) -> None:
-    """Remove every object of a job under ``claims/`` (a job that never became current)."""
+    """Remove every object of a job under ``claims/``: a job that never became current,
+    or one gc found finished long ago (:mod:`vfs.pipeline.claims_gc`)."""
     for info in list(objects.list(claims_prefix(job_id))):
         objects.delete(info.key)
 

@@ -94,6 +94,8 @@ class JobRecord:
     # "branch", "commit"} (commit None: that branch had none). The input_* fields above
     # are the first input's (the only one of a single-input pipeline).
     inputs: list[dict] = field(default_factory=list)
+    # gc deleted the job's claims (docs/format.md §10b): who ran each datum is gone.
+    claims_collected: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
