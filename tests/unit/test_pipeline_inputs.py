@@ -3,7 +3,7 @@
 Datums "run" here (no containers): every datum writes one output file named after
 the files it saw, so an output commit lists exactly the datums it holds. What the
 containers see (/pfs/<name>, VFS_INPUT_<NAME>_COMMIT) is tested with real vfsd in
-tests/fuse/test_pipeline_inputs.py.
+tests/fuse/test_pipelines_several_inputs.py.
 """
 
 from __future__ import annotations
