@@ -314,6 +314,9 @@ EXPRESSIONS = {
                       {"repo": "right", "glob": "/(?).*", "join_on": "$1"}]},
     "outer": {"join": [{"repo": "left", "glob": "/(?).*", "join_on": "$1", "outer": True},
                        {"repo": "right", "glob": "/(?).*", "join_on": "$1", "outer": True}]},
+    # Keys that are the glob's one (*): each partner is looked up, not listed.
+    "direct": {"join": [{"repo": "left", "glob": "/(*).x", "join_on": "$1", "outer": True},
+                        {"repo": "right", "glob": "/(*).z", "join_on": "$1"}]},
     "group": {"group": [{"repo": "left", "glob": "/(?).*", "group_by": "$1"},
                         {"repo": "right", "glob": "/(?).*", "group_by": "$1"}]},
 }
@@ -327,7 +330,7 @@ def expected_outputs(kind: str, left: dict, right: dict) -> dict[str, bytes]:
         return ("+".join(name for name, _ in items).replace("/", ":"),
                 b"|".join(data for _, data in items))
 
-    lefts = [("left", p) for p in sorted(left)]
+    lefts = [("left", p) for p in sorted(left) if kind != "direct" or p.endswith(".x")]
     rights = [("right", p) for p in sorted(right)]
     out: list[tuple[str, bytes]] = []
     if kind == "cross":
@@ -345,6 +348,8 @@ def expected_outputs(kind: str, left: dict, right: dict) -> dict[str, bytes]:
                 out += [datum(a, b) for a in ls for b in rs]
             elif kind == "outer":
                 out += [datum(part) for part in ls + rs]
+            elif kind == "direct":
+                out += [datum(part) for part in ls]
     return dict(out)
 
 
@@ -356,7 +361,7 @@ _steps = st.lists(st.one_of(
 ), min_size=1, max_size=10)
 
 
-@settings(max_examples=30, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(EXPRESSIONS)), steps=_steps, together=st.booleans())
 def test_incremental_jobs_over_two_inputs_match_a_fresh_run(
@@ -398,3 +403,17 @@ def test_incremental_jobs_over_two_inputs_match_a_fresh_run(
         assert got == expected_outputs(kind, files["left"], files["right"])
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("pattern, groups, root", [
+    ("/(*).csv", ("k7",), "k7.csv"),
+    ("/data/(*)/(*).json", ("a", "b"), "data/a/b.json"),
+    ("/*/(*)", ("x",), None),  # a wildcard outside the group: only a listing can say
+    ("/(a*)", ("ab",), None),  # a group that is not a whole (*)
+    ("/(*)", ("a/b",), None),  # no single name
+    ("/(*)/**", ("a",), None),
+])
+def test_a_glob_names_the_root_of_given_capture_groups(pattern, groups, root) -> None:
+    from vfs.pipeline.datums import Glob
+
+    assert Glob(pattern).root_of(groups) == root

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from vfs.pipeline.inputs import Combine, Input, Leaf, is_plain, leaves
 from vfs.snapshot import Snapshot, TreeCache, diff_trees
 
 Part = tuple[int, str]  # (input index, datum root in that input)
+_DIRECT = re.compile(r"\$(1|\{1\})")  # a key that is the glob's first capture group
 Parts = tuple[Part, ...]  # one datum: its parts, in input order then root order
 
 
@@ -72,11 +74,20 @@ class Side:
         return found
 
     def keyed(self, index: int, key: str) -> list[str]:
-        """The roots of input ``index`` (with files) whose join/group key is ``key``."""
+        """The roots of input ``index`` (with files) whose join/group key is ``key``.
+
+        When the key is the glob's one capture group and the glob's only wildcard
+        (``/(*).csv`` on ``$1``), the root is the glob with the key in it: one lookup.
+        Otherwise the input's datum names are listed once, and every key looked up in
+        that table."""
         table = self._keyed.get(index)
+        leaf, glob = self.leaves[index], self.globs[index]
+        if table is None and _DIRECT.fullmatch(leaf.key_template or ""):
+            root = glob.root_of((key,))
+            if root is not None:
+                return [root] if self.files(index, root) else []
         if table is None:
             table = {}
-            leaf, glob = self.leaves[index], self.globs[index]
             # Names only: files are read for the keys a plan asks for, not for all.
             for root in glob.datums(self.snapshots[index]):
                 table.setdefault(leaf.key(glob, root), []).append(root)

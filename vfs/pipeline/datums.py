@@ -75,6 +75,7 @@ class Glob:
             if segments[-1] in ("", ".", ".."):
                 raise InvalidSpec(f"glob {pattern!r} has an empty, '.' or '..' segment")
         self.segments = segments
+        self._written = written
         self._compiled = [None if _is_literal(s) else re.compile(fnmatch.translate(s))
                           for s in segments]
         tail = ("/.+" if pieces else ".+") if self.files_below else ""
@@ -87,6 +88,29 @@ class Glob:
             return ()
         match = self._captures.fullmatch(root)
         return match.groups() if match else ()
+
+    def root_of(self, groups: tuple[str, ...]) -> str | None:
+        """The one datum root whose capture groups matched ``groups``, when the glob
+        says it exactly: every wildcard of the glob is a whole group ``(*)``, each group
+        used once (``/(*).csv``, ``/data/(*)/(*).json``); None when the glob cannot
+        say (other wildcards, a final ``**``), or no root can have these groups."""
+        if self.files_below or self.groups != len(groups) or not self.groups:
+            return None
+        parts = []
+        values = iter(groups)
+        for segment in self._written:
+            bare = segment.replace("(*)", "")
+            if any(ch in bare for ch in "*?[()"):
+                return None  # a wildcard outside a whole (*) group: a listing decides
+            built = segment
+            while "(*)" in built:
+                value = next(values)
+                if not value or "/" in value or value in (".", ".."):
+                    return None  # no single name: a listing decides
+                built = built.replace("(*)", value, 1)
+            parts.append(built)
+        root = "/".join(parts)
+        return root if self.captures(root) == groups else None
 
     def _match(self, index: int, name: str) -> bool:
         regex = self._compiled[index]
