@@ -47,9 +47,10 @@ def _need_bwrap() -> None:
 
 
 def create(mount: Mount, tmp_path: Path, name: str, input_doc: dict,
-           script: str = SHOW) -> None:
-    doc = {"pipeline": name, "input": input_doc, "runtime": "bwrap",
-           "transform": {"cmd": ["sh", "-c", script]}, "parallelism": 2}
+           script: str = SHOW, image: str | None = None) -> None:
+    doc = {"pipeline": name, "input": input_doc, "runtime": "runc" if image else "bwrap",
+           "transform": {"cmd": ["sh", "-c", script], **({"image": image} if image else {})},
+           "parallelism": 2}
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(doc))
     mount.vfsctl("pipeline", "create", "-f", str(path))
@@ -129,6 +130,26 @@ def test_cross_runs_the_product_then_only_the_datums_a_commit_touches(mount, tmp
     assert sorted((e["source"], e["combinator"]) for e in graph["edges"]
                   if e["kind"] == "input") == [("images", "cross"), ("models", "cross")]
     assert "models" in mount.vfsctl("pipeline", "graph", "--format", "dot").stdout
+
+
+def test_runc_shows_every_input_of_a_datum(mount, tmp_path, busybox_rootfs: Path) -> None:
+    if shutil.which("runc") is None:
+        pytest.skip("runc is not installed (scripts/setup.sh installs it)")
+    for repo in ("images", "models"):
+        mount.vfsctl("repo", "create", repo)
+    images = put(mount, "images", {"a.png": "A", "b.png": "B"})
+    models = put(mount, "models", {"m1": "1"})
+    create(mount, tmp_path, "scored", {"cross": [{"repo": "images"}, {"repo": "models"}]},
+           image=str(busybox_rootfs))
+    wait(mount, f"models@{models}")
+    assert output(mount, "scored") == {
+        f"images:{i}+models:m1": f"{i[0].upper()}1VFS_INPUT_IMAGES_COMMIT={images}\n"
+                                 f"VFS_INPUT_MODELS_COMMIT={models}\n"
+        for i in ("a.png", "b.png")}
+    models = put(mount, "models", {"m2": "2"})
+    wait(mount, f"models@{models}")
+    job = last_job(mount, "scored")
+    assert (job["datums_processed"], job["datums_skipped"]) == (2, 2)
 
 
 def test_union_and_group(mount, tmp_path) -> None:
