@@ -307,13 +307,21 @@ def plan_join(ctx: Ctx, keys: int) -> dict:
         fx.close()
 
 
-def growth(series: list[dict], key: str, size: str, case: str) -> str:
-    """``; ×10 images: ×2.6`` against the first of the series ("" for the first)."""
+def growth(series: list[dict], key: str, size: str, case: dict, what: str = "plan") -> str:
+    """``; ×10 images: plan ×2.6`` against the first of the series ("" for the first)."""
     first = series[0]
     if case is first:
         return ""
-    return (f"; ×{case[size] / first[size]:g} {size}: plan "
+    return (f"; ×{case[size] / first[size]:g} {size}: {what} "
             f"×{case[key]['median_s'] / first[key]['median_s']:.1f}")
+
+
+def add_plan(ctx: Ctx, metric: str, seconds: float, baseline: str, baseline_seconds: float,
+             **kwargs) -> None:
+    """A plan-time row, in ms (in s from a second on: the table prints 3 digits)."""
+    unit, scale = ("s", 1) if max(seconds, baseline_seconds) >= 1 else ("ms", 1000)
+    ctx.add("1-plan", metric, seconds * scale, unit, baseline=baseline,
+            baseline_value=baseline_seconds * scale, **kwargs)
 
 
 def flat(series: list[dict], key: str, case: dict, per: str | None = None) -> bool | None:
@@ -329,12 +337,8 @@ def flat(series: list[dict], key: str, case: dict, per: str | None = None) -> bo
 
 
 def bench_plan(ctx: Ctx) -> None:
-    crosses = []
-    for n in ctx.images:
-        crosses.append(plan_cross(ctx, n))
-    joins = []
-    for n in ctx.keys:
-        joins.append(plan_join(ctx, n))
+    crosses = [plan_cross(ctx, n) for n in ctx.images]
+    joins = [plan_join(ctx, n) for n in ctx.keys]
     ctx.raw["plan"] = {"cross": crosses, "join": joins, "reps": ctx.reps}
     target = "flat in images (∝ the change): < 2× the smallest's"
     for key, base, layout in (("a_new_image", "single_new_image", "flat, glob /*"),
@@ -342,37 +346,37 @@ def bench_plan(ctx: Ctx) -> None:
                                f"in directories of {PER_DIR}, glob /*/*")):
         for r in crosses:
             n = r["images"]
-            ctx.add("1-plan", f"cross {n:,} images ({layout}) × {MODELS} models "
-                    f"({n * MODELS:,} datums), one new image: plan_job, {r[key]['tasks']} "
-                    "datums to run", r[key]["median_s"] * 1000, "ms",
-                    baseline=f"single input over the {n:,} images, one new image",
-                    baseline_value=r[base]["median_s"] * 1000, target=target,
-                    met=flat(crosses, key, r), detail=f"runs {ms_list(r[key]['runs_s'])}; single "
-                           f"{ms_list(r[base]['runs_s'])}"
-                           f"{growth(crosses, key, 'images', r)}; single"
-                           f"{growth(crosses, base, 'images', r)[1:] or ' -'}")
+            add_plan(ctx, f"cross {n:,} images ({layout}) × {MODELS} models "
+                     f"({n * MODELS:,} datums), one new image: plan_job, {r[key]['tasks']} "
+                     "datums to run", r[key]["median_s"],
+                     f"single input over the {n:,} images, one new image",
+                     r[base]["median_s"], target=target, met=flat(crosses, key, r),
+                     detail=f"runs {ms_list(r[key]['runs_s'])}; single "
+                            f"{ms_list(r[base]['runs_s'])}"
+                            f"{growth(crosses, key, 'images', r)}"
+                            f"{growth(crosses, base, 'images', r, 'single')}")
     for r in crosses:
         n = r["images"]
         b = r["b_new_model"]
-        ctx.add("1-plan", f"cross {n:,}×{MODELS} (flat), one new model: plan_job, "
-                f"{b['tasks']:,} datums to run", b["median_s"] * 1000, "ms",
-                baseline=f"single input over the {n:,} images, one new image",
-                baseline_value=r["single_new_image"]["median_s"] * 1000,
-                target="∝ images (the change): per datum < 2× the smallest's",
-                met=flat(crosses, "b_new_model", r, per="datum"),
-                detail=f"runs {ms_list(b['runs_s'])}; {b['median_s'] / (n + 1) * 1e6:.0f} µs "
-                       f"per datum to run{growth(crosses, 'b_new_model', 'images', r)}")
+        add_plan(ctx, f"cross {n:,}×{MODELS} (flat), one new model: plan_job, "
+                 f"{b['tasks']:,} datums to run", b["median_s"],
+                 f"single input over the {n:,} images, one new image",
+                 r["single_new_image"]["median_s"],
+                 target="∝ images (the change): per datum < 2× the smallest's",
+                 met=flat(crosses, "b_new_model", r, per="datum"),
+                 detail=f"runs {ms_list(b['runs_s'])}; {b['median_s'] / (n + 1) * 1e6:.0f} µs "
+                        f"per datum to run{growth(crosses, 'b_new_model', 'images', r)}")
     for r in joins:
         n = r["keys"]
-        ctx.add("1-plan", f"join on $1, {n:,} keys × 2 inputs, one changed k7.csv: "
-                "plan_job, 1 datum to run", r["join_k7"]["median_s"] * 1000, "ms",
-                baseline=f"single input over the {n:,} left files, k7.csv changed",
-                baseline_value=r["single_k7"]["median_s"] * 1000,
-                target="flat in keys (∝ the change)", met=flat(joins, "join_k7", r),
-                detail=f"runs {ms_list(r['join_k7']['runs_s'])}; single "
-                       f"{ms_list(r['single_k7']['runs_s'])}"
-                       f"{growth(joins, 'join_k7', 'keys', r)}; single"
-                       f"{growth(joins, 'single_k7', 'keys', r)[1:] or ' -'}")
+        add_plan(ctx, f"join on $1, {n:,} keys × 2 inputs, one changed k7.csv: "
+                 "plan_job, 1 datum to run", r["join_k7"]["median_s"],
+                 f"single input over the {n:,} left files, k7.csv changed",
+                 r["single_k7"]["median_s"],
+                 target="flat in keys (∝ the change)", met=flat(joins, "join_k7", r),
+                 detail=f"runs {ms_list(r['join_k7']['runs_s'])}; single "
+                        f"{ms_list(r['single_k7']['runs_s'])}"
+                        f"{growth(joins, 'join_k7', 'keys', r)}"
+                        f"{growth(joins, 'single_k7', 'keys', r, 'single')}")
     for r in crosses:
         i = r["initial"]
         ctx.add("1-plan", f"(setup) cross {r['images']:,}×{MODELS}: initial job, "
