@@ -311,6 +311,14 @@ class Tree(Mapping[str, Entry]):
                 hi = mid
         return None
 
+    def raw(self, index: int) -> str:
+        """The row at ``index`` as stored (its text): two trees hold the same entry
+        exactly when their rows' texts are equal (the encoding is canonical, §6)."""
+        starts = self._starts
+        end = (starts[index + 1] - 1 if index + 1 < len(starts)
+               else len(self._text) - len(_TAIL))
+        return self._text[starts[index]:end]
+
     def row(self, index: int) -> list:
         """The checked row at ``index``: ``[name, kind, mode, size, mtime_ns, ref, ...]``."""
         return _scan(self._text, self._starts[index])[0]
