@@ -141,9 +141,15 @@ class JobRun:
         return self.job
 
     async def _rounds(self, nursery: trio.Nursery) -> None:
+        looked: tuple[float, float] | None = None  # (monotonic, store time) of the last look
         while True:
-            record, view, now = await trio.to_thread.run_sync(self._look)
-            self.job, self.known = record, view
+            if looked is None or self._look_due(looked[0]):
+                record, view, now = await trio.to_thread.run_sync(self._look)
+                self.job, self.known = record, view
+                looked = (time.monotonic(), now)
+            else:  # a datum of this node ended: what this node knows is enough to go on
+                record, view = self.job, self.known
+                now = looked[1] + (time.monotonic() - looked[0])
             if record.done:
                 return
             failed = [c for name, c in view.items() if name in self.tasks and c.state == FAILED]
@@ -160,6 +166,19 @@ class JobRun:
             with trio.move_on_after(self.round_seconds):
                 await self.wake.wait()
             self.wake = trio.Event()
+
+    def _look_due(self, last: float) -> bool:
+        """Whether this round reads the job's claims again. At most once per round
+        (``round_seconds``) while this node still has datums to claim in the view it
+        has: a datum of its own that ends starts a round at once, and the claims of the
+        others need not be read again for it (every claim is a conditional write: one
+        another node took meanwhile just fails). A round per ended datum that read
+        every claim made a job of N datums cost O(N^2) reads."""
+        if time.monotonic() - last >= self.round_seconds:
+            return True
+        view = self.known
+        return not any(name not in self.leases and view.get(name) is None
+                       for name in self.order)
 
     def _look(self) -> tuple[JobRecord, dict[str, Claim], float]:
         record = records.load_job(self.objects, self.job.id)
@@ -287,6 +306,9 @@ class JobRun:
                 for task, io, status in zip(tasks, ios, statuses, strict=True):
                     await trio.to_thread.run_sync(self._finish_datum, task, io, status,
                                                   errors.get(task.root))
+                    lease = self.leases.get(task.hash)
+                    if lease is not None and not lease.lost:
+                        self.known[task.hash] = lease.claim  # as this node wrote it
             ended = True
         finally:
             for task in tasks:
