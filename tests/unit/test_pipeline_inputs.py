@@ -8,20 +8,17 @@ tests/fuse/test_pipelines_several_inputs.py.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_pipeline_jobs import run_job as run_plain_job
 
 import vfs
 from vfs.errors import InvalidSpec
 from vfs.names import RefSpec
-from vfs.pipeline import records, registry
+from vfs.pipeline import registry
 from vfs.pipeline.combine import label
 from vfs.pipeline.inputs import commit_env_var
-from vfs.pipeline.jobs import collect_outputs, commit_outputs, materialize, plan_job
-from vfs.pipeline.records import DatumRecord
 from vfs.pipeline.spec import parse_spec
 from vfs.snapshot import Snapshot, read_file
 
@@ -48,33 +45,18 @@ def commit(store: vfs.Store, repo: str, files: dict[str, bytes | None], tmp_path
     return store.commit(repo, "main", "input").id
 
 
-def run_job(store: vfs.Store, tmp_path):
-    """Plan and run one job in-process; return (plan, {output name: bytes}).
+def seen_together(root: str, files: dict[str, bytes]) -> dict[str, bytes]:
+    """The test transform: one file named after every input file the datum saw
+    (``images:a+models:m1``) holding their bytes joined."""
+    names = sorted(files)
+    return {"+".join(names).replace("/", ":"): b"|".join(files[n] for n in names)}
 
-    Each datum writes one file named after every input file it saw
-    (``images/a+models/m1``) holding their bytes joined."""
-    plan = plan_job(store, registry.get(store.objects, PIPELINE), image_digest="host")
+
+def run_job(store: vfs.Store, tmp_path):
+    """Plan and run one job in-process; return (plan, {output name: bytes})."""
+    plan, made = run_plain_job(store, tmp_path, seen_together, pipeline=PIPELINE)
     if plan is None:
         return None, None
-    ran = {}
-    for task in plan.tasks:
-        work = tmp_path / "work" / task.id
-        input_dir, out_dir = work / "in", work / "out"
-        input_dir.mkdir(parents=True)
-        out_dir.mkdir()
-        materialize(store, task.files, str(input_dir))
-        seen = {}
-        for directory, _, names in os.walk(input_dir):
-            for name in names:
-                full = os.path.join(directory, name)
-                seen[os.path.relpath(full, input_dir)] = open(full, "rb").read()
-        (out_dir / "+".join(sorted(seen)).replace("/", ":")).write_bytes(
-            b"|".join(seen[k] for k in sorted(seen)))
-        record = DatumRecord(task.root, plan.job.id, collect_outputs(store, str(out_dir)))
-        records.save_datum(store.objects, PIPELINE, task.hash, record)
-        ran[task.root] = record
-        plan.job.datums_processed += 1
-    made = commit_outputs(store, plan, ran)
     snapshot = Snapshot(store.blobs, made.tree)
     return plan, {path: read_file(store.blobs, entry)
                   for path, entry in snapshot.walk("") if entry.kind != "d"}

@@ -51,9 +51,10 @@ def commit_files(store: vfs.Store, files: dict[str, bytes | None], tmp_path) -> 
 
 
 def run_job(store: vfs.Store, tmp_path, transform: Transform = upper, *,
-            version: registry.PipelineVersion | None = None):
-    """Plan and run one job in-process; return (plan, output commit or None)."""
-    version = version or registry.get(store.objects, "edges")
+            version: registry.PipelineVersion | None = None, pipeline: str = "edges"):
+    """Plan and run one job of ``pipeline`` in-process; return (plan, output commit or
+    None)."""
+    version = version or registry.get(store.objects, pipeline)
     plan = plan_job(store, version, image_digest="host")
     if plan is None:
         return None, None
@@ -74,7 +75,7 @@ def run_job(store: vfs.Store, tmp_path, transform: Transform = upper, *,
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         record = DatumRecord(task.root, plan.job.id, collect_outputs(store, str(out_dir)))
-        records.save_datum(store.objects, "edges", task.hash, record)
+        records.save_datum(store.objects, pipeline, task.hash, record)
         ran[task.root] = record
         plan.job.datums_processed += 1
     return plan, commit_outputs(store, plan, ran)
