@@ -90,7 +90,7 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
 
                 done = last_processed(store, spec.pipeline, spec.output_branch)
                 if (done is not None and done.version == version.version
-                        and holds(_by_name(done.inputs, spec))):
+                        and holds(spec.by_input(done.inputs))):
                     output = store.read_commit(done.output)
                     results.append(WaitResult(spec.pipeline, current_repo, current, output))
                     frontier.append((spec.pipeline, output.id))
@@ -98,7 +98,7 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
                 job = latest_job(store.objects, spec.pipeline)
                 if (job is not None and job.state in FAILED_STATES
                         and job.version == version.version
-                        and holds(_by_name(job.commits(), spec))):
+                        and holds(spec.by_input(job.commits()))):
                     failures.append(
                         f"pipeline {spec.pipeline} did not process {current_repo}@"
                         f"{current[:12]}: job {job.id} {job.state}: {job.error}")
@@ -119,14 +119,6 @@ def wait_for(store, repo: str, commit_id: str, *, timeout: float | None = None,
     if failures:
         raise JobFailed("; ".join(failures))
     return results
-
-
-def _by_name(commits: dict, spec) -> dict:
-    """Commits by input name; one commit of a single-input record under the name of the
-    spec's one input (its repository may have been renamed in between)."""
-    if len(commits) == 1 and len(spec.leaves) == 1:
-        return {spec.leaves[0].name: next(iter(commits.values()))}
-    return commits
 
 
 @dataclass

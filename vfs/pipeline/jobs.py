@@ -154,7 +154,7 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
     transform = transform_hash(version, image_digest)
     output_head = store.head(spec.pipeline, spec.output_branch).commit
     last = last_processed(store, spec.pipeline, spec.output_branch)
-    if (last is not None and _processed_inputs(last, spec) == commits
+    if (last is not None and spec.by_input(last.inputs) == commits
             and last.transform == transform and last.version == version.version):
         return None
     first = spec.leaves[0]
@@ -186,20 +186,12 @@ def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = 
     return plan
 
 
-def _processed_inputs(last: Processed, spec) -> dict[str, str | None]:
-    """The commits ``last`` processed, by the names of ``spec``'s inputs (a single input
-    whose repository changed: its one commit)."""
-    if len(last.inputs) == 1 and len(spec.leaves) == 1:
-        return {spec.leaves[0].name: next(iter(last.inputs.values()))}
-    return dict(last.inputs)
-
-
 def _plan_on(store, last: Processed, transforms: tuple[str, ...], job: JobRecord,
              version: PipelineVersion, heads: dict[str, Commit | None]) -> JobPlan | None:
     """A job that builds on ``last``; None if a changed datum's outputs are not known."""
     spec = version.spec
     assert spec is not None
-    before_commits = _processed_inputs(last, spec)
+    before_commits = spec.by_input(last.inputs)
     if set(before_commits) != set(heads):
         return None  # other inputs than the last job's: every datum is new
     old = Side(store, spec.input, [store.read_commit(before_commits[name]).tree

@@ -122,6 +122,14 @@ class Spec:
         return json.dumps(to_dict(self.input, branches=False), sort_keys=True,
                           separators=(",", ":"))
 
+    def by_input(self, commits: dict[str, str | None]) -> dict[str, str | None]:
+        """Commits recorded by input name (a job's, an output commit's), named by this
+        spec's inputs: one commit of a single-input record goes under the name of this
+        spec's one input (its repository may have changed since)."""
+        if len(commits) == 1 and len(self.leaves) == 1:
+            return {self.leaves[0].name: next(iter(commits.values()))}
+        return dict(commits)
+
     def to_dict(self) -> dict:
         """The spec in the document form users write (stored, shown by inspect)."""
         out: dict = {
