@@ -16,6 +16,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from vfs.errors import Conflict, VfsError
 from vfs.names import RefSpec, parent_and_name
@@ -111,22 +112,19 @@ class JobPlan:
     output_head: str | None = None
     base: Processed | None = None  # the output commit the result builds on (None: empty)
     store: object = None  # the store the plan reads its inputs from
-    _side: Side | None = None
 
-    @property
+    @cached_property
     def datums(self) -> Datums:
         """The datums of the plan's inputs."""
         assert self.version.spec is not None
         return Datums(self.version.spec.input)
 
-    @property
+    @cached_property
     def side(self) -> Side:
         """The job's input commits, read through (kept for the job's life)."""
-        if self._side is None:
-            assert self.version.spec is not None
-            self._side = Side(self.store, self.version.spec.input,
-                              [c.tree if c is not None else None for c in self.heads.values()])
-        return self._side
+        assert self.version.spec is not None
+        return Side(self.store, self.version.spec.input,
+                    [c.tree if c is not None else None for c in self.heads.values()])
 
 
 def plan_job(store, version: PipelineVersion, *, image_digest: str, node: str = ""
