@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import functools
 import gc
 import io
 import os
@@ -53,9 +52,9 @@ import statistics
 import sys
 import time
 
-from mount import ROOT, cleanup, log, parse_only, report, rmtree, run_steps, start, wait_quiet
+from mount import ROOT, log, parse_only, report, rmtree, start, wait_quiet
 from pipelines import Ctx as PipelinesCtx
-from pipelines import Pipelines, code_fingerprint, seconds_list
+from pipelines import Pipelines, code_fingerprint, run_benchmarks, seconds_list
 
 # vfsd and vfsctl are the venv's entry points, whose editable install points at the main
 # checkout: PYTHONPATH makes them (and this process) run this tree's code.
@@ -556,19 +555,9 @@ def main() -> None:
     print(f"date: {info['date']}\nmachine: nproc {info['nproc']}, CPU {info.get('cpu')}, "
           f"RAM {info.get('ram_gib')} GiB, disk {info.get('disk')}; git {info.get('git')}, "
           f"code fingerprint {info['code_fingerprint_start']}", flush=True)
-    started = time.time()
     benches = {"plan": bench_plan, "vfsd": bench_vfsd}
-    try:
-        failures = run_steps(ctx, info, [(name, functools.partial(benches[name], ctx))
-                                         for name in BENCHMARKS if name in selected],
-                             args.no_wait)
-    finally:
-        info["elapsed_s"] = round(time.time() - started, 1)
-        info["code_fingerprint_end"] = code_fingerprint()
-        if info["code_fingerprint_end"] != info["code_fingerprint_start"]:
-            ctx.note("vfs/, daemon/ or cli/ changed during the run (code fingerprint "
-                     f"{info['code_fingerprint_start']} -> {info['code_fingerprint_end']})")
-        cleanup(ctx)
+    failures = run_benchmarks(ctx, info, [(name, benches[name]) for name in BENCHMARKS
+                                          if name in selected], args.no_wait)
     print()
     print(f"vfs several-inputs planning benchmarks {'(--quick) ' if args.quick else ''}"
           f"{info['date']}: {info.get('cpu')} x{info['nproc']}, {info.get('ram_gib')} GiB "

@@ -121,6 +121,23 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
+def run_benchmarks(ctx, info: dict, benches: list, no_wait: bool) -> list:
+    """Run ``benches`` (name, function of ``ctx``) in turn; record the elapsed time and
+    whether vfs/, daemon/ or cli/ changed meanwhile (``info["code_fingerprint_start"]``
+    set by the caller), and clean up whatever happens. Returns the failures."""
+    started = time.time()
+    try:
+        return run_steps(ctx, info, [(name, functools.partial(bench, ctx))
+                                     for name, bench in benches], no_wait)
+    finally:
+        info["elapsed_s"] = round(time.time() - started, 1)
+        info["code_fingerprint_end"] = code_fingerprint()
+        if info["code_fingerprint_end"] != info["code_fingerprint_start"]:
+            ctx.note("vfs/, daemon/ or cli/ changed during the run (code fingerprint "
+                     f"{info['code_fingerprint_start']} -> {info['code_fingerprint_end']})")
+        cleanup(ctx)
+
+
 def code_fingerprint() -> str:
     """BLAKE3 of the Python sources of vfs/, daemon/ and cli/ (they change during the day)."""
     import blake3
@@ -615,19 +632,9 @@ def main() -> None:
           f"RAM {info.get('ram_gib')} GiB, disk {info.get('disk')}; "
           f"{info['bwrap']}; {info['runc']}; git {info.get('git')}, code fingerprint "
           f"{info['code_fingerprint_start']}", flush=True)
-    started = time.time()
     benches = {"overhead": bench_overhead, "latency": bench_latency, "e2e": bench_e2e}
-    try:
-        failures = run_steps(ctx, info, [(name, functools.partial(benches[name], ctx))
-                                         for name in BENCHMARKS if name in selected],
-                             args.no_wait)
-    finally:
-        info["elapsed_s"] = round(time.time() - started, 1)
-        info["code_fingerprint_end"] = code_fingerprint()
-        if info["code_fingerprint_end"] != info["code_fingerprint_start"]:
-            ctx.note("vfs/, daemon/ or cli/ changed during the run (code fingerprint "
-                     f"{info['code_fingerprint_start']} -> {info['code_fingerprint_end']})")
-        cleanup(ctx)
+    failures = run_benchmarks(ctx, info, [(name, benches[name]) for name in BENCHMARKS
+                                          if name in selected], args.no_wait)
     print()
     print(f"vfs pipeline benchmarks {'(--quick) ' if args.quick else ''}{info['date']}: "
           f"{info.get('cpu')} x{info['nproc']}, {info.get('ram_gib')} GiB RAM; "
