@@ -5,7 +5,9 @@ loop of *rounds* (one at least every ``round_seconds``, and at once when a datum
 this node ends); docs/format.md §10b is the protocol:
 
 1. read the job's claims (one listing, plus a read of each claim not known final),
-   its record, and the store's time;
+   its record, and the store's time; a round started by a datum of this node ending
+   reuses the last read (with what this node wrote since) while it is younger than a
+   round and still shows datums to claim (``_look_due``);
 2. the record no longer says running (cancelled, failed, committed): stop, killing
    this node's datums;
 3. a datum's claim failed (it used every try, counted across nodes): fail the job;
